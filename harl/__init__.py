@@ -1,0 +1,1 @@
+"""HARL: hierarchical adaptive RL auto-scheduler on TVM MetaSchedule."""

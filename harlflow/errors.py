@@ -1,0 +1,47 @@
+"""Errors meant for users: each message names the file, operator or value at fault.
+
+The CLI turns any :class:`HarlflowError` into one line on stderr and a non-zero exit code
+(``exit_code`` below), never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class HarlflowError(Exception):
+    """Base of every error harlflow reports to a user."""
+
+    exit_code = 1
+
+
+class ModelImportError(HarlflowError):
+    """The model could not be read, checked or converted."""
+
+    exit_code = 2
+
+
+class BadInputError(HarlflowError, ValueError):
+    """A command-line value or argument is malformed (a target, an input spec, a name)."""
+
+    exit_code = 2
+
+
+class TuningError(HarlflowError):
+    """Task extraction, tuning or compilation failed."""
+
+    exit_code = 3
+
+
+class VerificationError(HarlflowError):
+    """The compiled artifact's outputs do not match the reference: it is not packaged."""
+
+    exit_code = 4
+
+
+class StoreError(HarlflowError):
+    """Writing, publishing or pulling an artifact failed (local disk, MLflow, S3)."""
+
+    exit_code = 5
+
+
+class IntegrityError(StoreError):
+    """A file's sha256 does not match its manifest entry."""
