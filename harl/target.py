@@ -20,7 +20,11 @@ def host_target() -> dict[str, Any]:
     from tvm.target import codegen
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": int(cores or 1)}
+    return {
+        "kind": "llvm",
+        "mcpu": str(codegen.llvm_get_system_cpu()),
+        "num-cores": int(cores or 1),
+    }
 
 
 def resolve_target(spec: str | dict[str, Any] | None) -> dict[str, Any]:

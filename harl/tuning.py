@@ -68,7 +68,9 @@ class TuneResult:
         return sum(known) if known else None
 
     def summary(self) -> dict[str, Any]:
-        counts = {s: sum(t.schedule == s for t in self.tasks) for s in ("tuned", "database", "fallback")}
+        counts = {
+            s: sum(t.schedule == s for t in self.tasks) for s in ("tuned", "database", "fallback")
+        }
         return {
             "strategy": self.strategy,
             "budget": self.budget,
@@ -118,15 +120,20 @@ def open_database(database_dir: str | Path):
 def _same_target(record, target_json: str) -> bool:
     import json
 
-    return record.target is not None and json.dumps(
-        _target_key(record.target.export()), sort_keys=True
-    ) == target_json
+    return (
+        record.target is not None
+        and json.dumps(_target_key(record.target.export()), sort_keys=True) == target_json
+    )
 
 
 def _target_key(exported: dict[str, Any]) -> dict[str, Any]:
     """The parts of a target that decide code generation (kind, mcpu, cores, features)."""
     keep = ("kind", "mcpu", "mtriple", "mattr", "num-cores", "arch", "device")
-    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in exported.items() if k in keep}
+    return {
+        k: (list(v) if isinstance(v, (list, tuple)) else v)
+        for k, v in exported.items()
+        if k in keep
+    }
 
 
 def target_json(target: dict[str, Any]) -> str:
@@ -215,7 +222,9 @@ def measure_random(tasks, summaries, db, target: dict[str, Any], per_task: int, 
     run_inputs, run_index = [], []
     for k, ((_, _, args_info), b) in enumerate(zip(batch, built, strict=True)):
         if b.error_msg is None:
-            run_inputs.append(ms.runner.RunnerInput(b.artifact_path, _device_type(target), args_info))
+            run_inputs.append(
+                ms.runner.RunnerInput(b.artifact_path, _device_type(target), args_info)
+            )
             run_index.append(k)
     secs: list[list[float] | None] = [None] * len(batch)
     for k, future in zip(run_index, runner.run(run_inputs), strict=True):
@@ -288,7 +297,9 @@ def compile_module(mod, target: dict[str, Any], database):
     from tvm.s_tir import meta_schedule as ms
 
     try:
-        return ms.relax_integration.compile_relax(database, mod, tvm.target.Target(target), params=None)
+        return ms.relax_integration.compile_relax(
+            database, mod, tvm.target.Target(target), params=None
+        )
     except Exception as e:
         raise TuningError(f"compilation failed: {str(e).strip().splitlines()[-1]}") from None
 

@@ -63,4 +63,3 @@ def example_inputs(specs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
         else:
             out[s.name] = rng.integers(0, 2, s.shape).astype(s.dtype)
     return out
-

@@ -109,7 +109,9 @@ def source_hash(model: str, kind: str, checkpoint: str | None) -> str:
     return sha256_bytes(b"\0".join(parts))
 
 
-def import_key(model: str, inputs: list[TensorSpec] | None, checkpoint: str | None, seed: int) -> str:
+def import_key(
+    model: str, inputs: list[TensorSpec] | None, checkpoint: str | None, seed: int
+) -> str:
     """Cache key of an import: the content hash plus every option that changes its output."""
     kind = detect_kind(model)
     blob = json.dumps(
@@ -140,14 +142,18 @@ def _load_factory(model: str, checkpoint: str | None):
     except Exception as e:
         raise ModelImportError(f"model factory {model} failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, torch.nn.Module):
-        raise ModelImportError(f"model factory {model} returned {type(net).__name__}, not nn.Module")
+        raise ModelImportError(
+            f"model factory {model} returned {type(net).__name__}, not nn.Module"
+        )
     if checkpoint:
         state = load_state_dict(checkpoint)
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
-            raise ModelImportError(f"checkpoint {checkpoint} does not fit {model}: {first}") from None
+            raise ModelImportError(
+                f"checkpoint {checkpoint} does not fit {model}: {first}"
+            ) from None
     return net.eval()
 
 
@@ -466,7 +472,11 @@ def import_model(
 
 def default_name(model: str) -> str:
     """The file's stem, or a factory's function name."""
-    return model.split(":")[-1] if _FACTORY.match(model) and not Path(model).exists() else Path(model).stem
+    return (
+        model.split(":")[-1]
+        if _FACTORY.match(model) and not Path(model).exists()
+        else Path(model).stem
+    )
 
 
 def _with_name(m: ImportedModel, name: str) -> ImportedModel:
@@ -486,3 +496,45 @@ def _read_meta(path: Path) -> ImportedModel:
     d["outputs"] = [TensorSpec.from_dict(s) for s in d["outputs"]]
     d["directory"] = str(path.parent)
     return ImportedModel(**d)
+
+
+# --------------------------------------------------------------------------- Prefect task
+def _import_cache_key(context, parameters) -> str:
+    """Content hash of the model (file, or factory source + checkpoint) and the import options."""
+    return "import-" + import_key(parameters["model"], parameters.get("inputs"),
+                                  parameters.get("checkpoint"), parameters.get("seed", 0))  # fmt: skip
+
+
+def import_task():
+    """The import stage as a Prefect task, cached by content across processes.
+
+    Built on call, not at import time: its result storage lives under ``$HARLFLOW_HOME``.
+    """
+    from prefect import task
+
+    from harlflow import config
+
+    @task(name="import", cache_key_fn=_import_cache_key, persist_result=True,
+          result_storage=config.home() / "prefect" / "results")  # fmt: skip
+    def import_stage(model: str, inputs: list[TensorSpec] | None, checkpoint: str | None,
+                     seed: int, name: str | None) -> ImportedModel:  # fmt: skip
+        """Import a model into a canonical ONNX plus reference outputs."""
+        return import_model(model, cache_dir=config.import_cache_dir(), inputs=inputs,
+                            checkpoint=checkpoint, name=name, seed=seed)  # fmt: skip
+
+    return import_stage
+
+
+def log_import(c, run_id: str, m: ImportedModel) -> None:
+    """Import stage → MLflow: source, signature, operator counts, the canonical ONNX."""
+    from tasks import tracking
+
+    tracking.log_params(c, run_id, {
+        "source": m.source, "source_kind": m.source_kind, "source_sha256": m.source_sha256,
+        "checkpoint": m.checkpoint, "opset": m.opset,
+        "inputs": ", ".join(str(s) for s in m.inputs),
+        "outputs": ", ".join(str(s) for s in m.outputs),
+    })  # fmt: skip
+    tracking.log_metrics(c, run_id, {"graph/nodes": m.num_nodes})
+    c.log_dict(run_id, m.op_counts, "op_counts.json")
+    c.log_artifact(run_id, str(m.onnx_path), "model")

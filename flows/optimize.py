@@ -1,0 +1,91 @@
+"""The ``optimize`` flow: import → tune → verify + package → publish, one MLflow run per stage.
+
+The flow orchestrates and logs; each stage's logic lives in ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from harl.target import resolve_target
+from harlflow.config import home, tuning_db_dir, validate_name
+from harlflow.signature import TensorSpec
+from tasks import tracking
+from tasks.importing import default_name, import_task, log_import
+from tasks.packaging import log_package, package_task, versions
+from tasks.publishing import publish_task
+from tasks.tuning import log_tuning, tune_task
+
+
+@flow(name="optimize")
+def optimize(
+    model: str,
+    name: str | None = None,
+    trials: int = 64,
+    strategy: str = "evolutionary",
+    target: str | dict | None = None,
+    s3_uri: str | None = None,
+    inputs: list[TensorSpec] | None = None,
+    checkpoint: str | None = None,
+    seed: int = 0,
+    min_trials_per_task: int = 4,
+    measure: bool = True,
+) -> dict[str, Any]:
+    """Optimise one model end to end; returns a summary (artifact, version, latencies)."""
+    logger = get_run_logger()
+    name = validate_name(name or default_name(model))
+    target_dict = resolve_target(target)
+    c = tracking.client()
+    with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
+        tracking.log_params(c, parent, {
+            "model": model, "name": name, "target": json.dumps(target_dict), "budget": trials,
+            "strategy": strategy, "seed": seed, "s3_uri": s3_uri,
+            **{f"version_{k}": v for k, v in versions().items()},
+        })  # fmt: skip
+
+        with tracking.run(c, "import", parent_run_id=parent) as rid:
+            stage = import_task()
+            imported = stage(model, inputs, checkpoint, seed, name)
+            if not imported.onnx_path.is_file():  # cache entry outlived its files: import again
+                imported = stage.with_options(refresh_cache=True)(
+                    model, inputs, checkpoint, seed, name
+                )
+            log_import(c, rid, imported)
+        logger.info("imported %s: %d nodes, inputs %s", name, imported.num_nodes,
+                    ", ".join(map(str, imported.inputs)))  # fmt: skip
+
+        with tracking.run(c, "tune", parent_run_id=parent) as rid:
+            result = tune_task()(imported, target_dict, database_dir=tuning_db_dir(), trials=trials,
+                                 strategy=strategy, seed=seed,
+                                 min_trials_per_task=min_trials_per_task, log=logger.info)  # fmt: skip
+            log_tuning(c, rid, result, min_trials_per_task)
+
+        with tracking.run(c, "package", parent_run_id=parent) as rid:
+            artifact = package_task()(imported, target_dict, database_dir=tuning_db_dir(),
+                                      home=home(), tune_summary=result.summary(), seed=seed,
+                                      measure=measure, log=logger.info)  # fmt: skip
+            log_package(c, rid, artifact)
+
+        with tracking.run(c, "publish", parent_run_id=parent) as rid:
+            where = publish_task()(rid, artifact, s3_uri, log=logger.info)
+
+        summary = {
+            "name": name,
+            "version": artifact.version,
+            "artifact": artifact.directory,
+            "published": where,
+            "target": target_dict,
+            "trials": result.trials,
+            "tuning_seconds": round(result.seconds, 1),
+            "latency_ms": {
+                k: v["median_ms"] for k, v in artifact.manifest.get("latency_ms", {}).items()
+            },
+            "speedup": artifact.manifest.get("speedup", {}),
+            "mlflow_run_id": parent,
+        }
+        tracking.log_metrics(c, parent, {f"speedup/{k}": v for k, v in summary["speedup"].items()})
+        c.set_tag(parent, "artifact", artifact.directory)
+        return summary

@@ -1,0 +1,243 @@
+"""``harlflow``: optimize a model, pull an artifact, run an artifact.
+
+Every user error becomes one line on stderr and a non-zero exit (see ``harlflow.errors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from harlflow.errors import BadInputError, HarlflowError
+
+EXAMPLES = "harlflow.examples:{tiny_mlp,small_cnn,resnet18,bert_encoder}"
+
+
+def _prefect_env() -> None:
+    """Prefect's home under HARLFLOW_HOME, no analytics; set before Prefect is imported."""
+    from harlflow import config
+
+    os.environ.setdefault("PREFECT_HOME", str(config.home() / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its sqlite lives there
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the first start migrates a fresh sqlite database: ~20-40 s on 2 cores, over the 20 s default
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task with its traceback; for our own user errors the one-line
+    message says everything, so drop the traceback (other exceptions keep theirs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HarlflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for h in logging.getLogger(name).handlers:
+            h.addFilter(_NoTracebackForUserErrors())
+
+
+def cmd_optimize(a: argparse.Namespace) -> int:
+    from harl.target import resolve_target
+    from harlflow.config import validate_name
+    from harlflow.signature import parse_input_spec
+    from tasks.importing import default_name, detect_kind
+
+    # Cheap checks first, so bad input fails in a second, before Prefect or MLflow start.
+    inputs = [parse_input_spec(s) for s in a.input] or None
+    detect_kind(a.model)
+    validate_name(a.name or default_name(a.model))
+    target = resolve_target(a.target)
+    if a.trials < 0:
+        raise BadInputError(f"--trials must be >= 0, got {a.trials}")
+    if a.s3_uri:
+        from tasks.publishing import parse_s3_uri
+
+        parse_s3_uri(a.s3_uri)
+
+    _prefect_env()
+    from flows.optimize import optimize
+
+    _quiet_prefect_tracebacks()
+    summary = optimize(
+        model=a.model, name=a.name, trials=a.trials, strategy=a.strategy, target=target,
+        s3_uri=a.s3_uri, inputs=inputs, checkpoint=a.checkpoint, seed=a.seed,
+        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure,
+    )  # fmt: skip
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    print()
+    print(f"artifact  {s['name']} v{s['version']}: {s['artifact']}")
+    for k, v in s["published"].items():
+        if k != "local":
+            print(f"{k:9s} {v}")
+    print(f"tuning    {s['trials']} trials, {s['tuning_seconds']} s")
+    lat = s["latency_ms"]
+    if lat:
+        print(f"{'runtime':14s} {'median ms':>10s} {'tuned speedup':>14s}")
+        for k, v in lat.items():
+            ratio = v / lat["tvm_tuned"]
+            print(f"{k:14s} {v:10.3f} {ratio:13.2f}x")
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from harlflow import pull
+
+    if bool(a.ref) == bool(a.from_):
+        raise BadInputError("give either NAME[@alias|:version] or --from s3://bucket/prefix/...")
+    path = pull.pull_s3(a.from_, a.dest) if a.from_ else pull.pull_mlflow(a.ref, a.dest)
+    print(f"pulled into {path} (every file's sha256 matches the manifest)")
+    return 0
+
+
+def _read_inputs(specs: list[str], model) -> dict:
+    import numpy as np
+
+    arrays: dict = {}
+    for s in specs:
+        name, _, path = s.rpartition("=") if "=" in s else ("", "", s)
+        if not Path(path).is_file():
+            raise BadInputError(f"input file not found: {path}")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise BadInputError(f"{path} is not a .npy/.npz array file: {e}") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            arrays.update({k: data[k] for k in data.files})
+        else:
+            if not name:
+                if len(model.inputs) != 1:
+                    raise BadInputError(
+                        f"the model has {len(model.inputs)} inputs: pass --input NAME=FILE.npy each"
+                    )
+                name = model.inputs[0].name
+            arrays[name] = data
+    return arrays
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from harlflow import runtime
+    from harlflow.pull import verify_directory
+
+    verify_directory(Path(a.artifact))
+    model = runtime.load(a.artifact)
+    out = model(**_read_inputs(a.input, model))
+    outs = [out] if isinstance(out, np.ndarray) else out
+    for spec, arr in zip(model.outputs, outs, strict=True):
+        print(f"{spec.name}: shape {list(arr.shape)} {arr.dtype}, first values "
+              f"{np.array2string(arr.ravel()[:5], precision=5)}")  # fmt: skip
+    if a.output:
+        if a.output.endswith(".npz"):
+            np.savez(a.output, **{s.name: o for s, o in zip(model.outputs, outs, strict=True)})
+        elif len(outs) == 1:
+            np.save(a.output, outs[0])
+        else:
+            raise BadInputError(
+                "the model has several outputs: use an --output file ending in .npz"
+            )
+        print(f"wrote {a.output}")
+    return 0
+
+
+def cmd_export_example(a: argparse.Namespace) -> int:
+    """Write one of the bundled example models as an ONNX file (to try the ONNX path)."""
+    from harlflow.examples import EXAMPLES as FACTORIES
+    from tasks.importing import import_model
+
+    if a.example not in FACTORIES:
+        raise BadInputError(f"unknown example {a.example!r}: choose from {', '.join(FACTORIES)}")
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = import_model(f"harlflow.examples:{a.example}", cache_dir=tmp)
+        shutil.copy(m.onnx_path, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harlflow", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("optimize", help="import, tune, verify, package and publish a model")
+    o.add_argument(
+        "model", help=f".onnx file, torch.export .pt2 file, or package.module:function ({EXAMPLES})"
+    )
+    o.add_argument("--name", help="artifact/registered model name (default: the file's stem)")
+    o.add_argument(
+        "--trials", type=int, default=64, help="global tuning budget (default 64; 0: database only)"
+    )
+    o.add_argument(
+        "--strategy", default="evolutionary", help="search strategy (default evolutionary)"
+    )
+    o.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
+    o.add_argument("--input", action="append", default=[], metavar="NAME:DIMS:DTYPE",
+                   help="fix an input's shape, e.g. input:1x3x224x224:float32 (repeatable)")  # fmt: skip
+    o.add_argument(
+        "--checkpoint", help="state dict for a model factory (loaded with weights_only=True)"
+    )
+    o.add_argument("--s3-uri", help="also upload the artifact to s3://bucket/prefix")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--min-trials-per-task", type=int, default=4,
+                   help="measured random schedules each new task gets first (default 4)")  # fmt: skip
+    o.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
+    o.set_defaults(func=cmd_optimize)
+
+    pl = sub.add_parser("pull", help="download an artifact and check every file's sha256")
+    pl.add_argument(
+        "ref", nargs="?", help="NAME, NAME:VERSION or NAME@ALIAS in the MLflow registry"
+    )
+    pl.add_argument(
+        "--from", dest="from_", help="s3://bucket/prefix/NAME/VERSION instead of MLflow"
+    )
+    pl.add_argument("--dest", required=True, help="directory to create")
+    pl.set_defaults(func=cmd_pull)
+
+    r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs")
+    r.add_argument("artifact", help="artifact directory (model.so + manifest.json)")
+    r.add_argument("--input", action="append", required=True, metavar="[NAME=]FILE",
+                   help=".npy for the (named) input, or an .npz holding inputs by name")  # fmt: skip
+    r.add_argument("--output", help="write outputs to .npy (one output) or .npz")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("export-example", help="write a bundled example model as ONNX")
+    e.add_argument("example", help="tiny_mlp, small_cnn, resnet18 or bert_encoder")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_export_example)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "httpcore", "alembic", "urllib3", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except HarlflowError as e:
+        print(f"harlflow: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(
+            "harlflow: interrupted (measurements so far are in the tuning database)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

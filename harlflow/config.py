@@ -1,0 +1,45 @@
+"""Where the embedded stores live (``HARLFLOW_HOME``, default ``./artifacts``), read at call time."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from harlflow.errors import BadInputError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def home() -> Path:
+    """The embedded store's root: ``$HARLFLOW_HOME`` or ``./artifacts``, absolute."""
+    return Path(os.environ.get("HARLFLOW_HOME") or "artifacts").resolve()
+
+
+def tuning_db_dir() -> Path:
+    """The shared MetaSchedule database every run on this home reuses."""
+    return home() / "tuning_db"
+
+
+def import_cache_dir() -> Path:
+    return home() / "cache" / "import"
+
+
+def mlflow_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else a sqlite store under the home."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    """Artifact root for experiments harlflow creates on the embedded store."""
+    return (home() / "mlruns").as_uri()
+
+
+def validate_name(name: str, what: str = "model name") -> str:
+    """Names reach file paths, S3 keys and the MLflow registry: letters, digits, ``._-`` only."""
+    if not _NAME.match(name or "") or ".." in name:
+        raise BadInputError(
+            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name

@@ -1,0 +1,137 @@
+"""Fresh-process measurement: ``python -m harlflow.measure KIND ...`` prints one JSON line.
+
+Timings taken in the tuning process right after tuning were off by up to 3× (ENVIRONMENT.md),
+so every latency harlflow reports comes from a new process: warm up once, then repeat until
+``--repeats`` runs or ``--max-seconds`` are used (at least 3 runs), and report median and p90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+# |got - want| <= atol + rtol * |want| elementwise, per dtype (integers and bools: exact).
+# Tuned schedules reorder float reductions, so float results differ in the last bits.
+TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-6), "float16": (1e-2, 1e-2)}
+
+
+def _time(fn: Callable[[], object], repeats: int, max_seconds: float) -> dict:
+    fn()  # warm-up: first-run allocation, lazy initialisation, page faults
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < max_seconds):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return {
+        "median_ms": float(np.median(times)),
+        "p90_ms": float(np.percentile(times, 90)),
+        "repeats": len(times),
+    }
+
+
+def _reference(path: str):
+    from tasks.importing import load_reference
+
+    return load_reference(path)
+
+
+def tvm_runner(lib_dir: str, reference: str):
+    """A closure running an artifact directory on the reference inputs (TVM tensors prepared)."""
+    from harlflow.runtime import load
+
+    model = load(lib_dir)
+    ins, _ = _reference(reference)
+    tensors = model._arguments((), ins)
+    return lambda: model.run_tvm(tensors)
+
+
+def ort_runner(onnx_path: str, reference: str):
+    import onnxruntime as ort
+
+    ins, _ = _reference(reference)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    return lambda: sess.run(None, ins)
+
+
+def torch_runner(source: str, kind: str, checkpoint: str | None, reference: str):
+    import torch
+
+    from tasks.importing import _load_factory
+
+    ins, _ = _reference(reference)
+    if kind == "pt2":
+        net = torch.export.load(source).module()
+    else:
+        net = _load_factory(source, checkpoint)
+    args = [torch.from_numpy(v) for v in ins.values()]
+
+    def run():
+        with torch.inference_mode():
+            net(*args)
+
+    return run
+
+
+def verify(lib_dir: str, reference: str) -> dict:
+    """Run the artifact on the reference inputs; per-output max abs/rel error against onnxruntime."""
+    from harlflow.runtime import load
+
+    model = load(lib_dir)
+    ins, expected = _reference(reference)
+    got = model(**ins)
+    got = [got] if isinstance(got, np.ndarray) else got
+    report = {}
+    for spec, g in zip(model.outputs, got, strict=True):
+        e = expected[spec.name]
+        if g.shape != e.shape:
+            report[spec.name] = {"shape_mismatch": [list(g.shape), list(e.shape)]}
+            continue
+        diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+        rel = diff / np.maximum(np.abs(e.astype(np.float64)), 1e-6)
+        atol, rtol = TOLERANCES.get(spec.dtype, (0.0, 0.0))
+        report[spec.name] = {
+            "dtype": spec.dtype,
+            "atol": atol,
+            "rtol": rtol,
+            "within_tolerance": bool(np.allclose(g, e, rtol=rtol, atol=atol, equal_nan=True)),
+            "max_abs": float(diff.max(initial=0.0)),
+            "max_rel": float(rel.max(initial=0.0)),
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harlflow.measure")
+    p.add_argument("kind", choices=["tvm", "ort", "torch", "verify"])
+    p.add_argument(
+        "--path", required=True, help="artifact dir (tvm/verify), .onnx (ort), source (torch)"
+    )
+    p.add_argument("--reference", required=True, help="reference.npz with the inputs")
+    p.add_argument("--source-kind", default="factory")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--max-seconds", type=float, default=10.0)
+    a = p.parse_args(argv)
+    if a.kind == "verify":
+        print(json.dumps(verify(a.path, a.reference)))
+        return 0
+    if a.kind == "tvm":
+        fn = tvm_runner(a.path, a.reference)
+    elif a.kind == "ort":
+        fn = ort_runner(a.path, a.reference)
+    else:
+        fn = torch_runner(a.path, a.source_kind, a.checkpoint, a.reference)
+    print(json.dumps(_time(fn, a.repeats, a.max_seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Verify and package stage: compile with the tuning database, export, verify against the
+reference in a fresh process, measure every runtime in fresh processes, and write the artifact
+directory atomically under ``$HARLFLOW_HOME/<name>/<version>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harl import tuning
+from harlflow.config import validate_name
+from harlflow.errors import TuningError, VerificationError
+from harlflow.hashing import sha256_tree
+from tasks.importing import ImportedModel, to_relax
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    """A packaged, verified artifact on local disk."""
+
+    name: str
+    version: str
+    directory: str
+    manifest: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries an artifact depends on (recorded in manifest and MLflow)."""
+    import onnx
+    import onnxruntime
+    import tvm
+
+    import harlflow
+
+    return {
+        "harlflow": harlflow.__version__,
+        "tvm": tvm.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _run_worker(args: list[str], timeout: float = 900) -> dict:
+    """``python -m harlflow.measure ...`` in a fresh process; its one JSON line, parsed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "harlflow.measure", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise TuningError(f"measurement worker failed ({' '.join(args[:1])}): {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_outputs(report: dict[str, dict]) -> list[str]:
+    """Outputs outside their dtype's tolerance, as readable lines (empty: all match)."""
+    bad = []
+    for name, r in report.items():
+        if "shape_mismatch" in r:
+            bad.append(f"{name}: shape {r['shape_mismatch'][0]} != {r['shape_mismatch'][1]}")
+            continue
+        if not r["within_tolerance"]:
+            bad.append(
+                f"{name}: max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}"
+            )
+    return bad
+
+
+def _export_tuning_db(db, tasks, target: dict[str, Any], dest: Path) -> int:
+    """Copy every valid record of the model's workloads on this target into ``dest``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    dest.mkdir(parents=True, exist_ok=True)
+    out = ms.database.JSONDatabase(work_dir=str(dest), module_equality="structural")
+    n = 0
+    for task in tasks:
+        mod = task.dispatched[0]
+        records = tuning.best_records(db, mod, target, k=10_000)
+        if not records:
+            continue
+        wl = out.commit_workload(mod)
+        for r in records:
+            out.commit_tuning_record(
+                ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info)
+            )
+            n += 1
+    return n
+
+
+def _next_version_dir(parent: Path, tmp: Path) -> Path:
+    """Rename ``tmp`` to the next free integer version under ``parent`` (race-safe)."""
+    while True:
+        taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()]
+        final = parent / str(max(taken, default=0) + 1)
+        try:
+            os.rename(tmp, final)  # atomic; fails if a concurrent run took that version
+            return final
+        except OSError:
+            if final.exists():
+                continue
+            raise
+
+
+def package(
+    imported: ImportedModel,
+    target: dict[str, Any],
+    *,
+    database_dir: str | Path,
+    home: str | Path,
+    tune_summary: dict[str, Any],
+    seed: int = 0,
+    measure: bool = True,
+    max_seconds: float = 10.0,
+    log=print,
+) -> Artifact:
+    """Compile, export, verify and measure; the artifact appears only if it verified."""
+    name = validate_name(imported.name)
+    mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
+    tasks = tuning.extract_tasks(mod, target)
+    db = tuning.open_database(database_dir)
+    compile_db, sources = tuning.compile_database(db, tasks, target, seed)
+    parent = Path(home) / name
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    scratch = Path(tempfile.mkdtemp(prefix="harlflow-untuned-"))
+    try:
+        log(f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned and "
+            f"{sum(v != 'database' for v in sources.values())} fallback kernels")  # fmt: skip
+        tuning.compile_module(mod, target, compile_db).export_library(str(tmp / "model.so"))
+        shutil.copy(imported.reference_path, tmp / "reference.npz")
+        n_records = _export_tuning_db(db, tasks, target, tmp / "tuning_db")
+        manifest: dict[str, Any] = {
+            "manifest_version": MANIFEST_VERSION,
+            "name": name,
+            "source": imported.source,
+            "source_kind": imported.source_kind,
+            "source_sha256": imported.source_sha256,
+            "inputs": [s.to_dict() for s in imported.inputs],
+            "outputs": [s.to_dict() for s in imported.outputs],
+            "target": target,
+            "versions": versions(),
+            "seed": seed,
+            "tuning": {
+                **tune_summary,
+                "records_in_artifact": n_records,
+                "kernels": sources,
+            },  # fmt: skip
+        }
+        _write_json(tmp / "manifest.json", manifest)  # the runtime loader needs it to verify
+
+        log("verifying against onnxruntime's reference outputs in a fresh process")
+        report = _run_worker(
+            ["verify", "--path", str(tmp), "--reference", str(tmp / "reference.npz")]
+        )
+        bad = check_outputs(report)
+        if bad:
+            raise VerificationError(
+                f"{name}: compiled outputs differ from the reference, not packaged: {'; '.join(bad)}"
+            )
+        manifest["verification"] = report
+
+        if measure:
+            manifest["latency_ms"] = _measure(imported, target, tmp, scratch, mod, max_seconds, log)
+            manifest["speedup"] = _speedups(manifest["latency_ms"])
+        manifest["files"] = {k: v for k, v in sha256_tree(tmp).items() if k != "manifest.json"}
+        _write_json(tmp / "manifest.json", manifest)
+        final = _next_version_dir(parent, tmp)  # the directory name is the version
+        return Artifact(name=name, version=final.name, directory=str(final), manifest=manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, log) -> dict:
+    ref = str(artifact / "reference.npz")
+    limits = ["--max-seconds", str(max_seconds)]
+    lat: dict[str, dict] = {}
+    log("measuring the tuned artifact")
+    lat["tvm_tuned"] = _run_worker(["tvm", "--path", str(artifact), "--reference", ref, *limits])
+    log("measuring the untuned TVM build")
+    untuned = scratch / "untuned"
+    untuned.mkdir()
+    tuning.compile_untuned(mod, target).export_library(str(untuned / "model.so"))
+    shutil.copy(artifact / "manifest.json", untuned / "manifest.json")
+    lat["tvm_untuned"] = _run_worker(
+        ["tvm", "--path", str(untuned), "--reference", ref, "--repeats", "10", *limits]
+    )
+    log("measuring onnxruntime")
+    lat["onnxruntime"] = _run_worker(
+        ["ort", "--path", str(imported.onnx_path), "--reference", ref, *limits]
+    )
+    if imported.source_kind in ("pt2", "factory"):
+        log("measuring PyTorch eager")
+        extra = ["--checkpoint", imported.checkpoint] if imported.checkpoint else []
+        lat["pytorch"] = _run_worker(
+            ["torch", "--path", imported.source, "--source-kind", imported.source_kind,
+             "--reference", ref, *extra, *limits]
+        )  # fmt: skip
+    return lat
+
+
+def _speedups(lat: dict[str, dict]) -> dict[str, float]:
+    tuned = lat["tvm_tuned"]["median_ms"]
+    return {f"vs_{k}": v["median_ms"] / tuned for k, v in lat.items() if k != "tvm_tuned"}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def package_task():
+    """The verify-and-package stage as a Prefect task."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name="package", cache_policy=NO_CACHE)(package)
+
+
+def log_package(c, run_id: str, artifact: Artifact) -> None:
+    """Package stage → MLflow: verification errors, latencies, speedups, manifest, tuning DB."""
+    from tasks import tracking
+
+    m = artifact.manifest
+    metrics: dict[str, float] = {}
+    for out, r in m.get("verification", {}).items():
+        metrics[f"verify/{out}/max_abs"] = r.get("max_abs")
+        metrics[f"verify/{out}/max_rel"] = r.get("max_rel")
+    for k, v in m.get("latency_ms", {}).items():
+        metrics[f"latency/{k}_median_ms"] = v["median_ms"]
+        metrics[f"latency/{k}_p90_ms"] = v["p90_ms"]
+    metrics.update({f"speedup/{k}": v for k, v in m.get("speedup", {}).items()})
+    tracking.log_metrics(c, run_id, metrics)
+    tracking.log_params(
+        c, run_id, {"artifact_dir": artifact.directory, "version": artifact.version}
+    )
+    c.log_artifact(run_id, str(Path(artifact.directory) / "manifest.json"))
+    c.log_artifacts(run_id, str(Path(artifact.directory) / "tuning_db"), "tuning_db")

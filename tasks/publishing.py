@@ -1,0 +1,128 @@
+"""Publish stage: the artifact directory into MLflow (run artifacts + a registered model version)
+and, when asked, into S3 with each file's sha256 in its object metadata."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from harlflow.errors import BadInputError, StoreError
+from harlflow.hashing import sha256_file
+from tasks import tracking
+from tasks.packaging import Artifact
+
+ARTIFACT_PATH = "artifact"  # where the artifact directory lives inside its MLflow run
+
+
+def register(c, run_id: str, artifact: Artifact) -> str:
+    """Log the artifact directory to ``run_id`` and register it as a new model version."""
+    try:
+        c.log_artifacts(run_id, artifact.directory, ARTIFACT_PATH)
+        try:
+            c.get_registered_model(artifact.name)
+        except Exception:
+            c.create_registered_model(
+                artifact.name, description="Compiled, verified harlflow artifacts of this model."
+            )
+        m = artifact.manifest
+        tags = {
+            "target": _target_str(m["target"]),
+            "source_sha256": m["source_sha256"],
+            "harlflow_version": m["versions"]["harlflow"],
+            "local_path": artifact.directory,
+            **{f"speedup_{k}": f"{v:.3f}" for k, v in m.get("speedup", {}).items()},
+        }
+        mv = c.create_model_version(
+            artifact.name,
+            source=f"{c.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}",
+            run_id=run_id,
+            tags=tags,
+        )
+        return str(mv.version)
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(f"registering {artifact.name} in MLflow failed: {e}") from None
+
+
+def _target_str(target: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(target, sort_keys=True)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` → (bucket, prefix without slashes at either end)."""
+    u = urlparse(uri)
+    if u.scheme != "s3" or not u.netloc:
+        raise BadInputError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
+    prefix = u.path.strip("/")
+    if any(part in ("..", ".") for part in prefix.split("/")):
+        raise BadInputError(f"S3 prefix must not contain '.' or '..' segments: {uri!r}")
+    return u.netloc, prefix
+
+
+def s3_client():
+    """boto3 S3 client; endpoint and credentials come from the standard AWS variables only."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60
+        ),  # fmt: skip
+    )
+
+
+def upload_s3(artifact: Artifact, s3_uri: str) -> str:
+    """Upload the artifact to ``s3_uri/<name>/<version>/``; returns that URI.
+
+    Each object carries its sha256 in metadata (``x-amz-meta-sha256``); ``manifest.json`` goes
+    last, so a reader that finds the manifest finds every file it lists.
+    """
+    bucket, prefix = parse_s3_uri(s3_uri)
+    key_root = "/".join(p for p in (prefix, artifact.name, artifact.version) if p)
+    root = Path(artifact.directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == "manifest.json")
+    s3 = s3_client()
+    try:
+        for path in files:
+            key = f"{key_root}/{path.relative_to(root).as_posix()}"
+            s3.upload_file(str(path), bucket, key,
+                           ExtraArgs={"Metadata": {"sha256": sha256_file(path)}})  # fmt: skip
+    except Exception as e:
+        raise StoreError(
+            f"uploading {artifact.name} v{artifact.version} to s3://{bucket}/{key_root} failed: "
+            f"{type(e).__name__}: {e}; the local artifact at {artifact.directory} is intact"
+        ) from None
+    return f"s3://{bucket}/{key_root}"
+
+
+def publish(run_id: str, artifact: Artifact, s3_uri: str | None, log=print) -> dict[str, str]:
+    """Register in MLflow, then upload to S3 when asked; returns where it went."""
+    c = tracking.client()
+    where = {"local": artifact.directory}
+    version = register(c, run_id, artifact)
+    where["mlflow"] = f"models:/{artifact.name}/{version}"
+    log(f"registered {where['mlflow']}")
+    if s3_uri:
+        where["s3"] = upload_s3(artifact, s3_uri)
+        log(f"uploaded to {where['s3']}")
+    tracking.log_params(c, run_id, {f"published_{k}": v for k, v in where.items()})
+    c.set_tag(run_id, "registered_version", version)
+    return where
+
+
+def publish_task():
+    """The publish stage as a Prefect task (S3 and the tracking server are I/O: retried)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name="publish", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)(
+        publish
+    )
