@@ -33,6 +33,7 @@ def optimize(
     seed: int = 0,
     min_trials_per_task: int = 4,
     measure: bool = True,
+    measure_seconds: float = 10.0,
 ) -> dict[str, Any]:
     """Optimise one model end to end; returns a summary (artifact, version, latencies)."""
     logger = get_run_logger()
@@ -66,7 +67,8 @@ def optimize(
         with tracking.run(c, "package", parent_run_id=parent) as rid:
             artifact = package_task()(imported, target_dict, database_dir=tuning_db_dir(),
                                       home=home(), tune_summary=result.summary(), seed=seed,
-                                      measure=measure, log=logger.info)  # fmt: skip
+                                      measure=measure, max_seconds=measure_seconds,
+                                      log=logger.info)  # fmt: skip
             log_package(c, rid, artifact)
 
         with tracking.run(c, "publish", parent_run_id=parent) as rid:

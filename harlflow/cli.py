@@ -47,13 +47,14 @@ def _quiet_prefect_tracebacks() -> None:
 
 def cmd_optimize(a: argparse.Namespace) -> int:
     from harl.target import resolve_target
-    from harlflow.config import validate_name
+    from harlflow.config import import_cache_dir, validate_name
     from harlflow.signature import parse_input_spec
-    from tasks.importing import default_name, detect_kind
+    from tasks.importing import default_name, import_model
 
-    # Cheap checks first, so bad input fails in a second, before Prefect or MLflow start.
+    # Check everything, the model included, before Prefect or MLflow start: bad input fails
+    # with one line and writes nothing to the stores. The import is content-addressed, so the
+    # flow's import stage then finds it done.
     inputs = [parse_input_spec(s) for s in a.input] or None
-    detect_kind(a.model)
     validate_name(a.name or default_name(a.model))
     target = resolve_target(a.target)
     if a.trials < 0:
@@ -62,6 +63,8 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         from tasks.publishing import parse_s3_uri
 
         parse_s3_uri(a.s3_uri)
+    import_model(a.model, cache_dir=import_cache_dir(), inputs=inputs, checkpoint=a.checkpoint,
+                 seed=a.seed)  # fmt: skip
 
     _prefect_env()
     from flows.optimize import optimize

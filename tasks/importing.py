@@ -210,6 +210,25 @@ def _torch_to_onnx(net, specs: list[TensorSpec], dest: Path, model: str) -> None
         raise ModelImportError(f"cannot export {model} to ONNX: {first}") from None
 
 
+def _frozen(module):
+    """Wrap an exported program's module for the TorchScript exporter, which calls
+    ``.train(False)``: exported modules refuse ``train()``, and are in inference form already."""
+    import torch
+
+    class Frozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def train(self, mode: bool = True):
+            return self
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+    return Frozen()
+
+
 def _pt2_specs(ep, model: str, given: dict[str, TensorSpec]) -> list[TensorSpec]:
     """Input specs of an ExportedProgram from its placeholders' fake tensors (or ``--input``)."""
     import torch
@@ -251,7 +270,7 @@ def _pytorch_source(model: str, kind: str, checkpoint: str | None,
                 f"{model} is not a readable torch.export program: {type(e).__name__}: {e}"
             ) from None
         specs = _pt2_specs(ep, model, given)
-        net = ep.module()
+        net = _frozen(ep.module())
     else:
         net = _load_factory(model, checkpoint)
         declared = getattr(net, "harlflow_inputs", None)
@@ -329,6 +348,12 @@ def canonicalize(model_proto, source: str, given: dict[str, TensorSpec]):
                     f"{source}: input {inp.name!r} has a dynamic dimension {i} ({label}); "
                     f"fix it with --input {inp.name}:<dims>:<dtype>"
                 )
+    # The IR version only names the file format: lower it to what the opsets need, so that
+    # runtimes older than the onnx package (onnxruntime 1.31 reads IR <= 13) load the model.
+    needed = onnx.helper.find_min_ir_version_for(
+        list(model_proto.opset_import), ignore_unknown=True
+    )
+    model_proto.ir_version = min(model_proto.ir_version, max(needed, 8))
     # Clear stale value_info so inference sees the new input shapes, then infer strictly.
     del model_proto.graph.value_info[:]
     try:

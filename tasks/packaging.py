@@ -54,7 +54,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def _run_worker(args: list[str], timeout: float = 900) -> dict:
+def run_worker(args: list[str], timeout: float = 900) -> dict:
     """``python -m harlflow.measure ...`` in a fresh process; its one JSON line, parsed."""
     proc = subprocess.run(
         [sys.executable, "-m", "harlflow.measure", *args],
@@ -163,7 +163,7 @@ def package(
         _write_json(tmp / "manifest.json", manifest)  # the runtime loader needs it to verify
 
         log("verifying against onnxruntime's reference outputs in a fresh process")
-        report = _run_worker(
+        report = run_worker(
             ["verify", "--path", str(tmp), "--reference", str(tmp / "reference.npz")]
         )
         bad = check_outputs(report)
@@ -190,23 +190,23 @@ def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, 
     limits = ["--max-seconds", str(max_seconds)]
     lat: dict[str, dict] = {}
     log("measuring the tuned artifact")
-    lat["tvm_tuned"] = _run_worker(["tvm", "--path", str(artifact), "--reference", ref, *limits])
+    lat["tvm_tuned"] = run_worker(["tvm", "--path", str(artifact), "--reference", ref, *limits])
     log("measuring the untuned TVM build")
     untuned = scratch / "untuned"
     untuned.mkdir()
     tuning.compile_untuned(mod, target).export_library(str(untuned / "model.so"))
     shutil.copy(artifact / "manifest.json", untuned / "manifest.json")
-    lat["tvm_untuned"] = _run_worker(
+    lat["tvm_untuned"] = run_worker(
         ["tvm", "--path", str(untuned), "--reference", ref, "--repeats", "10", *limits]
     )
     log("measuring onnxruntime")
-    lat["onnxruntime"] = _run_worker(
+    lat["onnxruntime"] = run_worker(
         ["ort", "--path", str(imported.onnx_path), "--reference", ref, *limits]
     )
     if imported.source_kind in ("pt2", "factory"):
         log("measuring PyTorch eager")
         extra = ["--checkpoint", imported.checkpoint] if imported.checkpoint else []
-        lat["pytorch"] = _run_worker(
+        lat["pytorch"] = run_worker(
             ["torch", "--path", imported.source, "--source-kind", imported.source_kind,
              "--reference", ref, *extra, *limits]
         )  # fmt: skip

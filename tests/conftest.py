@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated HARLFLOW_HOME, a Prefect test harness, an S3 endpoint (moto)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports Prefect or MLflow: every store of the session lives in a temp home.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="harlflow-tests-"))
+os.environ["HARLFLOW_HOME"] = str(_SESSION_HOME / "home")
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    os.environ[k] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def session_home() -> Path:
+    return Path(os.environ["HARLFLOW_HOME"])
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server over real HTTP on loopback; boto3 finds it through AWS_ENDPOINT_URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = url
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="models")
+    yield url
+    server.stop()
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path) -> Path:
+    """The tiny MLP example as an ONNX file (exported by the CLI, as a user would)."""
+    from harlflow.cli import main
+
+    path = tmp_path / "tiny.onnx"
+    assert main(["export-example", "tiny_mlp", "--out", str(path)]) == 0
+    return path

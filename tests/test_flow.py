@@ -1,0 +1,155 @@
+"""The whole pipeline on real components: Prefect harness, sqlite MLflow, moto S3 over HTTP,
+real TVM tuning/compilation/measurement; then pull + run against onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from harlflow import runtime
+from harlflow.cli import main
+from harlflow.errors import BadInputError, IntegrityError, StoreError
+from harlflow.hashing import sha256_file
+from harlflow.pull import pull_mlflow, pull_s3, verify_directory
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, s3_endpoint, tmp_path_factory):
+    from flows.optimize import optimize
+
+    model = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    assert main(["export-example", "tiny_mlp", "--out", str(model)]) == 0
+    summary = optimize(model=str(model), trials=6, min_trials_per_task=2, s3_uri="s3://models/ci",
+                       measure_seconds=0.5)  # fmt: skip
+    return model, summary
+
+
+def _client():
+    from tasks.tracking import client
+
+    return client()
+
+
+def test_flow_publishes_to_mlflow_registry_and_s3(first_run):
+    model, s = first_run
+    art = Path(s["artifact"])
+    assert s["trials"] >= 4 and s["version"] == art.name
+    manifest = verify_directory(art)  # every file's sha256 matches
+    assert {"model.so", "reference.npz", "tuning_db/database_tuning_record.json"} <= set(
+        manifest["files"]
+    )
+    assert manifest["verification"]["output"]["within_tolerance"]
+    assert set(manifest["latency_ms"]) == {"tvm_tuned", "tvm_untuned", "onnxruntime"}
+    assert manifest["tuning"]["trials"] == s["trials"]
+
+    c = _client()
+    parent = c.get_run(s["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["budget"] == "6" and parent.data.params["strategy"] == "evolutionary"
+    assert "version_tvm" in parent.data.params and "seed" in parent.data.params
+    children = c.search_runs([parent.info.experiment_id],
+                             f"tags.mlflow.parentRunId = '{parent.info.run_id}'")  # fmt: skip
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"import", "tune", "package", "publish"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    tune = by_name["tune"]
+    assert tune.data.metrics["tuning/trials"] == s["trials"]
+    history = c.get_metric_history(tune.info.run_id, "charts/best_weighted_latency_us")
+    assert [m.step for m in history] == sorted(m.step for m in history) and history[-1].step == s[
+        "trials"
+    ]
+    tune_files = {f.path for f in c.list_artifacts(tune.info.run_id, "plots")}
+    assert "plots/convergence.png" in tune_files
+    assert any(f.path == "model" for f in c.list_artifacts(by_name["import"].info.run_id))
+    pkg = by_name["package"].data.metrics
+    assert pkg["latency/tvm_tuned_median_ms"] > 0 and "speedup/vs_onnxruntime" in pkg
+
+    mv = c.get_model_version("tiny", s["published"]["mlflow"].rsplit("/", 1)[1])
+    assert mv.tags["source_sha256"] == sha256_file(model)
+    assert json.loads(mv.tags["target"])["kind"] == "llvm" and "speedup_vs_onnxruntime" in mv.tags
+
+    s3 = boto3.client("s3")
+    key_root = f"ci/tiny/{s['version']}"
+    for rel, digest in manifest["files"].items():
+        head = s3.head_object(Bucket="models", Key=f"{key_root}/{rel}")
+        assert head["Metadata"]["sha256"] == digest
+
+
+def test_pull_from_registry_and_run_matches_onnxruntime(first_run, tmp_path, capsys):
+    model, _ = first_run
+    dest = tmp_path / "pulled"
+    assert main(["pull", "tiny:1", "--dest", str(dest)]) == 0
+    x = np.random.default_rng(7).standard_normal((1, 32)).astype("float32")
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+        0
+    ]
+    got = runtime.load(dest)(x)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(dest), "--input", str(tmp_path / "x.npy"),
+                 "--output", str(tmp_path / "y.npy")]) == 0  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-3, atol=1e-4)
+    assert main(["pull", "tiny", "--dest", str(tmp_path / "latest")]) == 0  # no version: newest
+
+
+def test_corruption_is_detected_and_leaves_nothing(first_run, tmp_path):
+    _, s = first_run
+    # a tampered object in S3: its bytes no longer match the manifest nor its metadata
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket="models", Key=f"ci/tiny/{s['version']}/reference.npz", Body=b"tampered",
+                  Metadata={"sha256": "0" * 64})  # fmt: skip
+    dest = tmp_path / "from-s3"
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        pull_s3(f"s3://models/ci/tiny/{s['version']}", dest)
+    assert not dest.exists() and not list(tmp_path.glob(".from-s3*"))
+
+    # a file corrupted after a good pull
+    good = pull_mlflow("tiny:1", tmp_path / "good")
+    (good / "model.so").write_bytes(b"\0" + (good / "model.so").read_bytes()[1:])
+    with pytest.raises(IntegrityError, match="model.so"):
+        verify_directory(good)
+    assert main(["run", str(good), "--input", "unused.npy"]) != 0
+    with pytest.raises(StoreError, match="not empty"):
+        pull_mlflow("tiny:1", good)
+
+
+def test_second_run_reuses_database_and_zero_trials_compiles(first_run):
+    from flows.optimize import optimize
+
+    model, s1 = first_run
+    s2 = optimize(model=str(model), trials=6, min_trials_per_task=2, measure=False)
+    assert s2["trials"] == 0  # every workload was measured by the first run
+    assert int(s2["version"]) == int(s1["version"]) + 1
+    manifest = verify_directory(Path(s2["artifact"]))
+    assert manifest["tuning"]["tasks_from_database"] == manifest["tuning"]["tasks"]
+    assert set(manifest["tuning"]["kernels"].values()) == {"database"}
+
+
+def test_failed_stage_marks_child_run_failed(first_run):
+    from flows.optimize import optimize
+
+    model, _ = first_run
+    with pytest.raises(BadInputError, match="unknown strategy 'bogus'"):
+        optimize(model=str(model), trials=2, strategy="bogus", measure=False)
+    c = _client()
+    exp = c.get_experiment_by_name("harlflow")
+    failed = c.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
+    names = {r.info.run_name for r in failed}
+    assert "tune" in names and "optimize tiny" in names
+    tune = next(r for r in failed if r.info.run_name == "tune")
+    assert "unknown strategy" in tune.data.tags["error"]
+
+
+def test_cli_optimize_trials_zero_from_database(first_run, capsys):
+    model, _ = first_run
+    assert main(["optimize", str(model), "--trials", "0", "--no-measure", "--name", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "artifact  tiny v" in out and "tuning    0 trials" in out
