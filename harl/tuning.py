@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harl._fast_import import import_tensor_intrinsics
+from harl.schedules import postprocess
 from harlflow.errors import BadInputError, TuningError
 
 log = logging.getLogger("harl.tuning")
@@ -181,7 +182,7 @@ def sample_schedules(task, target: dict[str, Any], count: int, seed: int) -> lis
     out: list = []
     for _ in range(4 * count):  # each call samples every decision of every sketch afresh
         for sch in ctx.space_generator.generate_design_space(mod):
-            if len(out) < count and all(p.apply(sch) for p in ctx.space_generator.postprocs):
+            if len(out) < count and postprocess(sch, ctx.space_generator.postprocs):
                 out.append(sch)
         if len(out) == count:
             break
@@ -360,7 +361,7 @@ class _Tracker:
 def trials_per_round(budget: int, num_tasks: int) -> int:
     """Measurements per search round: small budgets still reach every task; large ones batch to
     amortise the ~8 s start-up of each build pool (MetaSchedule restarts it every round)."""
-    return max(2, min(16, budget // max(1, num_tasks)))
+    return max(4, min(16, budget // max(1, num_tasks)))
 
 
 def tune(
