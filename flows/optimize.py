@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from harl.target import resolve_target
-from harlflow.config import home, tuning_db_dir, validate_name
+from harlflow.config import harl_agent_path, home, tuning_db_dir, validate_name
 from harlflow.signature import TensorSpec
 from tasks import tracking
 from tasks.importing import default_name, import_task, log_import
@@ -61,8 +61,9 @@ def optimize(
         with tracking.run(c, "tune", parent_run_id=parent) as rid:
             result = tune_task()(imported, target_dict, database_dir=tuning_db_dir(), trials=trials,
                                  strategy=strategy, seed=seed,
-                                 min_trials_per_task=min_trials_per_task, log=logger.info)  # fmt: skip
-            log_tuning(c, rid, result, min_trials_per_task)
+                                 min_trials_per_task=min_trials_per_task,
+                                 agent_path=harl_agent_path(), log=logger.info)  # fmt: skip
+            log_tuning(c, rid, result, min_trials_per_task, harl_agent_path())
 
         with tracking.run(c, "package", parent_run_id=parent) as rid:
             artifact = package_task()(imported, target_dict, database_dir=tuning_db_dir(),

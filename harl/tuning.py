@@ -23,7 +23,7 @@ from harlflow.errors import BadInputError, TuningError
 log = logging.getLogger("harl.tuning")
 
 FAILED_RUN_SECS = 1e9  # MetaSchedule records failed builds/runs with run_secs 1e10
-STRATEGIES = ("evolutionary",)
+STRATEGIES = ("evolutionary", "harl")
 
 
 @dataclass
@@ -61,6 +61,7 @@ class TuneResult:
     seconds: float
     tasks: list[TaskSummary]
     history: list[Progress] = field(default_factory=list)
+    agent_metrics: list[dict[str, float]] = field(default_factory=list)  # HARL's PPO updates
 
     @property
     def weighted_latency_us(self) -> float | None:
@@ -377,6 +378,7 @@ def tune(
     builder=None,
     runner=None,
     work_dir: str | Path | None = None,
+    agent_path: str | Path | None = None,
 ) -> TuneResult:
     """Tune the tasks of a prepared module whose workloads the database has not measured yet.
 
@@ -384,6 +386,9 @@ def tune(
     ones. Each new task first gets ``min_trials_per_task`` measured random schedules (a floor,
     so trials spent can exceed a small ``trials``); what remains of ``trials`` goes to the search
     ``strategy``. ``trials=0`` measures nothing. Every measurement lands in the database.
+
+    ``strategy="harl"`` uses HARL's task scheduler and search strategy; its agent starts from
+    ``agent_path`` when that file exists and is saved there afterwards (warm start across runs).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -429,8 +434,9 @@ def tune(
         if remaining > 0:
             with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp:
                 logs_dir = str(work_dir or tmp)
+                search, scheduler, agent = _strategy(strategy, seed, agent_path)
                 ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    new_tasks, logs_dir, strategy=strategy, seed=seed,
+                    new_tasks, logs_dir, strategy=search, seed=seed,
                     num_threads=int(target.get("num-cores", 1)),
                 )  # fmt: skip
                 ms.tune_tasks(
@@ -446,7 +452,12 @@ def tune(
                         *ms.measure_callback.MeasureCallback.create("default"),
                         tracker.callback(new_summaries),
                     ],
+                    task_scheduler=scheduler,
                 )
+                if agent is not None:
+                    result.agent_metrics = list(search.shared.metrics)
+                    if agent_path:
+                        agent.save(agent_path)
     except Exception as e:
         raise TuningError(f"tuning failed: {str(e).strip().splitlines()[-1]}") from None
     for s in new_summaries:
@@ -455,6 +466,22 @@ def tune(
     result.trials = tracker.trials
     result.seconds = time.monotonic() - start
     return result
+
+
+def _strategy(name: str, seed: int, agent_path: str | Path | None):
+    """(search strategy, task scheduler, agent) for a strategy name; the agent only for HARL."""
+    if name == "evolutionary":
+        return "evolutionary", "gradient", None
+    from harl.agent import EditAgent
+    from harl.scheduler import HARLTaskScheduler
+    from harl.strategy import HARLSearchStrategy
+
+    if agent_path and Path(agent_path).is_file():
+        agent = EditAgent.load(agent_path, seed=seed)
+        log.info("HARL agent warm-started from %s (%d updates)", agent_path, agent.updates)
+    else:
+        agent = EditAgent(seed=seed)
+    return HARLSearchStrategy(agent=agent, seed=seed), HARLTaskScheduler(seed=seed), agent
 
 
 def default_builder():

@@ -21,6 +21,11 @@ def tuning_db_dir() -> Path:
     return home() / "tuning_db"
 
 
+def harl_agent_path() -> Path:
+    """HARL's agent weights: loaded at the start of a run, saved at its end (warm start)."""
+    return home() / "harl" / "agent.pt"
+
+
 def import_cache_dir() -> Path:
     return home() / "cache" / "import"
 

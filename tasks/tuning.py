@@ -14,7 +14,7 @@ from tasks.importing import ImportedModel, to_relax
 
 def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir: str | Path,
                trials: int, strategy: str, seed: int, min_trials_per_task: int,
-               log=print) -> TuneResult:  # fmt: skip
+               agent_path: str | Path | None = None, log=print) -> TuneResult:  # fmt: skip
     """Tune every new workload of the model; progress after each measured batch."""
 
     def progress(p: Progress) -> None:
@@ -24,7 +24,8 @@ def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir:
 
     mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
     result = tuning.tune(mod, target, database_dir, trials=trials, strategy=strategy, seed=seed,
-                         min_trials_per_task=min_trials_per_task, on_progress=progress)  # fmt: skip
+                         min_trials_per_task=min_trials_per_task, on_progress=progress,
+                         agent_path=agent_path)  # fmt: skip
     s = result.summary()
     log(f"tuning done: {s['trials']} trials in {s['tuning_seconds']:.0f} s; "
         f"{s['tasks_tuned']} tasks tuned now, {s['tasks_from_database']} from the database, "
@@ -40,7 +41,8 @@ def tune_task():
     return task(name="tune", cache_policy=NO_CACHE)(tune_model)
 
 
-def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int) -> None:
+def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,
+               agent_path: str | Path | None = None) -> None:  # fmt: skip
     """Tune stage → MLflow: settings, totals, best latency vs trials (stepped), plot, task table."""
     from tasks import tracking
 
@@ -61,6 +63,10 @@ def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int) -> 
             c, run_id, {"charts/best_weighted_latency_us": p.weighted_us}, step=p.trials
         )
     c.log_dict(run_id, [t.__dict__ for t in result.tasks], "tasks.json")
+    for step, m in enumerate(result.agent_metrics):  # HARL's PPO updates, CleanRL-style names
+        tracking.log_metrics(c, run_id, m, step=step)
+    if result.agent_metrics and agent_path and Path(agent_path).is_file():
+        c.log_artifact(run_id, str(agent_path), "harl_agent")
     if result.history:
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / "convergence.png"

@@ -1,0 +1,390 @@
+"""HARL's search strategy: sketch-level bandit + parameter-level PPO agent + adaptive exploration.
+
+One round (``generate_measure_candidates``) of a task:
+
+1. **Sketch level.** Each trajectory starts in a design space (sketch) picked by UCB over the
+   sketches' value estimates (the best normalised throughput measured from each), so sketches
+   that keep losing stop receiving samples.
+2. **Starting points.** The best measured schedules of that sketch (database + this run), else
+   the best-predicted of a few random samples of it.
+3. **Parameter level.** The agent edits decisions step by step (:mod:`harl.edits`); the reward
+   of a step is the cost model's predicted improvement. Every valid schedule visited joins the
+   candidate pool; the agent is trained with PPO on the trajectories.
+4. **Selection.** The pool's best-predicted schedules not measured before, with ε of the picks
+   drawn at random from the pool (exploration).
+
+Adaptive exploration — the rule, applied after every measured round (``notify_runner_results``)
+and every set of trajectories:
+
+- a trajectory stops when its predicted score has not improved for ``patience`` steps;
+- episode length grows by 2 (up to ``max_steps``) when most trajectories were still improving at
+  their last step, and shrinks by 2 (down to ``min_steps``) when most stopped before half of it;
+- ε shrinks ×0.7 (down to ``eps_min``) after a round that improved the task's best measured
+  latency, and grows ×1.5 + 0.05 (up to ``eps_max``) after one that did not;
+- the number of trajectories doubles (up to ``max_trajectories``) after two rounds without
+  improvement and halves back (down to ``min_trajectories``) after an improving round;
+- the task ends (``None``: no more measurements) after ``converge_rounds`` rounds without a
+  measured improvement of at least ``min_gain``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harl import edits as E
+from harl.agent import STATE_DIM, EditAgent, Transition
+from harl.schedules import replay
+
+
+@dataclass
+class ExplorationConfig:
+    """Adaptive exploration settings (initial values and bounds)."""
+
+    trajectories: int = 8
+    """parallel trajectories per round (adapted)"""
+    min_trajectories: int = 4
+    max_trajectories: int = 32
+    steps: int = 6
+    """edit steps per trajectory (adapted)"""
+    min_steps: int = 2
+    max_steps: int = 16
+    patience: int = 2
+    """steps without predicted improvement before a trajectory stops"""
+    eps: float = 0.1
+    """fraction of measurements drawn at random from the pool (adapted)"""
+    eps_min: float = 0.02
+    eps_max: float = 0.5
+    converge_rounds: int = 4
+    """rounds without a measured gain before the task ends"""
+    min_gain: float = 0.005
+    """relative latency gain that counts as an improvement"""
+    random_starts: int = 8
+    """random samples scored per sketch when no measured start exists"""
+    invalid_penalty: float = 0.05
+    """reward of an edit the postprocessors reject"""
+
+
+@dataclass
+class _Sketch:
+    """Value estimate of one design space."""
+
+    measured: int = 0
+    best_gflops: float = 0.0
+    picks: int = 0
+
+
+@dataclass
+class _Shared:
+    """What every task's strategy shares within one tuning run: the agent and its metrics."""
+
+    agent: EditAgent
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+def _pool_features(raw) -> np.ndarray:
+    """PerStoreFeature's (n_stores, 164) → mean and max over stores, sign-log scaled."""
+    f = raw.numpy() if hasattr(raw, "numpy") else np.asarray(raw)
+    if f.size == 0:
+        return np.zeros(2 * 164, dtype=np.float32)
+    f = np.sign(f) * np.log1p(np.abs(f))
+    return np.concatenate([f.mean(axis=0), f.max(axis=0)]).astype(np.float32)
+
+
+def _make_strategy_class():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
+        """HARL: learned sketch selection + PPO decision edits + adaptive exploration."""
+
+        def __init__(self, *, agent: EditAgent | None = None, seed: int = 0,
+                     exploration: ExplorationConfig | None = None, _shared: _Shared | None = None):  # fmt: skip
+            self.seed = seed
+            self.cfg = exploration or ExplorationConfig()
+            self.shared = _shared or _Shared(agent or EditAgent(seed=seed))
+            self.rng = np.random.default_rng(seed)
+            self.ctx = None
+
+        # ------------------------------------------------------------ MetaSchedule interface
+        def _initialize_with_tune_context(self, context) -> None:
+            self.ctx = context
+            self.mod = context.mod
+            self.postprocs = list(context.space_generator.postprocs)
+            self.extractor = ms.feature_extractor.PerStoreFeature()
+            self.args_info = ms.arg_info.ArgInfo.from_prim_func(self.mod["main"])
+            from tvm.s_tir.analysis import estimate_tir_flops
+
+            self.flop = max(1.0, float(estimate_tir_flops(self.mod)))
+
+        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None,
+                       cost_model=None) -> None:  # fmt: skip
+            self.max_trials, self.per_iter = max_trials, num_trials_per_iter
+            self.spaces = [s.trace for s in design_spaces]
+            self.signatures = [self._signature(t) for t in self.spaces]
+            self.sketches = [_Sketch() for _ in self.spaces]
+            self.database, self.cost_model = database, cost_model
+            self.trials = 0
+            self.measured: set[int] = set()
+            self.best: list[tuple[float, Any]] = []  # (run seconds, trace), best first
+            self.best_secs = math.inf
+            self.stale_rounds = 0
+            self.round = 0
+            self.pending: list[tuple[int, int]] = []  # (hash, sketch) of candidates in flight
+            self.cfg = ExplorationConfig(**self.cfg.__dict__)  # this task's adaptive copy
+            if database is not None and database.has_workload(self.mod):
+                for r in database.get_top_k(database.commit_workload(self.mod), 64):
+                    secs = (
+                        float(np.mean([float(s) for s in r.run_secs])) if r.run_secs else math.inf
+                    )
+                    sch = self._replay(r.trace)
+                    if sch is None:
+                        continue
+                    self.measured.add(self._hash(sch))
+                    if secs < 1e9:
+                        self.best.append((secs, r.trace))
+                        self._credit(self._sketch_of(r.trace), secs)
+                self.best.sort(key=lambda x: x[0])
+                self.best_secs = self.best[0][0] if self.best else math.inf
+
+        def post_tuning(self) -> None:
+            self.ctx = None
+
+        def generate_measure_candidates(self):
+            if self.trials >= self.max_trials or self.stale_rounds >= self.cfg.converge_rounds:
+                return None
+            want = min(self.per_iter, self.max_trials - self.trials)
+            pool, trajectories = self._explore()
+            if trajectories:
+                m = self.shared.agent.update(trajectories)
+                if m:
+                    self.shared.metrics.append(m)
+            picks = self._select(pool, want)
+            if not picks:
+                return None
+            self.pending = [(h, k) for h, k, _ in picks]
+            return [ms.MeasureCandidate(sch, self.args_info) for _, _, sch in picks]
+
+        def notify_runner_results(self, measure_candidates, results) -> None:
+            self.round += 1
+            self.trials += len(results)
+            improved = False
+            for (h, k), cand, res in zip(self.pending, measure_candidates, results, strict=True):
+                self.measured.add(h)
+                ok = res.error_msg is None and res.run_secs
+                secs = float(np.mean([float(s) for s in res.run_secs])) if ok else math.inf
+                self.sketches[k].measured += 1
+                if ok:
+                    self._credit(k, secs)
+                    if secs < self.best_secs * (1 - self.cfg.min_gain):
+                        improved = True
+                    self.best.append((secs, cand.sch.trace))
+            self.best.sort(key=lambda x: x[0])
+            del self.best[32:]
+            if self.best:
+                self.best_secs = min(self.best_secs, self.best[0][0])
+            self._adapt_after_round(improved)
+            self.pending = []
+
+        def clone(self):
+            return HARLSearchStrategy(seed=self.seed + 1, exploration=self.cfg, _shared=self.shared)
+
+        # ------------------------------------------------------------ search
+        def _explore(self):
+            """Run this round's trajectories; returns (candidate pool, trajectories)."""
+            cfg, agent = self.cfg, self.shared.agent
+            starts = [self._start(self._pick_sketch()) for _ in range(cfg.trajectories)]
+            starts = [s for s in starts if s is not None]
+            pool: dict[int, tuple[float, int, Any]] = {}  # hash → (score, sketch, schedule)
+            if not starts:
+                return pool, []
+            scores = self._predict([s for s, _ in starts])
+            live = []
+            for (sch, k), score in zip(starts, scores, strict=True):
+                pool.setdefault(self._hash(sch), (score, k, sch))
+                live.append(
+                    {"sch": sch, "k": k, "score": score, "best": score, "idle": 0, "traj": []}
+                )
+            still_improving = 0
+            for step in range(cfg.steps):
+                active = [t for t in live if t["idle"] < cfg.patience]
+                if not active:
+                    break
+                proposals = []
+                for t in active:
+                    trace = t["sch"].trace
+                    legal = E.legal_edits(trace)
+                    if not legal:
+                        t["idle"] = cfg.patience
+                        continue
+                    state = self._state(t, step)
+                    feats = E.edit_features(trace, legal)
+                    a, logp, value = agent.act(state, feats)
+                    new = E.apply_edit(self.mod, trace, legal[a], self.postprocs, self._seed())
+                    proposals.append((t, state, feats, a, logp, value, new))
+                valid = [p for p in proposals if p[6] is not None]
+                new_scores = self._predict([p[6] for p in valid]) if valid else []
+                it = iter(new_scores)
+                for t, state, feats, a, logp, value, new in proposals:
+                    if new is None:
+                        reward = -cfg.invalid_penalty
+                    else:
+                        score = next(it)
+                        reward = score - t["score"]
+                        t["sch"], t["score"] = new, score
+                        pool.setdefault(self._hash(new), (score, t["k"], new))
+                    if t["score"] > t["best"] + 1e-6:
+                        t["best"], t["idle"] = t["score"], 0
+                    else:
+                        t["idle"] += 1
+                    done = t["idle"] >= cfg.patience or step == cfg.steps - 1
+                    t["traj"].append(Transition(state, feats, a, logp, value, reward, done))
+            for t in live:
+                if t["idle"] == 0 and t["traj"]:
+                    still_improving += 1
+            self._adapt_episode(still_improving, live)
+            return pool, [t["traj"] for t in live if t["traj"]]
+
+        def _select(self, pool: dict, want: int) -> list[tuple[int, int, Any]]:
+            """Best-predicted unmeasured candidates; ε of the picks at random from the pool."""
+            fresh = [(h, v) for h, v in pool.items() if h not in self.measured]
+            fresh.sort(key=lambda hv: -hv[1][0])
+            n_random = int(round(self.cfg.eps * want))
+            chosen = fresh[: want - n_random]
+            rest = fresh[want - n_random :]
+            if rest and n_random:
+                idx = self.rng.choice(len(rest), size=min(n_random, len(rest)), replace=False)
+                chosen += [rest[i] for i in sorted(idx)]
+            for _ in range(4 * want):  # pool too small: fresh random samples of picked sketches
+                if len(chosen) >= want:
+                    break
+                k = self._pick_sketch()
+                sch = self._sample(k)
+                if sch is None:
+                    continue
+                h = self._hash(sch)
+                if h not in self.measured and all(h != c[0] for c in chosen):
+                    chosen.append((h, (0.0, k, sch)))
+            return [(h, v[1], v[2]) for h, v in chosen[:want]]
+
+        # ------------------------------------------------------------ sketch level
+        def _pick_sketch(self) -> int:
+            """UCB1 over sketches on best measured throughput (normalised to the best sketch)."""
+            total = sum(s.picks for s in self.sketches) + 1
+            top = max((s.best_gflops for s in self.sketches), default=0.0) or 1.0
+            scores = []
+            for s in self.sketches:
+                if s.picks == 0:
+                    scores.append(math.inf)
+                    continue
+                value = s.best_gflops / top if s.measured else 0.5
+                scores.append(value + math.sqrt(2 * math.log(total) / s.picks))
+            best = max(scores)
+            k = int(self.rng.choice([i for i, v in enumerate(scores) if v == best]))
+            self.sketches[k].picks += 1
+            return k
+
+        def _credit(self, k: int, secs: float) -> None:
+            if 0 <= k < len(self.sketches) and secs > 0:
+                self.sketches[k].best_gflops = max(
+                    self.sketches[k].best_gflops, self.flop / secs / 1e9
+                )
+
+        def _start(self, k: int):
+            """A measured good schedule of sketch ``k``, else its best-predicted random sample."""
+            mine = [t for _, t in self.best if self._sketch_of(t) == k]
+            if mine and self.rng.random() < 0.7:
+                trace = mine[int(self.rng.integers(0, min(4, len(mine))))]
+                sch = self._replay(trace)
+                if sch is not None:
+                    return sch, k
+            samples = [
+                s for s in (self._sample(k) for _ in range(self.cfg.random_starts)) if s is not None
+            ]
+            if not samples:
+                return None
+            scores = self._predict(samples)
+            return samples[int(np.argmax(scores))], k
+
+        def _sample(self, k: int):
+            from tvm.s_tir import Trace
+
+            return replay(self.mod, Trace(self.spaces[k].insts, {}), self.postprocs, self._seed())
+
+        # ------------------------------------------------------------ adaptivity
+        def _adapt_after_round(self, improved: bool) -> None:
+            c = self.cfg
+            if improved:
+                self.stale_rounds = 0
+                c.eps = max(c.eps_min, c.eps * 0.7)
+                c.trajectories = max(c.min_trajectories, c.trajectories // 2)
+            else:
+                self.stale_rounds += 1
+                c.eps = min(c.eps_max, c.eps * 1.5 + 0.05)
+                if self.stale_rounds >= 2:
+                    c.trajectories = min(c.max_trajectories, c.trajectories * 2)
+
+        def _adapt_episode(self, still_improving: int, live: list) -> None:
+            c = self.cfg
+            early = sum(1 for t in live if len(t["traj"]) < max(1, c.steps // 2))
+            if still_improving > len(live) / 2:
+                c.steps = min(c.max_steps, c.steps + 2)
+            elif early > len(live) / 2:
+                c.steps = max(c.min_steps, c.steps - 2)
+
+        # ------------------------------------------------------------ helpers
+        def _state(self, t: dict, step: int) -> np.ndarray:
+            cand = ms.MeasureCandidate(t["sch"], self.args_info)
+            feats = _pool_features(self.extractor.extract_from(self.ctx, [cand])[0])
+            ctx = np.array(
+                [step / max(1, self.cfg.steps), t["score"], t["best"], self.cfg.eps], np.float32
+            )
+            s = np.concatenate([feats, E.decision_encoding(t["sch"].trace), ctx])
+            assert s.shape == (STATE_DIM,)
+            return s
+
+        def _predict(self, schedules: list) -> list[float]:
+            if self.cost_model is None or not schedules:
+                return [0.0] * len(schedules)
+            cands = [ms.MeasureCandidate(s, self.args_info) for s in schedules]
+            return [float(x) for x in self.cost_model.predict(self.ctx, cands)]
+
+        def _replay(self, trace):
+            return replay(self.mod, trace, self.postprocs, self._seed())
+
+        def _seed(self) -> int:
+            return int(self.rng.integers(1, 2**31 - 1))
+
+        @staticmethod
+        def _hash(sch) -> int:
+            from tvm_ffi import structural_hash
+
+            return int(structural_hash(sch.mod))
+
+        @staticmethod
+        def _signature(trace) -> tuple[str, ...]:
+            return tuple(i.kind.name for i in trace.insts if i.kind.name != "EnterPostproc")
+
+        def _sketch_of(self, trace) -> int:
+            sig = self._signature(trace)
+            for k, s in enumerate(self.signatures):
+                if sig[: len(s)] == s:
+                    return k
+            return -1
+
+    return HARLSearchStrategy
+
+
+_CLASS = None
+
+
+def HARLSearchStrategy(**kwargs):  # noqa: N802 (a factory that reads like the class it builds)
+    """Build a HARL search strategy (the TVM-derived class is created on first use)."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_strategy_class()
+    return _CLASS(**kwargs)

@@ -1,0 +1,139 @@
+"""HARL on real MetaSchedule: through ms.tune_tasks, through the tuning stage, valid edits,
+reproducible decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from harl import edits as E
+from harl import tuning
+from harl.target import resolve_target
+from harlflow.signature import TensorSpec
+from tasks.importing import to_relax
+
+
+def _matmul_onnx(path, n=64):
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((n, n)).astype("float32"), "w"
+    )
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]),
+                           helper.make_node("Relu", ["y"], ["z"])], "mm", [x],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [n, n])], [w])  # fmt: skip
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def matmul(tmp_path_factory):
+    path = _matmul_onnx(tmp_path_factory.mktemp("mm") / "mm.onnx")
+    mod = tuning.prepare(to_relax(path, [TensorSpec("x", (64, 64), "float32")]))
+    target = resolve_target("cpu")
+    task = next(t for t in tuning.extract_tasks(mod, target) if "matmul" in t.task_name)
+    return mod, target, task
+
+
+def _context(task, target, strategy):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl._fast_import import import_tensor_intrinsics
+
+    import_tensor_intrinsics()
+    return ms.TuneContext(mod=task.dispatched[0], target=tvm.target.Target(target),
+                          space_generator="post-order-apply", search_strategy=strategy,
+                          task_name=task.task_name, rand_state=1, num_threads=1)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_harl_through_ms_tune_tasks(matmul, tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl.scheduler import HARLTaskScheduler
+    from harl.strategy import HARLSearchStrategy
+
+    _, target, task = matmul
+    ctx = _context(task, target, HARLSearchStrategy(seed=0))
+    db = ms.database.MemoryDatabase()
+    ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(tmp_path), max_trials_global=12,
+                  num_trials_per_iter=4, builder=tuning.default_builder(), database=db,
+                  task_scheduler=HARLTaskScheduler(seed=0))  # fmt: skip
+    records = db.get_all_tuning_records()
+    assert 4 <= len(records) <= 12
+    assert sum(1 for r in records if r.run_secs and float(r.run_secs[0]) < 1) >= 4  # real runs
+
+
+@pytest.mark.slow
+def test_harl_through_the_tuning_stage_saves_its_agent(tmp_path):
+    from tasks.importing import import_model
+    from tasks.tuning import tune_model
+
+    m = import_model("harlflow.examples:tiny_mlp", cache_dir=tmp_path / "cache")
+    agent = tmp_path / "agent.pt"
+    res = tune_model(m, resolve_target("cpu"), database_dir=tmp_path / "db", trials=12,
+                     strategy="harl", seed=0, min_trials_per_task=2, agent_path=agent,
+                     log=lambda *_: None)  # fmt: skip
+    assert res.strategy == "harl" and res.trials >= 8
+    assert all(t.schedule == "tuned" for t in res.tasks)
+    assert agent.is_file() and res.agent_metrics and "losses/policy" in res.agent_metrics[-1]
+
+
+def test_edits_give_valid_schedules(matmul):
+    import tvm
+
+    _, target, task = matmul
+    ctx = _context(task, target, "replay-trace")
+    postprocs = list(ctx.space_generator.postprocs)
+    mod = task.dispatched[0]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 64)).astype("float32")
+    valid = 0
+    for sch in tuning.sample_schedules(task, target, 3, seed=0):
+        trace = sch.trace
+        legal = E.legal_edits(trace)
+        assert legal, "a matmul sketch has tile decisions to edit"
+        for edit in [
+            legal[i] for i in rng.choice(len(legal), size=min(6, len(legal)), replace=False)
+        ]:
+            new = E.apply_edit(mod, trace, edit, postprocs, seed=1)
+            if new is None:
+                continue
+            valid += 1
+            assert E.new_decision(trace, edit) == _decision(new.trace, edit.inst, trace)
+            f = tvm.compile(new.mod, target=tvm.target.Target(target))
+            dev = tvm.cpu()
+            wv = rng.standard_normal((64, 64)).astype("float32")
+            args = [tvm.runtime.tensor(v, dev) for v in (x, wv, np.zeros((64, 64), "float32"))]
+            f(*args)
+            np.testing.assert_allclose(args[2].numpy(), np.maximum(x @ wv, 0), rtol=1e-4, atol=1e-4)
+    assert valid >= 6
+
+
+def _decision(trace, position: int, like):
+    kinds = [i.kind.name for i in like.insts]
+    inst = trace.insts[position]
+    assert inst.kind.name == kinds[position]
+    d = trace.decisions[inst]
+    return [int(v) for v in d] if inst.kind.name == E.TILE else int(d)
+
+
+def test_same_seed_same_decisions(matmul):
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl.strategy import HARLSearchStrategy
+
+    _, target, task = matmul
+
+    def first_round(seed: int) -> list[str]:
+        ctx = _context(task, target, HARLSearchStrategy(seed=seed))
+        spaces = ctx.space_generator.generate_design_space(ctx.mod)
+        ctx.search_strategy.pre_tuning(16, 4, spaces, ms.database.MemoryDatabase(),
+                                       ms.cost_model.RandomModel(seed=seed))  # fmt: skip
+        cands = ctx.search_strategy.generate_measure_candidates()
+        return [str(c.sch.trace) for c in cands]
+
+    a, b, c = first_round(0), first_round(0), first_round(1)
+    assert len(a) == 4 and a == b and a != c
