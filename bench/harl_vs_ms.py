@@ -1,0 +1,224 @@
+"""HARL against MetaSchedule's evolutionary search at equal trial budgets, side by side.
+
+    python bench/harl_vs_ms.py [--ops gemm512,conv56,...] [--budgets 32,64,128] [--seeds 0,1,2]
+
+The network-level comparison (BERT encoder, ResNet-18 at equal global budgets: weighted task
+latency and the compiled model's end-to-end latency) is ``bench/e2e.py --strategies
+evolutionary,harl``.
+
+For every (seed, operator, budget) both strategies run back to back (interleaved, never one
+strategy's whole suite first), each from an empty database, with no random warm-up
+(min_trials_per_task=0) so that only the search strategy differs. Reported per operator: best
+latency ratio HARL/MS (geometric mean over seeds), trials HARL needs to reach MS's final best
+(search speed = budget / those trials), wall seconds per trial, GFLOP/s and the fraction of
+``--peak-gflops``. Latencies are MetaSchedule runner measurements (what both searches see).
+Writes JSON and a convergence plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harl import tuning  # noqa: E402
+from harl.target import resolve_target  # noqa: E402
+from harlflow.signature import TensorSpec  # noqa: E402
+from tasks.importing import to_relax  # noqa: E402
+
+F32 = TensorProto.FLOAT
+
+
+def _w(name: str, shape) -> onnx.TensorProto:
+    return numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal(shape).astype("float32") * 0.1, name
+    )
+
+
+def _model(nodes, inputs, output_shape, inits) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "op", [helper.make_tensor_value_info(n, F32, s) for n, s in inputs],
+                          [helper.make_tensor_value_info("y", F32, output_shape)], inits)  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv(c: int, hw: int, groups: int = 1):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=groups)]
+    return _model(nodes, [("x", [1, c, hw, hw])], [1, c, hw, hw], [_w("w", (c, c // groups, 3, 3))])
+
+
+def _gemm(n: int):
+    return _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [n, n])], [n, n], [_w("w", (n, n))]
+    )
+
+
+OPERATORS = {
+    "gemm512": lambda: _gemm(512),
+    "gemm1024": lambda: _gemm(1024),
+    "bert_bmm": lambda: _model([helper.make_node("MatMul", ["q", "k"], ["y"])],
+                               [("q", [4, 128, 64]), ("k", [4, 64, 128])], [4, 128, 128], []),
+    "bert_dense": lambda: _model([helper.make_node("MatMul", ["x", "w"], ["m"]),
+                                  helper.make_node("Add", ["m", "b"], ["y"])],
+                                 [("x", [128, 256])], [128, 1024], [_w("w", (256, 1024)), _w("b", (1024,))]),
+    "conv56": lambda: _conv(64, 56),
+    "conv28": lambda: _conv(128, 28),
+    "conv14": lambda: _conv(256, 14),
+    "conv7": lambda: _conv(512, 7),
+    "depthwise": lambda: _conv(64, 56, groups=64),
+    "softmax": lambda: _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+                              [("x", [4, 128, 128])], [4, 128, 128], []),
+    "layernorm": lambda: _model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1)],
+                                [("x", [128, 256])], [128, 256], [_w("g", (256,)), _w("b", (256,))]),
+}  # fmt: skip
+
+
+def operator_module(name: str, work: Path):
+    proto = OPERATORS[name]()
+    path = work / f"{name}.onnx"
+    onnx.save(proto, str(path))
+    inits = {i.name for i in proto.graph.initializer}
+    specs = [TensorSpec(i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim), "float32")
+             for i in proto.graph.input if i.name not in inits]  # fmt: skip
+    return tuning.prepare(to_relax(path, specs))
+
+
+def run_one(mod, target, strategy: str, budget: int, seed: int, work: Path) -> dict:
+    """One tuning run from an empty database; the best-so-far curve of the heaviest task."""
+    curve: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+    res = tuning.tune(mod, target, work / f"db-{strategy}-{seed}-{budget}-{time.monotonic_ns()}",
+                      trials=budget, strategy=strategy, seed=seed, min_trials_per_task=0,
+                      on_progress=lambda p: curve.append((p.trials, p.weighted_us)))  # fmt: skip
+    wall = time.monotonic() - t0
+    main = max(res.tasks, key=lambda t: (t.flop if math.isfinite(t.flop) else 0, t.weight))
+    return {"strategy": strategy, "seed": seed, "budget": budget, "trials": res.trials,
+            "wall_s": wall, "wall_per_trial_s": wall / max(1, res.trials),
+            "best_us": res.weighted_latency_us, "flop": main.flop,
+            "curve": [(t, u) for t, u in curve if u is not None]}  # fmt: skip
+
+
+def trials_to_reach(curve, target_us: float) -> int | None:
+    return next((t for t, u in curve if u <= target_us * 1.0001), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default=",".join(OPERATORS))
+    p.add_argument("--budgets", default="32,64,128")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=520.0,
+        help="machine peak for the fraction column (ENVIRONMENT.md: ~520 on 2 Zen 5 cores)",
+    )
+    p.add_argument("--out", default="bench/results/harl_vs_ms.json")
+    a = p.parse_args()
+    target = resolve_target(None)
+    ops, budgets = a.ops.split(","), [int(b) for b in a.budgets.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="harl-bench-") as tmp:
+        work = Path(tmp)
+        mods = {op: operator_module(op, work) for op in ops}
+        for seed in seeds:
+            for op in ops:
+                for budget in budgets:
+                    for strategy in ("evolutionary", "harl"):  # interleaved
+                        r = run_one(mods[op], target, strategy, budget, seed, work) | {"op": op}
+                        runs.append(r)
+                        print(f"seed {seed} {op:10s} {budget:4d} {strategy:12s} best {r['best_us']:10.2f} us"
+                              f"  {r['trials']} trials  {r['wall_s']:.0f} s", flush=True)  # fmt: skip
+    rows = summarise(runs, ops, budgets, a.peak_gflops)
+    print()
+    print(f"{'op':10s} {'budget':>6s} {'MS us':>9s} {'HARL us':>9s} {'HARL/MS':>8s} {'speed':>6s} "
+          f"{'s/trial MS':>10s} {'s/trial HARL':>12s} {'GFLOP/s MS':>10s} {'GFLOP/s HARL':>12s} {'%peak HARL':>10s}")  # fmt: skip
+    for r in rows:
+        speed = f"{r['search_speed']:.2f}" if r["search_speed"] else "never"
+        print(f"{r['op']:10s} {r['budget']:6d} {r['ms_us']:9.2f} {r['harl_us']:9.2f} {r['ratio']:8.3f} {speed:>6s} "
+              f"{r['ms_s_per_trial']:10.2f} {r['harl_s_per_trial']:12.2f} {r['ms_gflops']:10.1f} "
+              f"{r['harl_gflops']:12.1f} {100 * r['harl_gflops'] / a.peak_gflops:9.1f}%")  # fmt: skip
+    for budget in budgets:
+        ratios = [r["ratio"] for r in rows if r["budget"] == budget]
+        print(
+            f"budget {budget}: geometric-mean latency HARL/MS = {math.exp(np.mean(np.log(ratios))):.3f}"
+        )
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"target": target, "runs": runs, "summary": rows}, indent=2))
+    plot(runs, ops, budgets, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def summarise(runs, ops, budgets, peak) -> list[dict]:
+    rows = []
+    for op in ops:
+        for budget in budgets:
+            ms_runs = [
+                r
+                for r in runs
+                if r["op"] == op and r["budget"] == budget and r["strategy"] == "evolutionary"
+            ]
+            harl = [
+                r
+                for r in runs
+                if r["op"] == op and r["budget"] == budget and r["strategy"] == "harl"
+            ]
+            gm = lambda rs: math.exp(np.mean([math.log(r["best_us"]) for r in rs]))  # noqa: E731
+            reach = []
+            for m, h in zip(ms_runs, harl, strict=True):  # same seed
+                t = trials_to_reach(h["curve"], m["best_us"])
+                reach.append(m["trials"] / t if t else 0.0)
+            flop = ms_runs[0]["flop"]
+            rows.append({
+                "op": op, "budget": budget, "ms_us": gm(ms_runs), "harl_us": gm(harl),
+                "ratio": gm(harl) / gm(ms_runs),
+                "search_speed": float(np.mean(reach)) if all(reach) else None,
+                "ms_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in ms_runs])),
+                "harl_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in harl])),
+                "ms_gflops": flop / gm(ms_runs) / 1e3, "harl_gflops": flop / gm(harl) / 1e3,
+                "peak_gflops": peak,
+            })  # fmt: skip
+    return rows
+
+
+def plot(runs, ops, budgets, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budget = max(budgets)
+    cols = min(4, len(ops))
+    fig, axes = plt.subplots(math.ceil(len(ops) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(ops) / cols)),
+                             squeeze=False)  # fmt: skip
+    for ax, op in zip(axes.flat, ops, strict=False):
+        for strategy, color in (("evolutionary", "tab:blue"), ("harl", "tab:red")):
+            for r in (
+                r
+                for r in runs
+                if r["op"] == op and r["budget"] == budget and r["strategy"] == strategy
+            ):
+                if r["curve"]:
+                    ax.step(*zip(*r["curve"], strict=True), where="post", color=color, alpha=0.6,
+                            label=strategy if r["seed"] == runs[0]["seed"] else None)  # fmt: skip
+        ax.set_title(op)
+        ax.set_xlabel("trials")
+        ax.set_ylabel("best latency (us)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
