@@ -14,11 +14,13 @@ receiving trials. When every task has converged the tuning ends early.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 
+@functools.cache
 def _make_scheduler_class():
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -106,12 +108,6 @@ def _make_scheduler_class():
     return HARLTaskScheduler
 
 
-_CLASS = None
-
-
 def HARLTaskScheduler(**kwargs):  # noqa: N802 (a factory that reads like the class it builds)
     """Build HARL's task scheduler (the TVM-derived class is created on first use)."""
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _make_scheduler_class()
-    return _CLASS(**kwargs)
+    return _make_scheduler_class()(**kwargs)

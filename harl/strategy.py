@@ -29,6 +29,7 @@ and every set of trajectories:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,7 @@ def _pool_features(raw) -> np.ndarray:
     return np.concatenate([f.mean(axis=0), f.max(axis=0)]).astype(np.float32)
 
 
+@functools.cache
 def _make_strategy_class():
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -379,12 +381,6 @@ def _make_strategy_class():
     return HARLSearchStrategy
 
 
-_CLASS = None
-
-
 def HARLSearchStrategy(**kwargs):  # noqa: N802 (a factory that reads like the class it builds)
     """Build a HARL search strategy (the TVM-derived class is created on first use)."""
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _make_strategy_class()
-    return _CLASS(**kwargs)
+    return _make_strategy_class()(**kwargs)

@@ -6,11 +6,13 @@ every file matches the manifest: a failed or tampered pull leaves nothing at ``d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from harlflow.errors import BadInputError, IntegrityError, StoreError
@@ -55,9 +57,20 @@ def _place(tmp: Path, dest: Path) -> Path:
     return dest
 
 
-def _staging(dest: Path) -> Path:
+@contextlib.contextmanager
+def _staging(dest: Path, source: str) -> Iterator[Path]:
+    """A temporary directory beside ``dest``, removed afterwards whatever happens; unexpected
+    errors become one ``StoreError`` naming ``source``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+    try:
+        yield tmp
+    except (StoreError, BadInputError):
+        raise
+    except Exception as e:
+        raise StoreError(f"downloading {source} failed: {_first_line(e)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pull_mlflow(ref: str, dest: str | Path) -> Path:
@@ -90,20 +103,13 @@ def pull_mlflow(ref: str, dest: str | Path) -> Path:
             f"cannot resolve {ref!r} in the MLflow registry: {_first_line(e)}"
         ) from None
     dest = Path(dest).resolve()
-    tmp = _staging(dest)
-    try:
+    with _staging(dest, repr(ref)) as tmp:
         mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp))
         root = tmp / Path(mv.source.rstrip("/")).name
         if not root.is_dir():
             root = tmp
         verify_directory(root)
         return _place(root, dest)
-    except (StoreError, BadInputError):
-        raise
-    except Exception as e:
-        raise StoreError(f"downloading {ref!r} failed: {_first_line(e)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pull_s3(uri: str, dest: str | Path) -> Path:
@@ -114,8 +120,7 @@ def pull_s3(uri: str, dest: str | Path) -> Path:
     bucket, prefix = parse_s3_uri(uri)
     s3 = s3_client()
     dest = Path(dest).resolve()
-    tmp = _staging(dest)
-    try:
+    with _staging(dest, uri) as tmp:
         keys = []
         for page in s3.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix + "/"
@@ -135,12 +140,6 @@ def pull_s3(uri: str, dest: str | Path) -> Path:
                 raise IntegrityError(f"sha256 mismatch for s3://{bucket}/{key} (object metadata)")
         verify_directory(tmp)
         return _place(tmp, dest)
-    except (StoreError, BadInputError):
-        raise
-    except Exception as e:
-        raise StoreError(f"downloading {uri} failed: {_first_line(e)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _first_line(e: Exception) -> str:
