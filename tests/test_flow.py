@@ -153,3 +153,25 @@ def test_cli_optimize_trials_zero_from_database(first_run, capsys):
     assert main(["optimize", str(model), "--trials", "0", "--no-measure", "--name", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "artifact  tiny v" in out and "tuning    0 trials" in out
+
+
+def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
+    from harl.target import resolve_target
+    from harlflow.config import tuning_db_dir
+    from harlflow.errors import VerificationError
+    from tasks.importing import import_model
+    from tasks.packaging import package
+
+    model, _ = first_run
+    m = import_model(str(model), cache_dir=tmp_path / "cache")
+    ins, outs = m.reference()
+    np.savez(
+        m.reference_path,
+        **{f"input/{k}": v for k, v in ins.items()},
+        **{f"output/{k}": v + 0.5 for k, v in outs.items()},
+    )  # a reference the model can't meet
+    home = tmp_path / "home"
+    with pytest.raises(VerificationError, match="differ from the reference, not packaged"):
+        package(m, resolve_target("cpu"), database_dir=tuning_db_dir(), home=home,
+                tune_summary={}, measure=False, log=lambda *_: None)  # fmt: skip
+    assert list((home / "tiny").iterdir()) == []  # no version, no half-written temporary
