@@ -7,11 +7,12 @@ a budget, a seed), plain outputs (:class:`TuneResult`), progress through a callb
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,7 +433,7 @@ def tune(
                            builder, runner, tracker.measured)  # fmt: skip
         remaining = trials - tracker.trials
         if remaining > 0:
-            with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
                 logs_dir = str(work_dir or tmp)
                 search, scheduler, agent = _strategy(strategy, seed, agent_path)
                 ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -459,13 +460,33 @@ def tune(
                     if agent_path:
                         agent.save(agent_path)
     except Exception as e:
-        raise TuningError(f"tuning failed: {str(e).strip().splitlines()[-1]}") from None
+        log.debug("tuning failed", exc_info=True)  # the whole traceback, for whoever debugs
+        raise TuningError(f"tuning failed: {str(e).strip().splitlines()[-1]}") from e
     for s in new_summaries:
         if s.best_us is not None:
             s.schedule = "tuned"
     result.trials = tracker.trials
     result.seconds = time.monotonic() - start
     return result
+
+
+@contextlib.contextmanager
+def _named_handlers_only() -> Iterator[None]:
+    """Detach unnamed handlers from MetaSchedule's logger while it configures its loggers.
+
+    ``create_loggers`` re-lists the logger's handlers by ``get_name()`` and formats each name,
+    so one unnamed handler (pytest's log capture attaches two) aborts tuning with
+    "'NoneType' object has no attribute 'format'". They are put back afterwards.
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            logger.addHandler(h)
 
 
 def _strategy(name: str, seed: int, agent_path: str | Path | None):
