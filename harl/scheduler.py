@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from harl.tuning import mean_run_secs
+
 
 @functools.cache
 def _make_scheduler_class():
@@ -86,7 +88,7 @@ def _make_scheduler_class():
             return choice
 
         def _learn(self, i: int, results, tasks) -> None:
-            secs = [float(np.mean([float(s) for s in r.run_secs])) for r in results
+            secs = [mean_run_secs(r.run_secs) for r in results
                     if r.error_msg is None and r.run_secs]  # fmt: skip
             before = self.best[i]
             after = min([before, *secs])

@@ -39,6 +39,7 @@ import numpy as np
 from harl import edits as E
 from harl.agent import STATE_DIM, EditAgent, Transition
 from harl.schedules import replay
+from harl.tuning import mean_run_secs
 
 
 @dataclass
@@ -140,9 +141,7 @@ def _make_strategy_class():
             self.cfg = ExplorationConfig(**self.cfg.__dict__)  # this task's adaptive copy
             if database is not None and database.has_workload(self.mod):
                 for r in database.get_top_k(database.commit_workload(self.mod), 64):
-                    secs = (
-                        float(np.mean([float(s) for s in r.run_secs])) if r.run_secs else math.inf
-                    )
+                    secs = mean_run_secs(r.run_secs) if r.run_secs else math.inf
                     sch = self._replay(r.trace)
                     if sch is None:
                         continue
@@ -178,7 +177,7 @@ def _make_strategy_class():
             for (h, k), cand, res in zip(self.pending, measure_candidates, results, strict=True):
                 self.measured.add(h)
                 ok = res.error_msg is None and res.run_secs
-                secs = float(np.mean([float(s) for s in res.run_secs])) if ok else math.inf
+                secs = mean_run_secs(res.run_secs) if ok else math.inf
                 self.sketches[k].measured += 1
                 if ok:
                     self._credit(k, secs)

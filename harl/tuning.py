@@ -155,12 +155,13 @@ def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
     records = db.get_top_k(db.commit_workload(mod), 10_000)
     valid = [
         r for r in records
-        if r.run_secs and _mean_secs(r.run_secs) < FAILED_RUN_SECS and _same_target(r, tj)
+        if r.run_secs and mean_run_secs(r.run_secs) < FAILED_RUN_SECS and _same_target(r, tj)
     ]  # fmt: skip
     return valid[:k]
 
 
-def _mean_secs(run_secs) -> float:
+def mean_run_secs(run_secs) -> float:
+    """Mean of a MetaSchedule record's or runner result's repeated run times, in seconds."""
     vals = [float(s) for s in run_secs]
     return sum(vals) / len(vals)
 
@@ -246,7 +247,7 @@ def measure_random(tasks, summaries, db, target: dict[str, Any], per_task: int, 
         summary = summaries[i]
         summary.trials += 1
         if secs[k] is not None:
-            us = _mean_secs(secs[k]) * 1e6
+            us = mean_run_secs(secs[k]) * 1e6
             if summary.best_us is None or us < summary.best_us:
                 summary.best_us = us
     for i, summary in enumerate(summaries):
@@ -352,7 +353,7 @@ class _Tracker:
                 summary.trials += len(runner_results)
                 for br, rr in zip(builder_results, runner_results, strict=True):
                     if br.error_msg is None and rr.error_msg is None and rr.run_secs:
-                        us = _mean_secs(rr.run_secs) * 1e6
+                        us = mean_run_secs(rr.run_secs) * 1e6
                         if summary.best_us is None or us < summary.best_us:
                             summary.best_us = us
                 tracker.measured(summary, len(runner_results))
@@ -412,7 +413,7 @@ def tune(
         s = TaskSummary(name=t.task_name, weight=float(t.weight), flop=_flop(t))
         prior = best_records(db, t.dispatched[0], target)
         if prior:
-            s.best_us, s.schedule = _mean_secs(prior[0].run_secs) * 1e6, "database"
+            s.best_us, s.schedule = mean_run_secs(prior[0].run_secs) * 1e6, "database"
         else:
             new.append((t, s))
         summaries.append(s)
