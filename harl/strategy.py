@@ -5,8 +5,9 @@ One round (``generate_measure_candidates``) of a task:
 1. **Sketch level.** Each trajectory starts in a design space (sketch) picked by UCB over the
    sketches' value estimates (the best normalised throughput measured from each), so sketches
    that keep losing stop receiving samples.
-2. **Starting points.** The best measured schedules of that sketch (database + this run), else
-   the best-predicted of a few random samples of it.
+2. **Starting points.** Up to half the trajectories start from the best measured schedules
+   (database + this run); the rest from the best-predicted of ``random_starts`` fresh samples
+   of UCB-picked sketches (all of which also join the candidate pool).
 3. **Parameter level.** The agent edits decisions step by step (:mod:`harl.edits`); the reward
    of a step is the cost model's predicted improvement. Every valid schedule visited joins the
    candidate pool; the agent is trained with PPO on the trajectories.
@@ -64,8 +65,8 @@ class ExplorationConfig:
     """rounds without a measured gain before the task ends"""
     min_gain: float = 0.005
     """relative latency gain that counts as an improvement"""
-    random_starts: int = 8
-    """random samples scored per sketch when no measured start exists"""
+    random_starts: int = 64
+    """fresh design-space samples scored by the cost model each round (trajectory starts)"""
     invalid_penalty: float = 0.05
     """reward of an edit the postprocessors reject"""
 
@@ -178,7 +179,8 @@ def _make_strategy_class():
                 self.measured.add(h)
                 ok = res.error_msg is None and res.run_secs
                 secs = mean_run_secs(res.run_secs) if ok else math.inf
-                self.sketches[k].measured += 1
+                if 0 <= k < len(self.sketches):
+                    self.sketches[k].measured += 1
                 if ok:
                     self._credit(k, secs)
                     if secs < self.best_secs * (1 - self.cfg.min_gain):
@@ -198,18 +200,12 @@ def _make_strategy_class():
         def _explore(self):
             """Run this round's trajectories; returns (candidate pool, trajectories)."""
             cfg, agent = self.cfg, self.shared.agent
-            starts = [self._start(self._pick_sketch()) for _ in range(cfg.trajectories)]
-            starts = [s for s in starts if s is not None]
             pool: dict[int, tuple[float, int, Any]] = {}  # hash → (score, sketch, schedule)
+            starts = self._starts(pool)
             if not starts:
                 return pool, []
-            scores = self._predict([s for s, _ in starts])
-            live = []
-            for (sch, k), score in zip(starts, scores, strict=True):
-                pool.setdefault(self._hash(sch), (score, k, sch))
-                live.append(
-                    {"sch": sch, "k": k, "score": score, "best": score, "idle": 0, "traj": []}
-                )
+            live = [{"sch": sch, "k": k, "score": score, "best": score, "idle": 0, "traj": []}
+                    for sch, k, score in starts]  # fmt: skip
             still_improving = 0
             for step in range(cfg.steps):
                 active = [t for t in live if t["idle"] < cfg.patience]
@@ -295,21 +291,32 @@ def _make_strategy_class():
                     self.sketches[k].best_gflops, self.flop / secs / 1e9
                 )
 
-        def _start(self, k: int):
-            """A measured good schedule of sketch ``k``, else its best-predicted random sample."""
-            mine = [t for _, t in self.best if self._sketch_of(t) == k]
-            if mine and self.rng.random() < 0.7:
-                trace = mine[int(self.rng.integers(0, min(4, len(mine))))]
-                sch = self._replay(trace)
+        def _starts(self, pool: dict) -> list[tuple[Any, int, float]]:
+            """This round's trajectory starts: (schedule, sketch, predicted score).
+
+            Up to half come from the best measured schedules (replayed with fresh seeds for
+            any sampling left in them); the rest are the best-predicted of ``random_starts``
+            fresh samples from UCB-picked sketches. Every scored sample also joins ``pool``.
+            """
+            cfg = self.cfg
+            measured = []
+            for secs_trace in self.best[: max(1, cfg.trajectories // 2)]:
+                sch = self._replay(secs_trace[1])
                 if sch is not None:
-                    return sch, k
-            samples = [
-                s for s in (self._sample(k) for _ in range(self.cfg.random_starts)) if s is not None
-            ]
-            if not samples:
-                return None
-            scores = self._predict(samples)
-            return samples[int(np.argmax(scores))], k
+                    measured.append((sch, self._sketch_of(secs_trace[1])))
+            sampled = []
+            for _ in range(cfg.random_starts):
+                k = self._pick_sketch()
+                sch = self._sample(k)
+                if sch is not None:
+                    sampled.append((sch, k))
+            scored = list(zip(measured + sampled, self._predict([s for s, _ in measured + sampled]),
+                              strict=True))  # fmt: skip
+            for (sch, k), score in scored:
+                pool.setdefault(self._hash(sch), (score, k, sch))
+            rest = sorted(scored[len(measured) :], key=lambda x: -x[1])
+            chosen = scored[: len(measured)] + rest[: cfg.trajectories - len(measured)]
+            return [(sch, k, score) for (sch, k), score in chosen]
 
         def _sample(self, k: int):
             from tvm.s_tir import Trace
