@@ -172,9 +172,132 @@ def bert_encoder(seed: int = 0) -> nn.Module:
     return _finish(BertEncoder(), [("hidden_states", (1, 128, 256), "float32")], seed)
 
 
+# --------------------------------------------------------------------------- ViT-style
+class ViTLayer(nn.Module):
+    """Pre-norm transformer layer with separate Q/K/V projections (as in ViT)."""
+
+    def __init__(self, hidden: int, heads: int, mlp: int):
+        super().__init__()
+        self.attn = EncoderLayer(hidden, heads, mlp)  # reuses the projections and the FFN
+        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        h = self.ln1(x)
+        b, s, d = h.shape
+        q, k, v = a._split(a.q(h)), a._split(a.k(h)), a._split(a.v(h))
+        att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / (a.head_dim**0.5), dim=-1)
+        x = x + a.o(torch.matmul(att, v).transpose(1, 2).reshape(b, s, d))
+        return x + a.ff2(nn.functional.gelu(a.ff1(self.ln2(x))))
+
+
+class ViT(nn.Module):
+    """Patch embedding (a strided convolution), pre-norm encoder layers, mean pooling, head."""
+
+    def __init__(self, image: int = 64, patch: int = 8, hidden: int = 192, layers: int = 4,
+                 heads: int = 3, num_classes: int = 100):  # fmt: skip
+        super().__init__()
+        self.embed = nn.Conv2d(3, hidden, patch, patch)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2, hidden) * 0.02)
+        self.layers = nn.ModuleList(ViTLayer(hidden, heads, 4 * hidden) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def vit_small(seed: int = 0) -> nn.Module:
+    """A ViT-style classifier: 8×8 patches of a 1×3×64×64 image, 4 layers, hidden 192."""
+    torch.manual_seed(seed)
+    return _finish(ViT(), [("image", (1, 3, 64, 64), "float32")], seed)
+
+
+# --------------------------------------------------------------------------- Inception-style
+class InceptionBlock(nn.Module):
+    """Four parallel branches (1×1; 1×1→3×3; 1×1→5×5; pool→1×1) concatenated."""
+
+    def __init__(self, c_in: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, cp: int):
+        super().__init__()
+        cbr = lambda i, o, k: nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, bias=False),  # noqa: E731
+                                            nn.BatchNorm2d(o), nn.ReLU())  # fmt: skip
+        self.b1 = cbr(c_in, c1, 1)
+        self.b3 = nn.Sequential(cbr(c_in, c3r, 1), cbr(c3r, c3, 3))
+        self.b5 = nn.Sequential(cbr(c_in, c5r, 1), cbr(c5r, c5, 5))
+        self.bp = nn.Sequential(nn.MaxPool2d(3, 1, 1), cbr(c_in, cp, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], dim=1)
+
+
+class InceptionNet(nn.Module):
+    def __init__(self, num_classes: int = 100):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
+        self.blocks = nn.Sequential(InceptionBlock(64, 32, 48, 64, 8, 16, 16),
+                                    InceptionBlock(128, 64, 64, 96, 16, 32, 32))  # fmt: skip
+        self.fc = nn.Linear(224, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(
+            torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1)
+        )
+
+
+def inception_small(seed: int = 0) -> nn.Module:
+    """An Inception-style net: a stem and two 4-branch blocks on a 1×3×64×64 image."""
+    torch.manual_seed(seed)
+    return _finish(InceptionNet(), [("image", (1, 3, 64, 64), "float32")], seed)
+
+
+# --------------------------------------------------------------------------- SqueezeNet-style
+class Fire(nn.Module):
+    """Squeeze 1×1, then parallel expand 1×1 and 3×3 convolutions, concatenated."""
+
+    def __init__(self, c_in: int, s: int, e: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(c_in, s, 1)
+        self.e1 = nn.Conv2d(s, e, 1)
+        self.e3 = nn.Conv2d(s, e, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.e1(x)), torch.relu(self.e3(x))], dim=1)
+
+
+class SqueezeNet(nn.Module):
+    def __init__(self, num_classes: int = 100):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            Fire(64, 16, 64), Fire(128, 16, 64), nn.MaxPool2d(3, 2),
+            Fire(128, 32, 128), Fire(256, 32, 128),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Conv2d(256, num_classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+def squeezenet_small(seed: int = 0) -> nn.Module:
+    """A SqueezeNet-style net (four Fire modules) on a 1×3×96×96 image."""
+    torch.manual_seed(seed)
+    return _finish(SqueezeNet(), [("image", (1, 3, 96, 96), "float32")], seed)
+
+
 EXAMPLES = {
     "tiny_mlp": tiny_mlp,
     "small_cnn": small_cnn,
     "resnet18": resnet18,
     "bert_encoder": bert_encoder,
+    "vit_small": vit_small,
+    "inception_small": inception_small,
+    "squeezenet_small": squeezenet_small,
 }

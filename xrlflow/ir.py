@@ -96,7 +96,7 @@ class Graph:
 
     def elem_type(self, name: str) -> int | None:
         if name in self.initializers:
-            return helper.np_dtype_to_tensor_dtype(self.initializers[name].dtype)
+            return _elem(self.initializers[name])
         v = self.values.get(name) or next((x for x in self.inputs if x.name == name), None)
         return v.elem_type if v else None
 
@@ -158,7 +158,11 @@ class Graph:
                 x, seen = rename[x], seen + 1
             return x
 
-        nodes = [n for n in self.nodes if id(n) not in gone] + add
+        # new nodes take the place of the first node whose value they replace (stable order)
+        at = min((i for i, n in enumerate(self.nodes) if any(o in rename for o in n.outputs)),
+                 default=len(self.nodes))  # fmt: skip
+        nodes = [n for n in self.nodes[:at] if id(n) not in gone] + add
+        nodes += [n for n in self.nodes[at:] if id(n) not in gone]
         nodes = [n if not any(i in rename for i in n.inputs) else
                  Node(n.name, n.op, tuple(r(i) for i in n.inputs), n.outputs, n.attrs, n.domain)
                  for n in nodes]  # fmt: skip
@@ -174,9 +178,15 @@ class Graph:
 
     def infer(self) -> Graph:
         """This graph with ``values`` filled by strict ONNX shape inference."""
+        # large constants travel as typed inputs: inference needs their types, not their bytes
+        big = {k for k, a in self.initializers.items() if a.size > 64}
+        light = Graph(self.nodes, self.inputs + [Value(k, _elem(self.initializers[k]), self.initializers[k].shape)
+                                                 for k in big],
+                      self.outputs, {k: a for k, a in self.initializers.items() if k not in big}, {},
+                      self.name, self.opsets, self.ir_version)  # fmt: skip
         try:
             model = onnx.shape_inference.infer_shapes(
-                to_onnx(self, with_values=False), strict_mode=True, data_prop=True
+                to_onnx(light, with_values=False), strict_mode=True, data_prop=True
             )
         except Exception as e:  # onnx raises several types (InferenceError, ValidationError, ...)
             raise GraphError(f"shape inference failed: {e}") from e
@@ -245,6 +255,25 @@ def _attr_key(v: Any) -> Any:
     if isinstance(v, list):
         return tuple(_attr_key(x) for x in v)
     return v
+
+
+def _elem(a: np.ndarray) -> int:
+    return helper.np_dtype_to_tensor_dtype(a.dtype)
+
+
+def normalize(g: Graph) -> Graph:
+    """Constant nodes become initializers (what every runtime does first); returns a new graph."""
+    inits, rename, gone = {}, {}, []
+    for n in g.nodes:
+        v = n.attrs.get("value") if n.op == "Constant" and not n.domain else None
+        if v is not None and n.outputs[0] not in g.output_names:
+            name = g.fresh(n.outputs[0].replace("/", "_") or "const")
+            inits[name] = (
+                numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else np.asarray(v)
+            )
+            rename[n.outputs[0]] = name
+            gone.append(n)
+    return check(g.replace(gone, [], inits, rename), g.outputs) if gone else g
 
 
 def _value(vi: onnx.ValueInfoProto) -> Value:
@@ -397,13 +426,17 @@ def check(g: Graph, reference_outputs: list[Value] | None = None) -> Graph:
     g.infer()
     for ref in reference_outputs or []:
         got = g.values.get(ref.name)
-        if (
-            got is None
-            or got.elem_type != ref.elem_type
-            or (ref.shape is not None and got.shape is not None and got.shape != ref.shape)
-        ):
+        if got is None or got.elem_type != ref.elem_type or not _compatible(ref.shape, got.shape):
             raise GraphError(f"graph output {ref.name!r} changed: {ref} -> {got}")
     return g
+
+
+def _compatible(a, b) -> bool:
+    """Same rank and equal wherever both dims are known (a symbolic dim may become concrete)."""
+    if a is None or b is None:
+        return True
+    return len(a) == len(b) and all(not (isinstance(x, int) and isinstance(y, int)) or x == y
+                                    for x, y in zip(a, b, strict=True))  # fmt: skip
 
 
 def load(path) -> Graph:

@@ -555,6 +555,22 @@ def _ex_fold(rng):
     return _model(rng, nodes, {"x": [3, 6]}, ["y"], {"w": _r(rng, 4, 6)})
 
 
+def shape_fold(m: Match, n: Node):
+    """Shape(x) of a statically shaped x → a constant (then ``constant_fold`` cascades)."""
+    shape = m.shape(n.inputs[0])
+    if shape is None:
+        return
+    start, end = n.attrs.get("start", 0), n.attrs.get("end", None)
+    name, inits = m.init(np.array(shape[start:end], dtype=np.int64), "shape")
+    yield Rewrite([], {n.outputs[0]: name}, inits, remove=[n])
+
+
+def _ex_shape(rng):
+    nodes = [("Relu", ["x"], ["r"], None), ("Shape", ["r"], ["s"], {"start": 1}),
+             ("Reshape", ["x", "s"], ["a"], None), ("Sigmoid", ["a"], ["y"], None)]  # fmt: skip
+    return _model(rng, nodes, {"x": [1, 3, 4]}, ["y"])
+
+
 def constant_to_initializer(m: Match, n: Node):
     value = n.attrs.get("value")
     if value is None:
@@ -692,6 +708,24 @@ def _ex_concat_split(rng):
     return _model(rng, nodes, {"x": [2, 2], "z": [2, 4]}, ["y1", "y2"], {"s": _i64(2, 4)})
 
 
+def concat_unary_hoist(m: Match, cat: Node):
+    """Concat(u(a), u(b), ...) → u(Concat(a, b, ...)) for one elementwise unary op u."""
+    srcs = [m.src(i) for i in cat.inputs]
+    if len(srcs) < 2 or any(s is None or s.op not in _UNARY or not m.private(s) for s in srcs):
+        return
+    if len({(s.op, tuple(sorted((k, str(v)) for k, v in s.attrs.items()))) for s in srcs}) != 1:
+        return
+    c = m.new("Concat", [s.inputs[0] for s in srcs], **cat.attrs)
+    u = Node(m.g.fresh(srcs[0].op), srcs[0].op, c.outputs, (m.g.fresh("hoisted"),), srcs[0].attrs)
+    yield Rewrite([c, u], {cat.outputs[0]: u.outputs[0]})
+
+
+def _ex_concat_unary(rng):
+    nodes = [("Relu", ["x"], ["a"], None), ("Relu", ["z"], ["b"], None),
+             ("Concat", ["a", "b"], ["c"], {"axis": 1}), ("Sigmoid", ["c"], ["y"], None)]  # fmt: skip
+    return _model(rng, nodes, {"x": [2, 3], "z": [2, 4]}, ["y"])
+
+
 def relu_idempotent(m: Match, n: Node):
     inner = m.src(n.inputs[0], "Relu")
     if inner is not None:
@@ -770,7 +804,11 @@ def _ex_reshapes(rng):
 
 
 def _ex_reshape_same(rng):
-    nodes = [("Relu", ["x"], ["r"], None), ("Reshape", ["r", "s"], ["a"], None), ("Sigmoid", ["a"], ["y"], None)]
+    nodes = [
+        ("Relu", ["x"], ["r"], None),
+        ("Reshape", ["r", "s"], ["a"], None),
+        ("Sigmoid", ["a"], ["y"], None),
+    ]
     return _model(rng, nodes, {"x": [2, 3, 4]}, ["y"], {"s": _i64(2, -1, 4)})
 
 
@@ -1165,6 +1203,7 @@ RULES: list[Rule] = [
     Rule("div_const_to_mul", "fold", "Div", div_const_to_mul, _ex_binary("Div")),
     Rule("sub_const_to_add", "fold", "Sub", sub_const_to_add, _ex_binary("Sub")),
     Rule("constant_fold", "const", "*", constant_fold, _ex_fold),
+    Rule("shape_fold", "const", "Shape", shape_fold, _ex_shape),
     Rule("constant_to_initializer", "const", "Constant", constant_to_initializer, _ex_constant),
     Rule("identity_elim", "eliminate", "Identity", identity_elim, _ex_unary("Identity")),
     Rule("dropout_elim", "eliminate", "Dropout", dropout_elim, _ex_unary("Dropout")),
@@ -1172,6 +1211,7 @@ RULES: list[Rule] = [
     Rule("cse", "eliminate", "*", cse, _ex_cse),
     Rule("split_concat_elim", "eliminate", "Concat", split_concat_elim, _ex_split_concat),
     Rule("concat_split_elim", "eliminate", "Split", concat_split_elim, _ex_concat_split),
+    Rule("concat_unary_hoist", "layout", "Concat", concat_unary_hoist, _ex_concat_unary),
     Rule("relu_idempotent", "eliminate", "Relu", relu_idempotent, _ex_unary("Relu")),
     Rule("transpose_pair", "layout", "Transpose", transpose_pair, _ex_transposes),
     Rule("transpose_identity_elim", "layout", "Transpose", transpose_identity_elim, _ex_transposes),

@@ -45,7 +45,9 @@ def run(g: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session(g).run(None, feeds)
 
 
-def max_mismatch(a: Graph, b: Graph, seed: int = 0, rtol: float = 1e-3, atol: float = 1e-4) -> str | None:
+def max_mismatch(
+    a: Graph, b: Graph, seed: int = 0, rtol: float = 1e-3, atol: float = 1e-4
+) -> str | None:
     """None when ``b`` computes what ``a`` computes on seeded random inputs; else what differs."""
     feeds = random_inputs(a, seed)
     ra, rb = run(a, feeds), run(b, feeds)

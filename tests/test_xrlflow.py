@@ -1,0 +1,137 @@
+"""The rewrite environment, the X-RLflow agent and the baselines on a small known problem.
+
+The known problem is a SqueezeNet-style fire module under the deterministic FLOP oracle: its best
+graph needs a *slower* first step (enlarging the 1×1 kernel so the two expand convolutions can
+merge), which greedy search never takes. Its best reachable cost is found by exhaustive search.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from xrlflow import agent as A
+from xrlflow import ir, search
+from xrlflow import rules as R
+from xrlflow.cost import FlopsOracle, OrtOracle
+from xrlflow.env import RewriteEnv
+from xrlflow.verify import max_mismatch
+
+ORACLE = FlopsOracle(overhead=5e-6)
+
+
+def fire_module() -> ir.Graph:
+    rng = np.random.default_rng(0)
+    w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32))  # noqa: E731
+    inits = [w(4, 4, 1, 1), w(4), w(4, 4, 3, 3), w(4)]
+    for t, name in zip(inits, ["w1", "b1", "w3", "b3"], strict=True):
+        t.name = name
+    nodes = [
+        helper.make_node("Relu", ["x"], ["s"], name="squeeze_relu"),
+        helper.make_node("Conv", ["s", "w1", "b1"], ["e1"], name="expand1x1"),
+        helper.make_node("Conv", ["s", "w3", "b3"], ["e3"], name="expand3x3", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["e1"], ["r1"], name="relu1"),
+        helper.make_node("Relu", ["e3"], ["r3"], name="relu3"),
+        helper.make_node("Concat", ["r1", "r3"], ["y"], name="concat", axis=1),
+    ]
+    g = helper.make_graph(nodes, "fire", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # onnx 1.23 writes 14; onnxruntime 1.31 reads up to 13
+    return ir.check(ir.from_onnx(model))
+
+
+def exhaustive_best(g: ir.Graph, depth: int = 6) -> float:
+    best, frontier, seen = ORACLE.estimate(g), [g], {g.structural_hash()}
+    for _ in range(depth):
+        nxt = []
+        for cur in frontier:
+            for c in R.candidates(cur, R.RULES):
+                h = c.graph.structural_hash()
+                if h not in seen:
+                    seen.add(h)
+                    nxt.append(c.graph)
+                    best = min(best, ORACLE.estimate(c.graph))
+        frontier = nxt
+    return best
+
+
+@pytest.fixture(scope="module")
+def fire():
+    g = fire_module()
+    return g, exhaustive_best(g)
+
+
+def test_env_reset_and_step_invariants(fire):
+    g, _ = fire
+    env = RewriteEnv({"fire": g}, ORACLE, max_steps=3, measure_every=2)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    mask = info["action_mask"]
+    assert (
+        mask.shape == (env.action_space.n,) and mask[0] and mask.sum() == len(obs["candidates"]) + 1
+    )
+    with pytest.raises(ValueError, match="not legal"):
+        env.step(int(mask.sum()) + 1)
+    rewards = []
+    for _ in range(3):
+        obs, r, term, trunc, info = env.step(1)  # always the first candidate
+        rewards.append(r)
+        assert obs["graph"].output_names == ["y"]
+        assert max_mismatch(g, obs["graph"]) is None
+        if term or trunc:
+            break
+    assert trunc or term
+    assert len(info["steps"]) == len(rewards) <= 3
+    # the return is the measured relative improvement, whatever the per-step estimates said
+    final = ORACLE.measure(obs["graph"])
+    assert sum(rewards) == pytest.approx((info["start_latency"] - final) / info["start_latency"])
+    obs, info = env.reset(options={"model": "fire"})
+    _, r, term, trunc, _ = env.step(0)  # stop at once: nothing changes, nothing earned
+    assert term and not trunc and r == pytest.approx(0.0)
+
+
+def test_greedy_misses_what_backtracking_and_ppo_find(fire):
+    g, best = fire
+    greedy = search.greedy(g, ORACLE)
+    assert greedy.latency_after > best * 1.01, "the known problem must need a temporary slowdown"
+    bt = search.backtracking(g, ORACLE, alpha=1.05, budget=100)
+    assert bt.latency_after == pytest.approx(best)
+    assert "enlarge_conv_kernel" in [s.rule for s in bt.steps]
+
+    env = RewriteEnv({"fire": g}, ORACLE, max_steps=6, measure_every=3)
+    agent = A.XRLflowAgent(seed=0)
+    curve = []
+    A.train(env, agent, iterations=40, episodes_per_iter=4, callback=lambda i, m: curve.append(m))
+    assert len(curve) == 40 and all(np.isfinite(m["policy_loss"]) for m in curve)
+    found = search.xrlflow(g, agent, ORACLE, rollouts=0, max_steps=6)  # the greedy policy only
+    assert found.latency_after == pytest.approx(best), found.summary()
+    assert max_mismatch(g, found.graph) is None
+
+
+def test_agent_checkpoint_round_trip(tmp_path, fire):
+    g, _ = fire
+    env = RewriteEnv({"fire": g}, ORACLE)
+    obs, _ = env.reset(seed=0)
+    agent = A.XRLflowAgent(seed=3)
+    s = agent.state(obs, ORACLE, ORACLE.estimate(g))
+    agent.save(tmp_path / "agent.pt")
+    loaded = A.XRLflowAgent.load(tmp_path / "agent.pt")
+    (a,), _ = agent.net([s])
+    (b,), _ = loaded.net([s])
+    assert np.allclose(a.detach().numpy(), b.detach().numpy())
+    with pytest.raises(ValueError, match="different rule library"):
+        A.XRLflowAgent.load(tmp_path / "agent.pt", rules=R.RULES[:-1])
+
+
+def test_ort_oracle_caches_operators_and_result_never_slower(fire):
+    g, _ = fire
+    oracle = OrtOracle(op_seconds=0.005, e2e_seconds=0.02)
+    first = oracle.estimate(g)
+    n = oracle.op_measurements
+    assert first > 0 and n == 4  # three Relus of one shape share a signature; 2 Convs, 1 Concat
+    assert oracle.estimate(g) == first and oracle.op_measurements == n
+    slower = search.Result("x", g, [], 1.0, 2.0, 0.0)
+    kept = search.best_of(g, slower)
+    assert kept.graph is g and kept.latency_after == 1.0 and kept.notes["reverted"]

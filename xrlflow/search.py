@@ -1,0 +1,127 @@
+"""Rewrite searches: X-RLflow inference and the two baselines, all returning a :class:`Result`.
+
+- :func:`greedy`: apply the substitution with the lowest estimated cost while it improves.
+- :func:`backtracking`: TASO's cost-bounded search — a priority queue of graphs by estimated
+  cost; a candidate is kept when its cost is below ``alpha`` × the best so far (α > 1 admits
+  temporary slowdowns), until ``budget`` graphs have been expanded.
+- :func:`xrlflow`: the trained policy run greedily plus ``rollouts`` sampled episodes; the best
+  *measured* graph wins.
+
+Every result reports the input's and the output's measured latency; ``best_of`` never returns a
+graph measured slower than the input.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+
+from xrlflow import rules as R
+from xrlflow.cost import CostOracle
+from xrlflow.env import RewriteEnv, Step
+from xrlflow.ir import Graph, check
+
+
+@dataclass
+class Result:
+    method: str
+    graph: Graph
+    steps: list[Step]
+    latency_before: float
+    latency_after: float
+    seconds: float
+    explored: int = 0
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.latency_before / self.latency_after if self.latency_after > 0 else 1.0
+
+    def summary(self) -> dict:
+        counts: dict[str, int] = {}
+        for s in self.steps:
+            counts[s.rule] = counts.get(s.rule, 0) + 1
+        return {"method": self.method, "latency_before_ms": self.latency_before * 1e3,
+                "latency_after_ms": self.latency_after * 1e3, "speedup": self.speedup,
+                "seconds": self.seconds, "explored": self.explored, "rules_applied": counts,
+                "steps": [f"{s.rule}@{s.node}" for s in self.steps], "nodes": len(self.graph.nodes)}  # fmt: skip
+
+
+def greedy(g: Graph, oracle: CostOracle, rules: list[R.Rule] | None = None, max_steps: int = 200,
+           min_gain: float = 1e-4) -> Result:  # fmt: skip
+    t0, rules = time.monotonic(), rules or R.RULES
+    g = check(g)
+    before, est, steps, explored = oracle.measure(g), oracle.estimate(g), [], 0
+    for _ in range(max_steps):
+        cands = R.candidates(g, rules)
+        explored += len(cands)
+        scored = [(oracle.estimate(c.graph), i, c) for i, c in enumerate(cands)]
+        if not scored:
+            break
+        best_est, _, c = min(scored, key=lambda x: (x[0], x[1]))
+        if best_est >= est * (1 - min_gain):
+            break
+        g, est = c.graph, best_est
+        steps.append(Step(c.rule, c.node, est))
+    return Result("greedy", g, steps, before, oracle.measure(g), time.monotonic() - t0, explored)
+
+
+def backtracking(g: Graph, oracle: CostOracle, rules: list[R.Rule] | None = None, alpha: float = 1.05,
+                 budget: int = 300) -> Result:  # fmt: skip
+    t0, rules = time.monotonic(), rules or R.RULES
+    g = check(g)
+    before = oracle.measure(g)
+    start_est = oracle.estimate(g)
+    best = (start_est, g, [])
+    seen = {g.structural_hash()}
+    queue: list[tuple[float, int, Graph, list[Step]]] = [(start_est, 0, g, [])]
+    tie, expanded, explored = 1, 0, 0
+    while queue and expanded < budget:
+        est, _, cur, steps = heapq.heappop(queue)
+        expanded += 1
+        for c in R.candidates(cur, rules):
+            explored += 1
+            h = c.graph.structural_hash()
+            if h in seen:
+                continue
+            seen.add(h)
+            e = oracle.estimate(c.graph)
+            path = steps + [Step(c.rule, c.node, e)]
+            if e < best[0]:
+                best = (e, c.graph, path)
+            if e < alpha * best[0]:
+                heapq.heappush(queue, (e, tie, c.graph, path))
+                tie += 1
+    return Result("backtracking", best[1], best[2], before, oracle.measure(best[1]),
+                  time.monotonic() - t0, explored, {"alpha": alpha, "budget": budget, "expanded": expanded})  # fmt: skip
+
+
+def xrlflow(g: Graph, agent, oracle: CostOracle, rules: list[R.Rule] | None = None, rollouts: int = 4,
+            max_steps: int = 40, measure_every: int = 5, seed: int = 0) -> Result:  # fmt: skip
+    """The policy greedily, then ``rollouts`` sampled episodes; the best measured graph wins."""
+    from xrlflow.agent import run_episode
+
+    t0 = time.monotonic()
+    env = RewriteEnv(
+        {"model": g}, oracle, rules or R.RULES, max_steps=max_steps, measure_every=measure_every
+    )
+    best: tuple[float, Graph, list[Step]] | None = None
+    before = None
+    for k in range(rollouts + 1):
+        _, _, info = run_episode(env, agent, model="model", greedy=(k == 0), seed=seed + k)
+        before = info["start_latency"]
+        lat, graph, n = info["best"]
+        steps = info["steps"][:n]
+        if best is None or lat < best[0]:
+            best = (lat, graph, steps)
+    return Result("xrlflow", best[1], best[2], before, best[0], time.monotonic() - t0, rollouts + 1,
+                  {"rollouts": rollouts})  # fmt: skip
+
+
+def best_of(original: Graph, result: Result) -> Result:
+    """``result``, unless its graph measured slower than the input: then the input unchanged."""
+    if result.latency_after <= result.latency_before:
+        return result
+    return Result(result.method, original, [], result.latency_before, result.latency_before,
+                  result.seconds, result.explored, {**result.notes, "reverted": True})  # fmt: skip
