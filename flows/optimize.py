@@ -1,4 +1,5 @@
-"""The ``optimize`` flow: import → tune → verify + package → publish, one MLflow run per stage.
+"""The ``optimize`` flow: import → rewrite → tune → verify + package → publish, one MLflow run
+per stage.
 
 The flow orchestrates and logs; each stage's logic lives in ``tasks/``.
 """
@@ -11,12 +12,20 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from harl.target import resolve_target
-from harlflow.config import harl_agent_path, home, tuning_db_dir, validate_name
+from harlflow.config import (
+    harl_agent_path,
+    home,
+    rewrite_dir,
+    tuning_db_dir,
+    validate_name,
+    xrlflow_agent_path,
+)
 from harlflow.signature import TensorSpec
 from tasks import tracking
 from tasks.importing import default_name, import_task, log_import
 from tasks.packaging import log_package, package_task, versions
 from tasks.publishing import publish_task
+from tasks.rewriting import log_rewrite, rewrite_task
 from tasks.tuning import log_tuning, tune_task
 
 
@@ -34,6 +43,7 @@ def optimize(
     min_trials_per_task: int = 4,
     measure: bool = True,
     measure_seconds: float = 10.0,
+    rewrite: str = "greedy",
 ) -> dict[str, Any]:
     """Optimise one model end to end; returns a summary (artifact, version, latencies)."""
     logger = get_run_logger()
@@ -43,7 +53,7 @@ def optimize(
     with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
         tracking.log_params(c, parent, {
             "model": model, "name": name, "target": json.dumps(target_dict), "budget": trials,
-            "strategy": strategy, "seed": seed, "s3_uri": s3_uri,
+            "strategy": strategy, "rewrite": rewrite, "seed": seed, "s3_uri": s3_uri,
             **{f"version_{k}": v for k, v in versions().items()},
         })  # fmt: skip
 
@@ -57,6 +67,12 @@ def optimize(
             log_import(c, rid, imported)
         logger.info("imported %s: %d nodes, inputs %s", name, imported.num_nodes,
                     ", ".join(map(str, imported.inputs)))  # fmt: skip
+
+        with tracking.run(c, "rewrite", parent_run_id=parent) as rid:
+            rewritten = rewrite_task()(imported, rewrite, work_dir=rewrite_dir(),
+                                       agent_path=xrlflow_agent_path(), seed=seed, log=logger.info)  # fmt: skip
+            log_rewrite(c, rid, rewritten)
+        original, imported = imported, rewritten.model
 
         with tracking.run(c, "tune", parent_run_id=parent) as rid:
             result = tune_task()(imported, target_dict, database_dir=tuning_db_dir(), trials=trials,
@@ -81,6 +97,17 @@ def optimize(
             "artifact": artifact.directory,
             "published": where,
             "target": target_dict,
+            "rewrite": {
+                k: rewritten.summary.get(k)
+                for k in (
+                    "method",
+                    "speedup",
+                    "latency_before_ms",
+                    "latency_after_ms",
+                    "rules_applied",
+                )
+            },
+            "nodes": {"imported": original.num_nodes, "rewritten": imported.num_nodes},
             "trials": result.trials,
             "tuning_seconds": round(result.seconds, 1),
             "latency_ms": {

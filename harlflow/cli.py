@@ -73,9 +73,44 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     summary = optimize(
         model=a.model, name=a.name, trials=a.trials, strategy=a.strategy, target=target,
         s3_uri=a.s3_uri, inputs=inputs, checkpoint=a.checkpoint, seed=a.seed,
-        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure,
+        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure, rewrite=a.rewrite,
     )  # fmt: skip
     _print_summary(summary)
+    return 0
+
+
+def cmd_rewrite_train(a: argparse.Namespace) -> int:
+    from harlflow.config import import_cache_dir, xrlflow_agent_path
+    from tasks.importing import default_name, import_model
+    from xrlflow import agent as A
+    from xrlflow import ir
+    from xrlflow.cost import OrtOracle
+    from xrlflow.env import RewriteEnv
+
+    if a.iterations < 1 or a.episodes < 1 or a.max_steps < 1:
+        raise BadInputError("--iterations, --episodes and --max-steps must be >= 1")
+    graphs = {}
+    for m in a.models:
+        imported = import_model(m, cache_dir=import_cache_dir(), seed=a.seed)
+        graphs[default_name(m)] = ir.normalize(ir.check(ir.load(imported.onnx_path)))
+    out = Path(a.out) if a.out else xrlflow_agent_path()
+    env = RewriteEnv(graphs, OrtOracle(), max_steps=a.max_steps)
+    agent = A.XRLflowAgent(seed=a.seed)
+
+    def progress(i: int, m: dict) -> None:
+        print(f"iteration {i + 1}/{a.iterations}: mean return {m['mean_return']:+.4f}, "
+              f"best gain {m['mean_best_gain']:+.2%}, policy loss {m['policy_loss']:+.4f}", flush=True)  # fmt: skip
+
+    A.train(
+        env,
+        agent,
+        iterations=a.iterations,
+        episodes_per_iter=a.episodes,
+        callback=progress,
+        seed=a.seed,
+    )
+    agent.save(out)
+    print(f"saved {out}")
     return 0
 
 
@@ -85,6 +120,10 @@ def _print_summary(s: dict) -> None:
     for k, v in s["published"].items():
         if k != "local":
             print(f"{k:9s} {v}")
+    rw = s.get("rewrite") or {}
+    if rw.get("method") not in (None, "none"):
+        rules = ", ".join(f"{k}×{v}" for k, v in (rw.get("rules_applied") or {}).items()) or "none"
+        print(f"rewrite   {rw['method']}: {rw['speedup']:.3f}x on onnxruntime; rules {rules}")
     print(f"tuning    {s['trials']} trials, {s['tuning_seconds']} s")
     lat = s["latency_ms"]
     if lat:
@@ -198,7 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--min-trials-per-task", type=int, default=4,
                    help="measured random schedules each new task gets first (default 4)")  # fmt: skip
     o.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
+    o.add_argument("--rewrite", choices=["none", "greedy", "xrlflow"], default="greedy",
+                   help="graph rewriting before tuning (default greedy; xrlflow uses the agent "
+                        "from 'harlflow rewrite-train', or trains one on this model)")  # fmt: skip
     o.set_defaults(func=cmd_optimize)
+
+    t = sub.add_parser("rewrite-train", help="train the X-RLflow rewrite agent on a set of models")
+    t.add_argument("models", nargs="+", help="models as for optimize (ONNX, .pt2, module:function)")
+    t.add_argument("--iterations", type=int, default=30, help="PPO iterations (default 30)")
+    t.add_argument("--episodes", type=int, default=4, help="episodes per iteration (default 4)")
+    t.add_argument(
+        "--max-steps", type=int, default=20, help="substitutions per episode (default 20)"
+    )
+    t.add_argument("--out", help="checkpoint path (default $HARLFLOW_HOME/xrlflow/agent.pt)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_rewrite_train)
 
     pl = sub.add_parser("pull", help="download an artifact and check every file's sha256")
     pl.add_argument(

@@ -26,6 +26,16 @@ def harl_agent_path() -> Path:
     return home() / "harl" / "agent.pt"
 
 
+def xrlflow_agent_path() -> Path:
+    """The X-RLflow agent used by ``--rewrite xrlflow`` (``harlflow rewrite-train`` writes it)."""
+    return home() / "xrlflow" / "agent.pt"
+
+
+def rewrite_dir() -> Path:
+    """Rewritten models, content-addressed (each with the original model's reference outputs)."""
+    return home() / "rewrites"
+
+
 def import_cache_dir() -> Path:
     return home() / "cache" / "import"
 

@@ -49,10 +49,17 @@ class ImportedModel:
     checkpoint: str | None = None
     num_nodes: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
+    original_directory: str | None = None
+    """set by the rewrite stage: where the imported (un-rewritten) model lives"""
 
     @property
     def onnx_path(self) -> Path:
         return Path(self.directory) / "model.onnx"
+
+    @property
+    def original_onnx_path(self) -> Path:
+        """The imported model before any rewrite (what onnxruntime is measured on)."""
+        return Path(self.original_directory or self.directory) / "model.onnx"
 
     @property
     def reference_path(self) -> Path:

@@ -201,7 +201,7 @@ def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, 
     )
     log("measuring onnxruntime")
     lat["onnxruntime"] = run_worker(
-        ["ort", "--path", str(imported.onnx_path), "--reference", ref, *limits]
+        ["ort", "--path", str(imported.original_onnx_path), "--reference", ref, *limits]
     )
     if imported.source_kind in ("pt2", "factory"):
         log("measuring PyTorch eager")

@@ -57,7 +57,8 @@ def test_flow_publishes_to_mlflow_registry_and_s3(first_run):
     children = c.search_runs([parent.info.experiment_id],
                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'")  # fmt: skip
     by_name = {r.info.run_name: r for r in children}
-    assert set(by_name) == {"import", "tune", "package", "publish"}
+    assert set(by_name) == {"import", "rewrite", "tune", "package", "publish"}
+    assert by_name["rewrite"].data.params["rewrite"] == "greedy"
     assert all(r.info.status == "FINISHED" for r in children)
     tune = by_name["tune"]
     assert tune.data.metrics["tuning/trials"] == s["trials"]
@@ -175,3 +176,64 @@ def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
         package(m, resolve_target("cpu"), database_dir=tuning_db_dir(), home=home,
                 tune_summary={}, measure=False, log=lambda *_: None)  # fmt: skip
     assert list((home / "tiny").iterdir()) == []  # no version, no half-written temporary
+
+
+def _redundant_model(path: Path) -> Path:
+    """A small MLP padded with work a rewrite removes: transpose pairs, ×1, identities."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, x = [], "x"
+    for i in range(6):
+        nodes += [helper.make_node("Transpose", [x], [f"t{i}"], perm=[1, 0]),
+                  helper.make_node("Transpose", [f"t{i}"], [f"u{i}"], perm=[1, 0])]  # fmt: skip
+        x = f"u{i}"
+    nodes += [helper.make_node("MatMul", [x, "w1"], ["h"]), helper.make_node("Mul", ["h", "one"], ["h1"]),
+              helper.make_node("Identity", ["h1"], ["h2"]), helper.make_node("Relu", ["h2"], ["r"]),
+              helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]  # fmt: skip
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w1", rng.standard_normal((32, 64)).astype(np.float32) * 0.2), ("one", np.ones(64, np.float32)),
+        ("w2", rng.standard_normal((64, 16)).astype(np.float32) * 0.2), ("b", np.zeros(16, np.float32) + 0.1)]]  # fmt: skip
+    g = helper.make_graph(nodes, "redundant", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    import onnx
+
+    onnx.save(m, str(path))
+    return path
+
+
+def test_xrlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
+    """--rewrite xrlflow: an agent is trained (none saved yet), the rewritten graph is tuned and
+    packaged, and the artifact is verified against the ORIGINAL model's reference outputs."""
+    from harlflow.config import xrlflow_agent_path
+
+    model = _redundant_model(tmp_path / "redundant.onnx")
+    assert not xrlflow_agent_path().exists()
+    assert main(["optimize", str(model), "--rewrite", "xrlflow", "--trials", "2",
+                 "--min-trials-per-task", "1", "--no-measure"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "rewrite   xrlflow:" in out
+    assert xrlflow_agent_path().is_file()  # trained here, saved for the next run
+
+    c = _client()
+    exp = c.get_experiment_by_name("harlflow")
+    parent = c.search_runs([exp.experiment_id], "tags.model = 'redundant'")[0]
+    rw = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                       "and attributes.run_name = 'rewrite'")[0]  # fmt: skip
+    m = rw.data.metrics
+    assert rw.data.params["rewrite"] == "xrlflow" and m["rewrite/substitutions"] >= 1
+    assert m["rewrite/latency_after_ms"] <= m["rewrite/latency_before_ms"]  # never slower
+    assert (
+        len(c.get_metric_history(rw.info.run_id, "xrlflow/mean_return")) == 10
+    )  # the learning curve
+    rewritten = [f.path for f in c.list_artifacts(rw.info.run_id, "rewritten")]
+    assert rewritten == ["rewritten/model.onnx"]
+    art = Path(parent.data.tags["artifact"])
+    manifest = verify_directory(art)
+    assert manifest["verification"]["y"]["within_tolerance"]
+    original = ort.InferenceSession(str(model)).run(
+        None, {"x": np.load(art / "reference.npz")["input/x"]}
+    )
+    assert np.allclose(np.load(art / "reference.npz")["output/y"], original[0], atol=1e-5)

@@ -70,7 +70,8 @@ class RewriteEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, graphs: dict[str, Graph], oracle: CostOracle, rules: list[R.Rule] | None = None,
-                 max_steps: int = 20, measure_every: int = 5, max_candidates: int = 64):  # fmt: skip
+                 max_steps: int = 20, measure_every: int = 5, max_candidates: int = 64,
+                 candidate_cache: dict | None = None):  # fmt: skip
         if not graphs:
             raise ValueError("RewriteEnv needs at least one graph")
         self.graphs = {k: check(g) for k, g in graphs.items()}
@@ -84,7 +85,8 @@ class RewriteEnv(gym.Env):
         self.observation_space = GraphSpace()
         self._ep: _Episode | None = None
         self._cands: list[R.Candidate] = []
-        self._cand_cache: dict[str, list[R.Candidate]] = {}
+        # graph hash → candidates; may be shared between environments (a pure function of the graph)
+        self._cand_cache: dict[str, list[R.Candidate]] = {} if candidate_cache is None else candidate_cache
 
     # ------------------------------------------------------------------ gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -142,7 +144,7 @@ class RewriteEnv(gym.Env):
     def candidates(self, g: Graph) -> list[R.Candidate]:
         key = g.structural_hash()
         if key not in self._cand_cache:
-            if len(self._cand_cache) > 2048:
+            if len(self._cand_cache) > 4096:
                 self._cand_cache.clear()
             self._cand_cache[key] = R.candidates(g, self.rules, limit=self.max_candidates)
         return self._cand_cache[key]

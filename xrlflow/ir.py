@@ -198,6 +198,14 @@ class Graph:
     # ------------------------------------------------------------------ identity
     def structural_hash(self) -> str:
         """Name-independent hash of the computation (ops, attributes, constants, wiring)."""
+        cached = self.__dict__.get("_hash")
+        if cached is not None and cached[0] == len(self.nodes):
+            return cached[1]
+        h = self._structural_hash()
+        self.__dict__["_hash"] = (len(self.nodes), h)  # graphs are not edited after a rewrite
+        return h
+
+    def _structural_hash(self) -> str:
         memo: dict[str, str] = {}
         for i, v in enumerate(self.inputs):
             memo[v.name] = f"in{i}"
@@ -363,16 +371,27 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
     return graph
 
 
+_PROTOS: dict[int, tuple[Node, onnx.NodeProto]] = {}
+
+
+def _node_proto(n: Node) -> onnx.NodeProto:
+    """NodeProto of ``n`` (cached: nodes are immutable and shared between rewritten graphs)."""
+    hit = _PROTOS.get(id(n))
+    if hit is not None and hit[0] is n:
+        return hit[1]
+    node = helper.make_node(n.op, list(n.inputs), list(n.outputs), name=n.name, domain=n.domain or None)
+    for k, v in n.attrs.items():
+        node.attribute.append(helper.make_attribute(k, v) if not isinstance(v, np.ndarray)
+                              else helper.make_attribute(k, numpy_helper.from_array(v)))  # fmt: skip
+    if len(_PROTOS) > 200_000:
+        _PROTOS.clear()
+    _PROTOS[id(n)] = (n, node)
+    return node
+
+
 def to_onnx(g: Graph, with_values: bool = True) -> onnx.ModelProto:
     """Convert back to an ONNX model (value_info included when ``with_values``)."""
-    nodes = []
-    for n in g.nodes:
-        node = helper.make_node(n.op, list(n.inputs), list(n.outputs), name=n.name,
-                                domain=n.domain or None)  # fmt: skip
-        for k, v in n.attrs.items():
-            node.attribute.append(helper.make_attribute(k, v) if not isinstance(v, np.ndarray)
-                                  else helper.make_attribute(k, numpy_helper.from_array(v)))  # fmt: skip
-        nodes.append(node)
+    nodes = [_node_proto(n) for n in g.nodes]
     graph = helper.make_graph(
         nodes,
         g.name,

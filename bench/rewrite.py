@@ -1,0 +1,168 @@
+"""Graph rewriting side by side: input graph, onnxruntime's own optimiser, greedy, TASO-style
+backtracking and X-RLflow trained leave-one-out.
+
+    python bench/rewrite.py [--models bert_encoder,vit_small,...] [--iterations 6]
+                            [--tvm-models bert_encoder,squeezenet_small --tvm-budget 32]
+
+For each model (all latencies measured in this one run, onnxruntime CPU, 1 thread, medians):
+
+- ``input``: the imported graph with onnxruntime's graph optimisations off;
+- ``ort_all``: the same graph with ORT_ENABLE_ALL (what users reach for today);
+- ``greedy`` / ``backtracking`` / ``xrlflow``: our rewrites, run with optimisations off (so the
+  rewrite is what is measured) and also with ORT_ENABLE_ALL on top (``+ort``);
+- X-RLflow's agent is trained on the *other* models only (leave-one-out), then run greedily plus
+  ``--rollouts`` sampled episodes on the scored model.
+
+With ``--tvm-models``, those models are also tuned with HARL's pipeline tuner at equal budgets
+with and without the X-RLflow rewrite, and the compiled modules measured end to end.
+Writes ``bench/results/rewrite.json``; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.importing import import_model  # noqa: E402
+from xrlflow import agent as A  # noqa: E402
+from xrlflow import ir, search  # noqa: E402
+from xrlflow.cost import OrtOracle, _time  # noqa: E402
+from xrlflow.env import RewriteEnv  # noqa: E402
+from xrlflow.verify import max_mismatch, random_inputs, session  # noqa: E402
+
+MODELS = ["bert_encoder", "vit_small", "resnet18", "inception_small", "squeezenet_small"]
+
+
+def latency(g, level: str, seconds: float = 1.0) -> float:
+    sess, feeds = session(g, level), random_inputs(g)
+    return _time(lambda: sess.run(None, feeds), seconds, warmup=5) * 1e3
+
+
+def load(name: str, cache: Path):
+    m = import_model(f"harlflow.examples:{name}", cache_dir=cache)
+    return m, ir.normalize(ir.check(ir.load(m.onnx_path)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument(
+        "--iterations", type=int, default=6, help="PPO iterations per leave-one-out agent"
+    )
+    p.add_argument("--episodes", type=int, default=2, help="episodes per PPO iteration")
+    p.add_argument("--train-steps", type=int, default=10, help="substitutions per training episode")
+    p.add_argument("--rollouts", type=int, default=2, help="sampled rollouts at inference")
+    p.add_argument("--max-steps", type=int, default=25, help="substitutions per inference episode")
+    p.add_argument("--bt-budget", type=int, default=20, help="graphs backtracking expands")
+    p.add_argument("--tvm-models", default="", help="also tune these with and without rewriting")
+    p.add_argument("--tvm-budget", type=int, default=32)
+    p.add_argument("--out", default="bench/results/rewrite.json")
+    a = p.parse_args()
+    names = a.models.split(",")
+    oracle = OrtOracle()
+    cands: dict = {}  # candidate sets are a pure function of the graph: shared by every env
+    rows, tvm_rows, rewritten = [], [], {}
+    with tempfile.TemporaryDirectory(prefix="rewrite-bench-") as tmp:
+        cache = Path(tmp)
+        graphs = {n: load(n, cache)[1] for n in names}
+        for name in names:
+            g = graphs[name]
+            row = {"model": name, "nodes": len(g.nodes)}
+            row["input_ms"] = latency(g, "disable")
+            row["ort_all_ms"] = latency(g, "all")
+            print(f"{name}: {len(g.nodes)} nodes, input {row['input_ms']:.3f} ms, "
+                  f"ORT_ENABLE_ALL {row['ort_all_ms']:.3f} ms", flush=True)  # fmt: skip
+            results = {"greedy": search.greedy(g, oracle),
+                       "backtracking": search.backtracking(g, oracle, alpha=1.05, budget=a.bt_budget)}  # fmt: skip
+            others = {k: v for k, v in graphs.items() if k != name}
+            t0 = time.monotonic()
+            agent = A.XRLflowAgent(seed=0)
+            curve: list[dict] = []
+            if others:
+                env = RewriteEnv(others, oracle, max_steps=a.train_steps, candidate_cache=cands)
+                curve = A.train(env, agent, iterations=a.iterations, episodes_per_iter=a.episodes)
+            train_s = time.monotonic() - t0
+            results["xrlflow"] = search.xrlflow(
+                g, agent, oracle, rollouts=a.rollouts, max_steps=a.max_steps
+            )
+            for method, r in results.items():
+                r = search.best_of(g, r)
+                if method == "xrlflow":
+                    rewritten[name] = r.graph
+                bad = max_mismatch(g, r.graph)
+                if bad:
+                    raise SystemExit(f"{name}/{method}: rewritten graph differs: {bad}")
+                row[f"{method}_ms"] = latency(r.graph, "disable")
+                row[f"{method}+ort_ms"] = latency(r.graph, "all")
+                row[f"{method}_s"] = r.seconds
+                row[f"{method}_rules"] = r.summary()["rules_applied"]
+                print(f"  {method:12s} {row[f'{method}_ms']:8.3f} ms ({row['input_ms'] / row[f'{method}_ms']:.3f}x)"
+                      f"  +ORT_ALL {row[f'{method}+ort_ms']:8.3f} ms  search {r.seconds:6.1f} s  "
+                      f"{row[f'{method}_rules']}", flush=True)  # fmt: skip
+            row["xrlflow_train_s"] = train_s
+            row["xrlflow_curve"] = curve
+            rows.append(row)
+        for name in [m for m in a.tvm_models.split(",") if m]:
+            tvm_rows.append(tvm_compare(name, cache, a.tvm_budget, rewritten[name], log=print))
+    print()
+    head = ["model", "input", "ORT_ALL", "greedy", "backtrack", "X-RLflow", "X-RL/input", "X-RL/greedy",
+            "X-RL+ORT", "train s"]  # fmt: skip
+    print(" ".join(f"{h:>11s}" for h in head))
+    for r in rows:
+        print(f"{r['model']:>11.11s} {r['input_ms']:11.3f} {r['ort_all_ms']:11.3f} {r['greedy_ms']:11.3f} "
+              f"{r['backtracking_ms']:11.3f} {r['xrlflow_ms']:11.3f} {r['input_ms'] / r['xrlflow_ms']:11.3f} "
+              f"{r['greedy_ms'] / r['xrlflow_ms']:11.3f} {r['xrlflow+ort_ms']:11.3f} {r['xrlflow_train_s']:11.0f}")  # fmt: skip
+    for t in tvm_rows:
+        print(f"TVM {t['model']}: budget {t['budget']}, no rewrite {t['plain_ms']:.3f} ms, "
+              f"X-RLflow rewrite {t['rewritten_ms']:.3f} ms ({t['plain_ms'] / t['rewritten_ms']:.3f}x)")  # fmt: skip
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"models": rows, "tvm": tvm_rows}, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+def tvm_compare(name: str, cache: Path, budget: int, rewritten, log) -> dict:
+    """Tune the model with and without X-RLflow's rewrite at equal budgets; measure both."""
+    from harl import tuning
+    from harl.target import resolve_target
+    from tasks.importing import to_relax
+
+    imported, _ = load(name, cache)
+    target = resolve_target(None)
+    rw_path = cache / f"{name}-xrlflow.onnx"
+    ir.save(rewritten, rw_path)
+    out = {"model": name, "budget": budget}
+    for key, path in (("plain", imported.onnx_path), ("rewritten", rw_path)):
+        mod = tuning.prepare(to_relax(path, imported.inputs))
+        db = cache / f"db-{name}-{key}"
+        res = tuning.tune(
+            mod, target, db, trials=budget, strategy="harl", seed=0, min_trials_per_task=0
+        )
+        memdb, _ = tuning.compile_database(
+            tuning.open_database(db), tuning.extract_tasks(mod, target), target, 0
+        )
+        lib = tuning.compile_module(mod, target, memdb)
+        out[f"{key}_ms"] = _tvm_latency(lib, imported) * 1e3
+        out[f"{key}_trials"] = res.trials
+        log(f"TVM {name} {key}: {out[f'{key}_ms']:.3f} ms after {res.trials} trials")
+    return out
+
+
+def _tvm_latency(lib, m) -> float:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    ins, _ = m.reference()
+    args = [tvm.runtime.tensor(ins[s.name]) for s in m.inputs]
+    return _time(lambda: vm["main"](*args), 2.0, warmup=3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Rewrite stage: X-RLflow (or greedy) graph rewriting between import and tuning.
+
+The rewritten graph is checked against the imported model's reference outputs before it moves
+on (a wrong rewrite stops here with a VerificationError), and the package stage verifies the
+compiled artifact against the same *original* reference. A rewrite measured slower than the
+input graph is dropped (the input goes on unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harlflow.errors import BadInputError, VerificationError
+from harlflow.measure import TOLERANCES
+from tasks.importing import ImportedModel
+
+METHODS = ("none", "greedy", "xrlflow")
+
+
+@dataclass
+class RewriteOutcome:
+    """What the rewrite stage hands on: the model to tune, and what it did."""
+
+    model: ImportedModel
+    method: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    learning_curve: list[dict[str, float]] = field(default_factory=list)
+    rewritten_onnx: str | None = None
+
+
+def rewrite_model(imported: ImportedModel, method: str, *, work_dir: str | Path,
+                  agent_path: str | Path | None = None, train_iterations: int = 10, rollouts: int = 2,
+                  max_steps: int = 30, seed: int = 0, log=print) -> RewriteOutcome:  # fmt: skip
+    """Rewrite ``imported`` with ``method``; returns the model the next stages should use."""
+    if method not in METHODS:
+        raise BadInputError(
+            f"unknown rewrite method {method!r}; choose one of {', '.join(METHODS)}"
+        )
+    if method == "none":
+        return RewriteOutcome(imported, "none", {"method": "none"})
+    from xrlflow import ir, search
+    from xrlflow.cost import OrtOracle
+
+    t0 = time.monotonic()
+    original = ir.check(ir.load(imported.onnx_path))
+    g = ir.normalize(original)
+    oracle = OrtOracle()
+    curve: list[dict[str, float]] = []
+    if method == "greedy":
+        log(f"rewrite: greedy over {len(g.nodes)} nodes")
+        result = search.greedy(g, oracle)
+    else:
+        agent = _agent(g, oracle, agent_path, train_iterations, seed, curve, log)
+        log(f"rewrite: X-RLflow policy, greedy + {rollouts} sampled rollouts")
+        result = search.xrlflow(g, agent, oracle, rollouts=rollouts, max_steps=max_steps, seed=seed)
+    result = search.best_of(original, result)
+    summary = result.summary() | {"oracle": oracle.name, "stage_seconds": time.monotonic() - t0}
+    log(f"rewrite: {len(result.steps)} substitutions, {summary['latency_before_ms']:.3f} ms -> "
+        f"{summary['latency_after_ms']:.3f} ms on {oracle.name} ({result.speedup:.3f}x)")  # fmt: skip
+    if not result.steps:
+        return RewriteOutcome(imported, method, summary, curve)
+    model, path = _write(imported, result.graph, work_dir, summary)
+    return RewriteOutcome(model, method, summary, curve, path)
+
+
+def _agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
+    """The saved agent when there is one; else one trained on this graph (and saved)."""
+    from xrlflow import agent as A
+    from xrlflow.env import RewriteEnv
+
+    if agent_path and Path(agent_path).is_file():
+        log(f"rewrite: loading the X-RLflow agent from {agent_path}")
+        return A.XRLflowAgent.load(agent_path, seed=seed)
+    log(
+        f"rewrite: no trained agent at {agent_path}; training one on this model ({iterations} PPO iterations)"
+    )
+    agent = A.XRLflowAgent(seed=seed)
+    env = RewriteEnv({"model": g}, oracle, max_steps=20, measure_every=5)
+
+    def progress(i: int, m: dict) -> None:
+        curve.append(m)
+        log(f"rewrite: PPO iteration {i + 1}/{iterations} | mean return {m['mean_return']:+.4f} | "
+            f"best gain {m['mean_best_gain']:+.2%}")  # fmt: skip
+
+    A.train(env, agent, iterations=iterations, episodes_per_iter=2, callback=progress, seed=seed)
+    if agent_path:
+        agent.save(agent_path)
+    return agent
+
+
+def _write(
+    imported: ImportedModel, g, work_dir: str | Path, summary: dict
+) -> tuple[ImportedModel, str]:
+    """Verify the rewritten graph against the original reference, then write it atomically."""
+    from xrlflow import ir
+    from xrlflow.verify import session
+
+    inputs, expected = imported.reference()
+    got = session(g).run(None, inputs)
+    for spec, y in zip(imported.outputs, got, strict=True):
+        ref = expected[spec.name]
+        atol, rtol = TOLERANCES.get(str(ref.dtype), (1e-3, 1e-4))
+        if y.shape != ref.shape or not np.allclose(y, ref, rtol=rtol, atol=atol):
+            raise VerificationError(f"{imported.name}: the rewritten graph's output {spec.name} differs "
+                                    "from the original model's; the rewrite is refused")  # fmt: skip
+    proto = ir.to_onnx(g).SerializeToString()
+    key = hashlib.sha256(proto).hexdigest()[:16]
+    dest = Path(work_dir) / key
+    if not (dest / "model.onnx").is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+        (tmp / "model.onnx").write_bytes(proto)
+        shutil.copy(imported.reference_path, tmp / "reference.npz")  # the ORIGINAL's reference
+        (tmp / "rewrite.json").write_text(json.dumps(summary, indent=2, default=str))
+        try:
+            tmp.rename(dest)
+        except OSError:  # a concurrent run wrote the same content first
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = replace(imported, directory=str(dest), num_nodes=len(g.nodes), op_counts=g.op_counts(),
+                    original_directory=imported.original_directory or imported.directory)  # fmt: skip
+    return model, str(dest / "model.onnx")
+
+
+def rewrite_task():
+    """The rewrite stage as a Prefect task (measurements: no retries, no cache)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name="rewrite", cache_policy=NO_CACHE)(rewrite_model)
+
+
+def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:
+    """Rewrite stage → MLflow: method, rules applied, latency before/after, curve, rewritten ONNX."""
+    from tasks import tracking
+
+    s = out.summary
+    tracking.log_params(c, run_id, {"rewrite": out.method, "oracle": s.get("oracle")})
+    if out.method == "none":
+        return
+    tracking.log_metrics(c, run_id, {
+        "rewrite/latency_before_ms": s["latency_before_ms"], "rewrite/latency_after_ms": s["latency_after_ms"],
+        "rewrite/speedup": s["speedup"], "rewrite/substitutions": len(s["steps"]),
+        "rewrite/seconds": s["stage_seconds"],
+    })  # fmt: skip
+    c.log_dict(run_id, s, "rewrite.json")
+    for i, m in enumerate(out.learning_curve):
+        tracking.log_metrics(c, run_id, {f"xrlflow/{k}": v for k, v in m.items()}, step=i)
+    if out.rewritten_onnx:
+        c.log_artifact(run_id, out.rewritten_onnx, "rewritten")
