@@ -86,7 +86,9 @@ class RewriteEnv(gym.Env):
         self._ep: _Episode | None = None
         self._cands: list[R.Candidate] = []
         # graph hash → candidates; may be shared between environments (a pure function of the graph)
-        self._cand_cache: dict[str, list[R.Candidate]] = {} if candidate_cache is None else candidate_cache
+        self._cand_cache: dict[str, list[R.Candidate]] = (
+            {} if candidate_cache is None else candidate_cache
+        )
 
     # ------------------------------------------------------------------ gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None):

@@ -379,7 +379,9 @@ def _node_proto(n: Node) -> onnx.NodeProto:
     hit = _PROTOS.get(id(n))
     if hit is not None and hit[0] is n:
         return hit[1]
-    node = helper.make_node(n.op, list(n.inputs), list(n.outputs), name=n.name, domain=n.domain or None)
+    node = helper.make_node(
+        n.op, list(n.inputs), list(n.outputs), name=n.name, domain=n.domain or None
+    )
     for k, v in n.attrs.items():
         node.attribute.append(helper.make_attribute(k, v) if not isinstance(v, np.ndarray)
                               else helper.make_attribute(k, numpy_helper.from_array(v)))  # fmt: skip
