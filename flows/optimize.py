@@ -6,6 +6,7 @@ The flow orchestrates and logs; each stage's logic lives in ``tasks/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -24,6 +25,7 @@ from harlflow.signature import TensorSpec
 from tasks import tracking
 from tasks.importing import default_name, import_task, log_import
 from tasks.packaging import log_package, package_task, versions
+from tasks.publishing import promote as promote_version
 from tasks.publishing import publish_task
 from tasks.rewriting import log_rewrite, rewrite_task
 from tasks.tuning import log_tuning, tune_task
@@ -44,6 +46,8 @@ def optimize(
     measure: bool = True,
     measure_seconds: float = 10.0,
     rewrite: str = "greedy",
+    promote: bool = False,
+    max_regression: float = 0.05,
 ) -> dict[str, Any]:
     """Optimise one model end to end; returns a summary (artifact, version, latencies)."""
     logger = get_run_logger()
@@ -53,7 +57,7 @@ def optimize(
     with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
         tracking.log_params(c, parent, {
             "model": model, "name": name, "target": json.dumps(target_dict), "budget": trials,
-            "strategy": strategy, "rewrite": rewrite, "seed": seed, "s3_uri": s3_uri,
+            "strategy": strategy, "rewrite": rewrite, "promote": promote, "seed": seed, "s3_uri": s3_uri,
             **{f"version_{k}": v for k, v in versions().items()},
         })  # fmt: skip
 
@@ -64,6 +68,8 @@ def optimize(
                 imported = stage.with_options(refresh_cache=True)(
                     model, inputs, checkpoint, seed, name
                 )
+            # the import cache is keyed by content, not name: a cached result may carry another
+            imported = dataclasses.replace(imported, name=name)
             log_import(c, rid, imported)
         logger.info("imported %s: %d nodes, inputs %s", name, imported.num_nodes,
                     ", ".join(map(str, imported.inputs)))  # fmt: skip
@@ -90,6 +96,11 @@ def optimize(
 
         with tracking.run(c, "publish", parent_run_id=parent) as rid:
             where = publish_task()(rid, artifact, s3_uri, log=logger.info)
+            if promote:  # the regression gate: not retried, a refusal is an answer
+                version = where["mlflow"].rsplit("/", 1)[1]
+                where["production"] = f"models:/{name}@production -> v" + promote_version(
+                    c, name, version, max_regression, log=logger.info
+                )
 
         summary = {
             "name": name,

@@ -6,6 +6,8 @@ Every user error becomes one line on stderr and a non-zero exit (see ``harlflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
@@ -45,7 +47,35 @@ def _quiet_prefect_tracebacks() -> None:
             h.addFilter(_NoTracebackForUserErrors())
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool):
+    """--ci: whatever the run prints (Python or native code) goes to stderr; stdout stays JSON."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_optimize(a: argparse.Namespace) -> int:
+    with _stdout_to_stderr(a.ci):
+        summary = _optimize(a)
+    if a.ci:
+        print(json.dumps({"status": "ok", **summary}, default=str))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _optimize(a: argparse.Namespace) -> dict:
     from harl.target import resolve_target
     from harlflow.config import import_cache_dir, validate_name
     from harlflow.signature import parse_input_spec
@@ -59,6 +89,10 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     target = resolve_target(a.target)
     if a.trials < 0:
         raise BadInputError(f"--trials must be >= 0, got {a.trials}")
+    if a.max_regression < 0 or a.measure_seconds <= 0:
+        raise BadInputError("--max-regression must be >= 0 and --measure-seconds > 0")
+    if a.promote and a.no_measure:
+        raise BadInputError("--promote compares measured latencies: drop --no-measure")
     if a.s3_uri:
         from tasks.publishing import parse_s3_uri
 
@@ -74,9 +108,9 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         model=a.model, name=a.name, trials=a.trials, strategy=a.strategy, target=target,
         s3_uri=a.s3_uri, inputs=inputs, checkpoint=a.checkpoint, seed=a.seed,
         min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure, rewrite=a.rewrite,
+        measure_seconds=a.measure_seconds, promote=a.promote, max_regression=a.max_regression,
     )  # fmt: skip
-    _print_summary(summary)
-    return 0
+    return summary
 
 
 def cmd_rewrite_train(a: argparse.Namespace) -> int:
@@ -240,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--rewrite", choices=["none", "greedy", "xrlflow"], default="greedy",
                    help="graph rewriting before tuning (default greedy; xrlflow uses the agent "
                         "from 'harlflow rewrite-train', or trains one on this model)")  # fmt: skip
+    o.add_argument("--measure-seconds", type=float, default=10.0,
+                   help="time limit per latency measurement (default 10)")  # fmt: skip
+    o.add_argument("--promote", action="store_true",
+                   help="move the registered model's 'production' alias to this version unless it "
+                        "is slower than the current production version on the same target")  # fmt: skip
+    o.add_argument("--max-regression", type=float, default=0.05,
+                   help="allowed slowdown vs production for --promote (fraction, default 0.05)")  # fmt: skip
+    o.add_argument("--ci", action="store_true",
+                   help="non-interactive: one JSON object on stdout (also for errors); exit codes "
+                        "2 bad input, 3 tuning, 4 verification, 5 store, 6 regression")  # fmt: skip
     o.set_defaults(func=cmd_optimize)
 
     t = sub.add_parser("rewrite-train", help="train the X-RLflow rewrite agent on a set of models")
@@ -286,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except HarlflowError as e:
         print(f"harlflow: error: {e}", file=sys.stderr)
+        if getattr(args, "ci", False):
+            print(json.dumps({"status": "error", "error": type(e).__name__, "message": str(e),
+                              "exit_code": e.exit_code}))  # fmt: skip
         return e.exit_code
     except KeyboardInterrupt:
         print(

@@ -43,5 +43,11 @@ class StoreError(HarlflowError):
     exit_code = 5
 
 
+class RegressionError(HarlflowError):
+    """The new artifact is slower than the current production version: it is not promoted."""
+
+    exit_code = 6
+
+
 class IntegrityError(StoreError):
     """A file's sha256 does not match its manifest entry."""

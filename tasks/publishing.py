@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from harlflow.errors import BadInputError, StoreError
+from harlflow.errors import BadInputError, RegressionError, StoreError
 from harlflow.hashing import sha256_file
 from tasks import tracking
 from tasks.packaging import Artifact
@@ -34,6 +34,9 @@ def register(c, run_id: str, artifact: Artifact) -> str:
             "local_path": artifact.directory,
             **{f"speedup_{k}": f"{v:.3f}" for k, v in m.get("speedup", {}).items()},
         }
+        tuned = m.get("latency_ms", {}).get("tvm_tuned")
+        if tuned:
+            tags["latency_ms"] = f"{tuned['median_ms']:.6g}"
         mv = c.create_model_version(
             artifact.name,
             source=f"{c.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}",
@@ -101,6 +104,38 @@ def upload_s3(artifact: Artifact, s3_uri: str) -> str:
             f"{type(e).__name__}: {e}; the local artifact at {artifact.directory} is intact"
         ) from None
     return f"s3://{bucket}/{key_root}"
+
+
+PRODUCTION = "production"
+
+
+def promote(c, name: str, version: str, max_regression: float, log=print) -> str:
+    """Move the ``production`` alias to ``version`` unless it is slower than the current
+    production version on the same target by more than ``max_regression`` (a fraction)."""
+    new = c.get_model_version(name, version)
+    try:
+        cur = c.get_model_version_by_alias(name, PRODUCTION)
+    except Exception:  # no production version yet
+        cur = None
+    if cur is not None and str(cur.version) != str(version):
+        if cur.tags.get("target") != new.tags.get("target"):
+            log(f"production v{cur.version} is for another target; promoting v{version}")
+        else:
+            if "latency_ms" not in new.tags:
+                raise BadInputError("promotion needs the new artifact's measured latency: "
+                                    "do not combine --promote with --no-measure")  # fmt: skip
+            old_ms = float(cur.tags.get("latency_ms", "inf"))
+            new_ms = float(new.tags["latency_ms"])
+            if new_ms > old_ms * (1 + max_regression):
+                msg = (f"{name} v{version} takes {new_ms:.4g} ms, production v{cur.version} "
+                       f"{old_ms:.4g} ms on the same target (more than {max_regression:.0%} slower): "
+                       f"'{PRODUCTION}' stays on v{cur.version}")  # fmt: skip
+                c.set_model_version_tag(name, version, "promotion", f"refused: {msg}")
+                raise RegressionError(msg)
+    c.set_registered_model_alias(name, PRODUCTION, version)
+    c.set_model_version_tag(name, version, "promotion", "promoted")
+    log(f"'{PRODUCTION}' alias -> {name} v{version}")
+    return version
 
 
 def publish(run_id: str, artifact: Artifact, s3_uri: str | None, log=print) -> dict[str, str]:
