@@ -78,9 +78,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="harlflow-bench-") as tmp:
         for example in a.models.split(","):
-            rows += bench_model(
-                example, budgets, target, a.min_trials_per_task, a.max_seconds, Path(tmp)
-            )
+            rows += bench_model(example, budgets, a.strategies.split(","), target,
+                                a.min_trials_per_task, a.max_seconds, Path(tmp))  # fmt: skip
     print()
     print(
         f"{'model':13s} {'runtime':22s} {'median ms':>10s} {'p90 ms':>9s} {'x ORT':>7s} {'trials':>7s} {'tune s':>7s}"
