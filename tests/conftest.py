@@ -14,8 +14,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
-for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-    os.environ[k] = "testing"
+# distinctive credentials, so tests can prove they never reach a store, a log or a manifest
+AWS_ACCESS_KEY_ID = os.environ["AWS_ACCESS_KEY_ID"] = "AKIAHARLFLOWTEST0001"
+AWS_SECRET = os.environ["AWS_SECRET_ACCESS_KEY"] = "harlflow-test-secret-7f3a9c"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 

@@ -267,3 +267,28 @@ def test_ci_mode_promotes_then_refuses_a_regression(first_run, capsys):
 
     assert main(["optimize", str(model), "--promote", "--no-measure", "--ci"]) == 2
     assert json.loads(capsys.readouterr().out)["error"] == "BadInputError"
+
+
+def test_credentials_never_reach_stores_or_manifests(first_run, session_home):
+    """After runs that uploaded to S3: the AWS key id and secret appear in no MLflow param, tag
+    or model-version tag, and in no byte of any file under HARLFLOW_HOME (sqlite store, run
+    artifacts, manifests, tuning databases, Prefect results)."""
+    from conftest import AWS_ACCESS_KEY_ID, AWS_SECRET
+
+    secrets = [AWS_ACCESS_KEY_ID, AWS_SECRET]
+    c = _client()
+    exp = c.get_experiment_by_name("harlflow")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    assert any("s3_uri" in r.data.params for r in runs)  # an S3 upload did happen
+    for r in runs:
+        blob = json.dumps([r.data.params, r.data.tags])
+        assert not any(s in blob for s in secrets), r.info.run_name
+    for mv in c.search_model_versions():
+        assert not any(s in json.dumps(mv.tags) for s in secrets)
+    scanned = 0
+    for f in session_home.rglob("*"):
+        if f.is_file() and f.stat().st_size < 50 << 20:
+            data = f.read_bytes()
+            scanned += 1
+            assert not any(s.encode() in data for s in secrets), f
+    assert scanned > 20
