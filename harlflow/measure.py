@@ -88,8 +88,14 @@ def verify(lib_dir: str, reference: str) -> dict:
     ins, expected = _reference(reference)
     got = model(**ins)
     got = [got] if isinstance(got, np.ndarray) else got
+    return compare(model.outputs, got, expected)
+
+
+def compare(specs, got: list[np.ndarray], expected: dict[str, np.ndarray]) -> dict:
+    """Per-output report of ``got`` against the reference: shape, max abs/rel error, and whether
+    it is within the dtype's tolerance (integers: exact)."""
     report = {}
-    for spec, g in zip(model.outputs, got, strict=True):
+    for spec, g in zip(specs, got, strict=True):
         e = expected[spec.name]
         if g.shape != e.shape:
             report[spec.name] = {"shape_mismatch": [list(g.shape), list(e.shape)]}

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from harlflow.errors import BadInputError, VerificationError
-from harlflow.measure import TOLERANCES
+from harlflow.measure import compare
 from tasks.importing import ImportedModel
 
 METHODS = ("none", "greedy", "xrlflow")
@@ -101,17 +99,15 @@ def _write(
     imported: ImportedModel, g, work_dir: str | Path, summary: dict
 ) -> tuple[ImportedModel, str]:
     """Verify the rewritten graph against the original reference, then write it atomically."""
+    from tasks.packaging import check_outputs
     from xrlflow import ir
     from xrlflow.verify import session
 
     inputs, expected = imported.reference()
-    got = session(g).run(None, inputs)
-    for spec, y in zip(imported.outputs, got, strict=True):
-        ref = expected[spec.name]
-        atol, rtol = TOLERANCES.get(str(ref.dtype), (1e-3, 1e-4))
-        if y.shape != ref.shape or not np.allclose(y, ref, rtol=rtol, atol=atol):
-            raise VerificationError(f"{imported.name}: the rewritten graph's output {spec.name} differs "
-                                    "from the original model's; the rewrite is refused")  # fmt: skip
+    bad = check_outputs(compare(imported.outputs, session(g).run(None, inputs), expected))
+    if bad:
+        raise VerificationError(f"{imported.name}: the rewritten graph differs from the original "
+                                f"model's reference, the rewrite is refused: {'; '.join(bad)}")  # fmt: skip
     proto = ir.to_onnx(g).SerializeToString()
     key = hashlib.sha256(proto).hexdigest()[:16]
     dest = Path(work_dir) / key

@@ -208,6 +208,26 @@ def _same_out_shape(m: Match, n: Node, x: str) -> bool:
     return m.shape(n.outputs[0]) is not None and m.shape(n.outputs[0]) == m.shape(x)
 
 
+def _after(m: Match, n: Node, op: str) -> tuple[Node, str, np.ndarray] | None:
+    """(producer, its output, constant) when ``n`` combines a private ``op`` output with a
+    constant without changing its shape: the pattern every fold into weights starts from."""
+    bc = _binary_const(m, n)
+    p = m.src(bc[0], op) if bc else None
+    if p is None or not m.private(p) or not _same_out_shape(m, n, bc[0]):
+        return None
+    return p, bc[0], bc[1]
+
+
+def _conv_channel_fold(m: Match, n: Node):
+    """(conv, weight, bias, per-output-channel constant) for Conv → Mul/Add by a constant."""
+    hit = _after(m, n, "Conv")
+    parts = _conv_parts(m, hit[0]) if hit else None
+    if parts is None:
+        return None
+    v = _channel_vec(hit[2], parts[0].shape[0], len(m.shape(hit[1])), 1)
+    return None if v is None else (hit[0], *parts, v)
+
+
 # ---------------------------------------------------------------------------- example DSL
 
 
@@ -279,46 +299,32 @@ def _ex_conv_bn(rng):
 
 
 def conv_mul_fold(m: Match, mul: Node):
-    bc = _binary_const(m, mul)
-    conv = m.src(bc[0], "Conv") if bc else None
-    if conv is None or not m.private(conv) or not _same_out_shape(m, mul, bc[0]):
+    hit = _conv_channel_fold(m, mul)
+    if hit is None:
         return
-    parts = _conv_parts(m, conv)
-    if parts is None:
-        return
-    w, b = parts
-    v = _channel_vec(bc[1], w.shape[0], len(m.shape(bc[0])), 1)
-    if v is None:
-        return
+    conv, w, b, v = hit
     node, inits = _conv(m, conv, conv.inputs[0], w * v.reshape(-1, *[1] * (w.ndim - 1)), b * v)
     yield Rewrite([node], {mul.outputs[0]: node.outputs[0]}, inits)
 
 
 def conv_add_fold(m: Match, add: Node):
-    bc = _binary_const(m, add)
-    conv = m.src(bc[0], "Conv") if bc else None
-    if conv is None or not m.private(conv) or not _same_out_shape(m, add, bc[0]):
+    hit = _conv_channel_fold(m, add)
+    if hit is None:
         return
-    parts = _conv_parts(m, conv)
-    if parts is None:
-        return
-    w, b = parts
-    v = _channel_vec(bc[1], w.shape[0], len(m.shape(bc[0])), 1)
-    if v is None:
-        return
+    conv, w, b, v = hit
     node, inits = _conv(m, conv, conv.inputs[0], w, b + v)
     yield Rewrite([node], {add.outputs[0]: node.outputs[0]}, inits)
 
 
 def matmul_mul_fold(m: Match, mul: Node):
-    bc = _binary_const(m, mul)
-    mm = m.src(bc[0], "MatMul") if bc else None
-    if mm is None or not m.private(mm) or not _same_out_shape(m, mul, bc[0]):
+    hit = _after(m, mul, "MatMul")
+    if hit is None:
         return
+    mm, x, k = hit
     w = m.c(mm.inputs[1])
     if not _is_float(w) or w.ndim != 2:
         return
-    v = _channel_vec(bc[1], w.shape[1], len(m.shape(bc[0])), -1)
+    v = _channel_vec(k, w.shape[1], len(m.shape(x)), -1)
     if v is None:
         return
     wn, inits = m.init(w * v[None, :], "mm_w")
@@ -338,15 +344,15 @@ def _ex_matmul_then(op: str, const_shape, rank3: bool = False):
 
 
 def matmul_add_to_gemm(m: Match, add: Node):
-    bc = _binary_const(m, add)
-    mm = m.src(bc[0], "MatMul") if bc else None
-    if mm is None or not m.private(mm) or not _same_out_shape(m, add, bc[0]):
+    hit = _after(m, add, "MatMul")
+    if hit is None:
         return
+    mm, x, k = hit
     xs = m.shape(mm.inputs[0])
     w = m.c(mm.inputs[1])
     if xs is None or len(xs) != 2 or not _is_float(w) or w.ndim != 2:
         return
-    v = _channel_vec(bc[1], w.shape[1], 2, -1)
+    v = _channel_vec(k, w.shape[1], 2, -1)
     if v is None:
         return
     cn, inits = m.init(v, "gemm_c")
@@ -381,12 +387,12 @@ def _ex_gemm(trans_b: int = 0, alpha: float = 1.0):
 
 
 def gemm_add_fold(m: Match, add: Node):
-    bc = _binary_const(m, add)
-    gemm = m.src(bc[0], "Gemm") if bc else None
-    if gemm is None or not m.private(gemm) or not _same_out_shape(m, add, bc[0]):
+    hit = _after(m, add, "Gemm")
+    if hit is None:
         return
-    n_out = m.shape(bc[0])[1]
-    v = _channel_vec(bc[1], n_out, 2, -1)
+    gemm, x, k = hit
+    n_out = m.shape(x)[1]
+    v = _channel_vec(k, n_out, 2, -1)
     if v is None:
         return
     beta = gemm.attrs.get("beta", 1.0)
@@ -399,15 +405,15 @@ def gemm_add_fold(m: Match, add: Node):
 
 
 def gemm_mul_fold(m: Match, mul: Node):
-    bc = _binary_const(m, mul)
-    gemm = m.src(bc[0], "Gemm") if bc else None
-    if gemm is None or not m.private(gemm) or not _same_out_shape(m, mul, bc[0]):
+    hit = _after(m, mul, "Gemm")
+    if hit is None:
         return
+    gemm, x, k = hit
     w = m.c(gemm.inputs[1])
     if not _is_float(w):
         return
-    n_out = m.shape(bc[0])[1]
-    v = _channel_vec(bc[1], n_out, 2, -1)
+    n_out = m.shape(x)[1]
+    v = _channel_vec(k, n_out, 2, -1)
     if v is None:
         return
     w2 = w * (v[:, None] if gemm.attrs.get("transB", 0) else v[None, :])
