@@ -4,8 +4,6 @@ per stage.
 The flow orchestrates and logs; each stage's logic lives in ``tasks/``.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 from typing import Any
@@ -48,6 +46,7 @@ def optimize(
     rewrite: str = "greedy",
     promote: bool = False,
     max_regression: float = 0.05,
+    rpc: str | None = None,
 ) -> dict[str, Any]:
     """Optimise one model end to end; returns a summary (artifact, version, latencies)."""
     logger = get_run_logger()
@@ -58,6 +57,7 @@ def optimize(
         tracking.log_params(c, parent, {
             "model": model, "name": name, "target": json.dumps(target_dict), "budget": trials,
             "strategy": strategy, "rewrite": rewrite, "promote": promote, "seed": seed, "s3_uri": s3_uri,
+            "rpc": rpc,
             **{f"version_{k}": v for k, v in versions().items()},
         })  # fmt: skip
 
@@ -84,7 +84,7 @@ def optimize(
             result = tune_task()(imported, target_dict, database_dir=tuning_db_dir(), trials=trials,
                                  strategy=strategy, seed=seed,
                                  min_trials_per_task=min_trials_per_task,
-                                 agent_path=harl_agent_path(), log=logger.info)  # fmt: skip
+                                 agent_path=harl_agent_path(), rpc=rpc, log=logger.info)  # fmt: skip
             log_tuning(c, rid, result, min_trials_per_task, harl_agent_path())
 
         with tracking.run(c, "package", parent_run_id=parent) as rid:

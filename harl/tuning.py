@@ -63,6 +63,7 @@ class TuneResult:
     tasks: list[TaskSummary]
     history: list[Progress] = field(default_factory=list)
     agent_metrics: list[dict[str, float]] = field(default_factory=list)  # HARL's PPO updates
+    runner: str = "local"  # where trials were measured: "local" or "rpc HOST:PORT:KEY"
 
     @property
     def weighted_latency_us(self) -> float | None:

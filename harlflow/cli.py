@@ -75,20 +75,15 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     return 0
 
 
-def _optimize(a: argparse.Namespace) -> dict:
+def _check_run_options(a: argparse.Namespace) -> dict:
+    """Validate the options shared by optimize/retune/serve; returns the resolved target."""
     from harl.target import resolve_target
-    from harlflow.config import import_cache_dir, validate_name
-    from harlflow.signature import parse_input_spec
-    from tasks.importing import default_name, import_model
 
-    # Check everything, the model included, before Prefect or MLflow start: bad input fails
-    # with one line and writes nothing to the stores. The import is content-addressed, so the
-    # flow's import stage then finds it done.
-    inputs = [parse_input_spec(s) for s in a.input] or None
-    validate_name(a.name or default_name(a.model))
     target = resolve_target(a.target)
     if a.trials < 0:
         raise BadInputError(f"--trials must be >= 0, got {a.trials}")
+    if a.min_trials_per_task < 0:
+        raise BadInputError(f"--min-trials-per-task must be >= 0, got {a.min_trials_per_task}")
     if a.max_regression < 0 or a.measure_seconds <= 0:
         raise BadInputError("--max-regression must be >= 0 and --measure-seconds > 0")
     if a.promote and a.no_measure:
@@ -97,6 +92,56 @@ def _optimize(a: argparse.Namespace) -> dict:
         from tasks.publishing import parse_s3_uri
 
         parse_s3_uri(a.s3_uri)
+    if a.rpc:
+        from harl.runners import count_servers, parse_rpc
+
+        spec = parse_rpc(a.rpc)
+        if count_servers(spec) == 0:
+            raise BadInputError(f"--rpc {a.rpc}: no server is registered under key {spec.key!r}")
+    return target
+
+
+def _run_params(a: argparse.Namespace) -> dict:
+    """The shared options as flow keyword arguments."""
+    return dict(
+        trials=a.trials, strategy=a.strategy, s3_uri=a.s3_uri, seed=a.seed,
+        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure, rewrite=a.rewrite,
+        measure_seconds=a.measure_seconds, promote=a.promote, max_regression=a.max_regression,
+        rpc=a.rpc,
+    )  # fmt: skip
+
+
+def _check_stores() -> None:
+    """The artifact directory must be writable and MLflow must answer before any tuning starts,
+    so that a broken store fails in seconds with one line instead of after the measurements."""
+    import tempfile
+
+    from harlflow import config
+    from harlflow.errors import StoreError
+    from tasks import tracking
+
+    home = config.home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as e:
+        raise StoreError(f"artifact directory {home} is not writable: {e.strerror or e}") from None
+    tracking.experiment_id(tracking.client())
+
+
+def _optimize(a: argparse.Namespace) -> dict:
+    from harlflow.config import import_cache_dir, validate_name
+    from harlflow.signature import parse_input_spec
+    from tasks.importing import default_name, import_model
+
+    # Check everything, the model and the stores included, before Prefect starts: bad input
+    # fails with one line and writes nothing to the stores. The import is content-addressed,
+    # so the flow's import stage then finds it done.
+    inputs = [parse_input_spec(s) for s in a.input] or None
+    validate_name(a.name or default_name(a.model))
+    target = _check_run_options(a)
+    _check_stores()
     import_model(a.model, cache_dir=import_cache_dir(), inputs=inputs, checkpoint=a.checkpoint,
                  seed=a.seed)  # fmt: skip
 
@@ -104,13 +149,66 @@ def _optimize(a: argparse.Namespace) -> dict:
     from flows.optimize import optimize
 
     _quiet_prefect_tracebacks()
-    summary = optimize(
-        model=a.model, name=a.name, trials=a.trials, strategy=a.strategy, target=target,
-        s3_uri=a.s3_uri, inputs=inputs, checkpoint=a.checkpoint, seed=a.seed,
-        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure, rewrite=a.rewrite,
-        measure_seconds=a.measure_seconds, promote=a.promote, max_regression=a.max_regression,
-    )  # fmt: skip
-    return summary
+    return optimize(model=a.model, name=a.name, target=target, inputs=inputs,
+                    checkpoint=a.checkpoint, **_run_params(a))  # fmt: skip
+
+
+def cmd_retune(a: argparse.Namespace) -> int:
+    from harlflow.config import home
+    from tasks.sources import list_models
+
+    _check_run_options(a)
+    models = list_models(a.source, home() / "cache" / "sources")  # a bad source fails here
+    if not models:
+        print(f"harlflow: {a.source} holds no .onnx or .pt2 model yet", file=sys.stderr)
+    _check_stores()
+    _prefect_env()
+    from flows.retune import retune
+
+    _quiet_prefect_tracebacks()
+    decisions = retune(source=a.source, target=a.target, **_run_params(a))
+    for name, d in decisions.items():
+        extra = f"v{d['version']}" if d.get("version") else d.get("error", "")
+        print(f"{name:24s} {d['decision']:10s} {extra}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """Register ``retune`` with a cron schedule on the Prefect server and run its flow runs."""
+    from harlflow.errors import StoreError
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise BadInputError(
+            "harlflow serve needs a Prefect server for its schedule: start one with "
+            "'prefect server start --host 127.0.0.1 --port 4200' and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    _check_run_options(a)
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=a.cron)
+    except Exception:
+        raise BadInputError(f"invalid --cron {a.cron!r}: expected e.g. '0 3 * * *'") from None
+    import httpx
+
+    try:
+        httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
+    except Exception as e:
+        raise StoreError(f"Prefect server {api} is unreachable: {type(e).__name__}: {e}") from None
+    if not a.source.startswith("s3://") and not Path(a.source).is_dir():
+        raise BadInputError(f"model source {a.source!r} is not a directory or an s3:// prefix")
+    _check_stores()
+    _prefect_env()
+    from flows.retune import retune
+
+    source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
+    print(f"serving deployment 'retune/{a.deployment}' (cron {a.cron!r}) on {api}; "
+          f"trigger a run now with: prefect deployment run 'retune/{a.deployment}'", flush=True)  # fmt: skip
+    retune.serve(name=a.deployment, cron=a.cron,
+                 parameters={"source": source, "target": a.target, **_run_params(a)})  # fmt: skip
+    return 0
 
 
 def cmd_rewrite_train(a: argparse.Namespace) -> int:
@@ -245,6 +343,35 @@ def cmd_export_example(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by optimize, retune and serve: budget, target, stages, publishing."""
+    p.add_argument(
+        "--trials", type=int, default=64, help="global tuning budget (default 64; 0: database only)"
+    )
+    p.add_argument(
+        "--strategy", default="evolutionary", help="search strategy: evolutionary (default) or harl"
+    )
+    p.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
+    p.add_argument("--rpc", metavar="HOST:PORT:KEY",
+                   help="measure on the TVM RPC servers registered with this tracker under KEY "
+                        "(default: measure locally)")  # fmt: skip
+    p.add_argument("--s3-uri", help="also upload the artifact to s3://bucket/prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-trials-per-task", type=int, default=4,
+                   help="measured random schedules each new task gets first (default 4)")  # fmt: skip
+    p.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
+    p.add_argument("--rewrite", choices=["none", "greedy", "xrlflow"], default="greedy",
+                   help="graph rewriting before tuning (default greedy; xrlflow uses the agent "
+                        "from 'harlflow rewrite-train', or trains one on this model)")  # fmt: skip
+    p.add_argument("--measure-seconds", type=float, default=10.0,
+                   help="time limit per latency measurement (default 10)")  # fmt: skip
+    p.add_argument("--promote", action="store_true",
+                   help="move the registered model's 'production' alias to this version unless it "
+                        "is slower than the current production version on the same target")  # fmt: skip
+    p.add_argument("--max-regression", type=float, default=0.05,
+                   help="allowed slowdown vs production for --promote (fraction, default 0.05)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harlflow", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -254,37 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
         "model", help=f".onnx file, torch.export .pt2 file, or package.module:function ({EXAMPLES})"
     )
     o.add_argument("--name", help="artifact/registered model name (default: the file's stem)")
-    o.add_argument(
-        "--trials", type=int, default=64, help="global tuning budget (default 64; 0: database only)"
-    )
-    o.add_argument(
-        "--strategy", default="evolutionary", help="search strategy (default evolutionary)"
-    )
-    o.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
     o.add_argument("--input", action="append", default=[], metavar="NAME:DIMS:DTYPE",
                    help="fix an input's shape, e.g. input:1x3x224x224:float32 (repeatable)")  # fmt: skip
     o.add_argument(
         "--checkpoint", help="state dict for a model factory (loaded with weights_only=True)"
     )
-    o.add_argument("--s3-uri", help="also upload the artifact to s3://bucket/prefix")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--min-trials-per-task", type=int, default=4,
-                   help="measured random schedules each new task gets first (default 4)")  # fmt: skip
-    o.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
-    o.add_argument("--rewrite", choices=["none", "greedy", "xrlflow"], default="greedy",
-                   help="graph rewriting before tuning (default greedy; xrlflow uses the agent "
-                        "from 'harlflow rewrite-train', or trains one on this model)")  # fmt: skip
-    o.add_argument("--measure-seconds", type=float, default=10.0,
-                   help="time limit per latency measurement (default 10)")  # fmt: skip
-    o.add_argument("--promote", action="store_true",
-                   help="move the registered model's 'production' alias to this version unless it "
-                        "is slower than the current production version on the same target")  # fmt: skip
-    o.add_argument("--max-regression", type=float, default=0.05,
-                   help="allowed slowdown vs production for --promote (fraction, default 0.05)")  # fmt: skip
+    _add_run_options(o)
     o.add_argument("--ci", action="store_true",
                    help="non-interactive: one JSON object on stdout (also for errors); exit codes "
                         "2 bad input, 3 tuning, 4 verification, 5 store, 6 regression")  # fmt: skip
     o.set_defaults(func=cmd_optimize)
+
+    rt = sub.add_parser("retune", help="optimise the models of a directory or S3 prefix that "
+                        "changed since they were last optimised for this target (once)")  # fmt: skip
+    rt.add_argument("source", help="directory or s3://bucket/prefix of .onnx / .pt2 files")
+    _add_run_options(rt)
+    rt.set_defaults(func=cmd_retune)
+
+    sv = sub.add_parser("serve", help="register 'retune' with a cron schedule on a Prefect server "
+                        "(PREFECT_API_URL) and run it when the schedule fires")  # fmt: skip
+    sv.add_argument("source", help="directory or s3://bucket/prefix of .onnx / .pt2 files")
+    sv.add_argument("--cron", default="0 3 * * *", help="schedule (default '0 3 * * *')")
+    sv.add_argument("--deployment", default="harlflow-retune",
+                    help="deployment name (default harlflow-retune)")  # fmt: skip
+    _add_run_options(sv)
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("rewrite-train", help="train the X-RLflow rewrite agent on a set of models")
     t.add_argument("models", nargs="+", help="models as for optimize (ONNX, .pt2, module:function)")

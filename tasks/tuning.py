@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from harl import tuning
+from harl.runners import make_runner
 from harl.tuning import Progress, TuneResult
 from tasks.importing import ImportedModel, to_relax
 
 
 def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir: str | Path,
                trials: int, strategy: str, seed: int, min_trials_per_task: int,
-               agent_path: str | Path | None = None, log=print) -> TuneResult:  # fmt: skip
-    """Tune every new workload of the model; progress after each measured batch."""
+               agent_path: str | Path | None = None, rpc: str | None = None,
+               log=print) -> TuneResult:  # fmt: skip
+    """Tune every new workload of the model, measured locally or on the RPC tracker ``rpc``
+    (``HOST:PORT:KEY``); progress after each measured batch."""
 
     def progress(p: Progress) -> None:
         best = f"{p.weighted_us / 1e3:.3f} ms" if p.weighted_us is not None else "n/a"
@@ -25,7 +28,8 @@ def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir:
     mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
     result = tuning.tune(mod, target, database_dir, trials=trials, strategy=strategy, seed=seed,
                          min_trials_per_task=min_trials_per_task, on_progress=progress,
-                         agent_path=agent_path)  # fmt: skip
+                         agent_path=agent_path, runner=make_runner(rpc))  # fmt: skip
+    result.runner = f"rpc {rpc}" if rpc else "local"
     s = result.summary()
     log(f"tuning done: {s['trials']} trials in {s['tuning_seconds']:.0f} s; "
         f"{s['tasks_tuned']} tasks tuned now, {s['tasks_from_database']} from the database, "
@@ -48,7 +52,7 @@ def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,
 
     tracking.log_params(c, run_id, {
         "strategy": result.strategy, "budget": result.budget, "target": json.dumps(result.target),
-        "min_trials_per_task": min_trials_per_task,
+        "min_trials_per_task": min_trials_per_task, "runner": result.runner,
     })  # fmt: skip
     s = result.summary()
     tracking.log_metrics(c, run_id, {

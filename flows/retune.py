@@ -1,0 +1,91 @@
+"""The ``retune`` flow: optimise every model of a source whose content changed since it was last
+optimised for this target, and skip the rest.
+
+What was last optimised is read from the MLflow registry (each published version carries the
+``source_sha256`` of the file it came from and its ``target``), so a retune costs nothing for an
+unchanged model and survives restarts of whatever schedules it. Tuning records are shared through
+the home's tuning database: a changed model with the same operators is compiled from it without
+new measurements. ``harlflow serve`` registers this flow with a cron schedule on a Prefect server.
+"""
+
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.optimize import optimize
+from harl.target import resolve_target
+from harlflow import config
+from harlflow.errors import HarlflowError
+from tasks import tracking
+from tasks.sources import last_optimised, list_models
+
+
+@flow(name="retune")
+def retune(
+    source: str,
+    trials: int = 64,
+    strategy: str = "evolutionary",
+    target: str | dict | None = None,
+    rewrite: str = "greedy",
+    s3_uri: str | None = None,
+    promote: bool = False,
+    max_regression: float = 0.05,
+    min_trials_per_task: int = 4,
+    measure: bool = True,
+    measure_seconds: float = 10.0,
+    seed: int = 0,
+    rpc: str | None = None,
+) -> dict[str, Any]:
+    """Optimise the changed models of ``source`` (directory or ``s3://`` prefix); returns, per
+    model, ``{"decision": "skipped" | "optimised" | "failed", ...}``."""
+    logger = get_run_logger()
+    target_dict = resolve_target(target)
+    c = tracking.client()
+    decisions: dict[str, dict[str, Any]] = {}
+    with tracking.run(c, f"retune {source}", tags={"harlflow.flow": "retune"}) as run_id:
+        tracking.log_params(c, run_id, {
+            "source": source, "budget": trials, "strategy": strategy, "rewrite": rewrite,
+            "target": json.dumps(target_dict), "promote": promote, "seed": seed, "rpc": rpc,
+        })  # fmt: skip
+        models = list_models(source, config.home() / "cache" / "sources")
+        logger.info("retune %s: %d models", source, len(models))
+        for m in models:
+            last = last_optimised(c, m.name, target_dict)
+            entry: dict[str, Any] = {"origin": m.origin, "sha256": m.sha256}
+            if last is not None and last["source_sha256"] == m.sha256:
+                entry.update(decision="skipped", version=last["version"])
+                logger.info("%s: unchanged since v%s (sha256 %s…): skipped, no tuning",
+                            m.name, last["version"], m.sha256[:12])  # fmt: skip
+            else:
+                why = "new" if last is None else f"changed since v{last['version']}"
+                logger.info("%s: %s (sha256 %s…): optimising", m.name, why, m.sha256[:12])
+                try:
+                    s = optimize(
+                        model=m.path, name=m.name, trials=trials, strategy=strategy,
+                        target=target_dict, s3_uri=s3_uri, seed=seed,
+                        min_trials_per_task=min_trials_per_task, measure=measure,
+                        measure_seconds=measure_seconds, rewrite=rewrite, promote=promote,
+                        max_regression=max_regression, rpc=rpc,
+                    )  # fmt: skip
+                    entry.update(decision="optimised", version=s["version"], trials=s["trials"],
+                                 published=s["published"], mlflow_run_id=s["mlflow_run_id"])  # fmt: skip
+                except HarlflowError as e:  # one bad model must not stop the others
+                    entry.update(decision="failed", error=f"{type(e).__name__}: {e}")
+                    logger.error("%s: failed: %s", m.name, e)
+            decisions[m.name] = entry
+            c.set_tag(run_id, f"decision.{m.name}", entry["decision"])
+        counts = {d: sum(e["decision"] == d for e in decisions.values())
+                  for d in ("optimised", "skipped", "failed")}  # fmt: skip
+        tracking.log_metrics(c, run_id, {"retune/models": len(models),
+                                         **{f"retune/{k}": v for k, v in counts.items()}})  # fmt: skip
+        c.log_dict(run_id, decisions, "retune.json")
+        logger.info("retune done: %d optimised, %d skipped, %d failed",
+                    counts["optimised"], counts["skipped"], counts["failed"])  # fmt: skip
+        failed = {k: e for k, e in decisions.items() if e["decision"] == "failed"}
+        if failed:
+            raise HarlflowError(
+                f"retune: {len(failed)} of {len(models)} models failed: "
+                + "; ".join(f"{k}: {e['error']}" for k, e in failed.items())
+            )
+    return decisions

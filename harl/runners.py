@@ -1,0 +1,88 @@
+"""Where trials are measured: on this machine (``LocalRunner``) or on TVM RPC servers registered
+with a tracker (``RPCRunner``), given as ``HOST:PORT:KEY``.
+
+Starting the tracker and servers is TVM's job (see the README, "Running in production")::
+
+    python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190
+    python -m tvm.exec.rpc_server --tracker TRACKER_HOST:9190 --key KEY   # on each device
+
+A trial whose server dies fails (recorded as a failed measurement, as MetaSchedule does) and the
+next trials go to the servers that remain.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from harlflow.errors import BadInputError, TuningError
+
+_SPEC = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5}):(?P<key>[\w.\-]+)$")
+
+
+@dataclass(frozen=True)
+class RPCSpec:
+    """A tracker address and the key its servers registered under."""
+
+    host: str
+    port: int
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}:{self.key}"
+
+
+def parse_rpc(spec: str) -> RPCSpec:
+    """``HOST:PORT:KEY`` → :class:`RPCSpec`; a malformed value is a :class:`BadInputError`."""
+    m = _SPEC.match(spec or "")
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise BadInputError(
+            f"invalid --rpc {spec!r}: expected HOST:PORT:KEY, e.g. 127.0.0.1:9190:cpu-local"
+        )
+    return RPCSpec(m["host"].strip("[]"), int(m["port"]), m["key"])
+
+
+def _config(spec: RPCSpec, session_timeout_sec: int):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.RPCConfig(tracker_host=spec.host, tracker_port=spec.port,
+                               tracker_key=spec.key, session_timeout_sec=session_timeout_sec)  # fmt: skip
+
+
+def count_servers(spec: RPCSpec, timeout_sec: int = 10) -> int:
+    """Servers registered with the tracker under ``spec.key``; unreachable tracker → TuningError."""
+    try:
+        return _config(spec, timeout_sec).count_num_servers(allow_missing=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TuningError(f"RPC tracker {spec.host}:{spec.port} is unreachable: {first}") from None
+
+
+def rpc_runner(spec: RPCSpec | str, *, session_timeout_sec: int = 60):
+    """An ``RPCRunner`` with one connection per registered server (checked now, not mid-run)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl._fast_import import import_tensor_intrinsics
+
+    spec = parse_rpc(spec) if isinstance(spec, str) else spec
+    servers = count_servers(spec)
+    if servers == 0:
+        raise TuningError(
+            f"no RPC server is registered with the tracker {spec.host}:{spec.port} under key "
+            f"{spec.key!r} (start one: python -m tvm.exec.rpc_server --tracker "
+            f"{spec.host}:{spec.port} --key {spec.key})"
+        )
+    return ms.runner.RPCRunner(
+        rpc_config=_config(spec, session_timeout_sec),
+        max_workers=servers,
+        initializer=import_tensor_intrinsics,
+    )
+
+
+def make_runner(rpc: str | None):
+    """The runner for ``--rpc`` (None: this machine)."""
+    if rpc:
+        return rpc_runner(rpc)
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.LocalRunner()

@@ -1,0 +1,125 @@
+"""Real services on 127.0.0.1 for the operations tests: a Prefect server, an MLflow server, a TVM
+RPC tracker with servers. Each runs in its own process group and is stopped with its whole tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (TVM's servers leave popen workers otherwise)."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+class Service:
+    """A started process, its log file, and a way to stop it."""
+
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self._log_file = open(self.log, "wb")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float) -> float:
+        """Poll ``ready`` until true; the seconds it took. Fails with the log's tail."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if ready():
+                    return time.monotonic() - t0
+            except Exception:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        tail = self.log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{self.name} did not become ready in {timeout} s:\n{tail}")
+
+    def stop(self) -> None:
+        kill_tree(self.proc.pid)
+        self._log_file.close()
+
+
+def http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=2).status_code == 200
+
+
+def start_prefect_server(tmp: Path) -> tuple[Service, str]:
+    port = free_port()
+    env = {
+        "PREFECT_HOME": str(tmp / "prefect-server"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    s = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(port)], tmp, env)  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api"
+    s.wait_until(lambda: http_ok(f"{api}/health"), timeout=180)
+    return s, api
+
+
+def start_mlflow_server(tmp: Path) -> tuple[Service, str]:
+    port = free_port()
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    s = Service("mlflow-server", [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow-server.db'}",
+        "--artifacts-destination", str(tmp / "mlflow-artifacts"),
+    ], tmp, env)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    s.wait_until(lambda: http_ok(f"{url}/health"), timeout=180)
+    return s, url
+
+
+def start_rpc(tmp: Path, key: str, servers: int) -> tuple[Service, list[Service], str]:
+    """A tracker and ``servers`` RPC servers registered under ``key``; returns HOST:PORT:KEY."""
+    from harl.runners import count_servers, parse_rpc
+
+    port = free_port()
+    tracker = Service("rpc-tracker", [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
+                                      "127.0.0.1", "--port", str(port), "--port-end",
+                                      str(port + 1)], tmp)  # fmt: skip
+    spec = f"127.0.0.1:{port}:{key}"
+    tracker.wait_until(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 60)
+    started = []
+    for i in range(servers):
+        p = free_port()
+        started.append(Service(f"rpc-server-{i}", [
+            sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(p),
+            "--port-end", str(p + 1), "--tracker", f"127.0.0.1:{port}", "--key", key,
+        ], tmp))  # fmt: skip
+    tracker.wait_until(lambda: count_servers(parse_rpc(spec)) == servers, 120)
+    return tracker, started, spec

@@ -1,0 +1,168 @@
+"""Operations on real services started here on 127.0.0.1: scheduled retuning on a Prefect server
+with an MLflow server as the store, the CI gate against that server, and measurement through a
+TVM RPC tracker with a server killed mid-run.
+
+Every command runs as a user would run it: the ``harlflow`` executable in a subprocess, its own
+HARLFLOW_HOME, the servers given through PREFECT_API_URL and MLFLOW_TRACKING_URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+import pytest
+from onnx import numpy_helper
+
+from harlflow.hashing import sha256_file
+from services import (
+    BIN,
+    kill_tree,
+    start_mlflow_server,
+    start_prefect_server,
+    start_rpc,
+)
+
+pytestmark = pytest.mark.slow
+FAST = ["--trials", "4", "--min-trials-per-task", "2", "--rewrite", "none", "--no-measure"]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A real Prefect server and a real MLflow server (sqlite backend, proxied artifacts)."""
+    tmp = tmp_path_factory.mktemp("servers")
+    prefect, api = start_prefect_server(tmp)
+    try:
+        mlflow, tracking = start_mlflow_server(tmp)
+    except Exception:
+        prefect.stop()
+        raise
+    yield {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking}
+    mlflow.stop()
+    prefect.stop()
+
+
+@pytest.fixture(scope="module")
+def ops_env(servers, tmp_path_factory):
+    """Environment of the harlflow commands: the servers and a home of their own."""
+    home = tmp_path_factory.mktemp("ops-home")
+    return {**os.environ, **servers, "HARLFLOW_HOME": str(home),
+            "PREFECT_HOME": str(home / "prefect")}  # fmt: skip
+
+
+def harlflow(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "harlflow"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def _mlflow(env: dict):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def _perturb(path: Path, seed: int) -> None:
+    """A new checkpoint of the same architecture: every weight nudged, the graph unchanged."""
+    m = onnx.load(str(path))
+    rng = np.random.default_rng(seed)
+    for i, t in enumerate(m.graph.initializer):
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32:
+            a = a + rng.normal(0, 1e-2, a.shape).astype(np.float32)
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(m, str(path))
+
+
+def _flow_runs(api: str, deployment: str) -> list[dict]:
+    import httpx
+
+    r = httpx.post(f"{api}/flow_runs/filter", timeout=10,
+                   json={"deployments": {"name": {"any_": [deployment]}}})  # fmt: skip
+    r.raise_for_status()
+    return r.json()
+
+
+def _wait_for_run(api: str, deployment: str, done: set[str], timeout: float, **match) -> dict:
+    """The first finished flow run of ``deployment`` not in ``done`` whose fields match."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for run in _flow_runs(api, deployment):
+            if run["id"] in done or any(run.get(k) != v for k, v in match.items()):
+                continue
+            if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+        time.sleep(2)
+    raise AssertionError(f"no finished run of {deployment} within {timeout} s")
+
+
+def _retune_runs(c) -> list:
+    exp = c.get_experiment_by_name("harlflow")
+    runs = c.search_runs([exp.experiment_id], "tags.`harlflow.flow` = 'retune'",
+                         order_by=["attributes.start_time DESC"])  # fmt: skip
+    return runs
+
+
+def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_env, tmp_path):
+    """`harlflow serve` registers a cron deployment on a real Prefect server; when the schedule
+    fires, the changed model is optimised (from the tuning records of earlier runs: no new
+    trials) and the unchanged one is skipped, as recorded in the MLflow server. `prefect
+    deployment run` then triggers the same deployment by hand: both unchanged, both skipped."""
+    env, api = ops_env, ops_env["PREFECT_API_URL"]
+    watch = tmp_path / "models"
+    watch.mkdir()
+    for name in ("alpha", "beta"):
+        r = harlflow(env, "export-example", "tiny_mlp", "--out", str(watch / f"{name}.onnx"))
+        assert r.returncode == 0, r.stderr
+    _perturb(watch / "beta.onnx", seed=1)
+
+    first = harlflow(env, "retune", str(watch), *FAST)
+    assert first.returncode == 0, first.stderr[-3000:]
+    c = _mlflow(env)
+    v_alpha = c.search_model_versions("name = 'alpha'")
+    assert len(v_alpha) == 1 and v_alpha[0].tags["source_sha256"] == sha256_file(watch / "alpha.onnx")
+
+    _perturb(watch / "beta.onnx", seed=2)  # a new checkpoint lands for beta only
+    new_beta_sha = sha256_file(watch / "beta.onnx")
+    serve = subprocess.Popen(
+        [str(BIN / "harlflow"), "serve", str(watch), "--cron", "* * * * *", *FAST],
+        env=env, stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        scheduled = _wait_for_run(api, "harlflow-retune", set(), timeout=240, auto_scheduled=True)
+        assert scheduled["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+
+        versions = {n: sorted(c.search_model_versions(f"name = '{n}'"), key=lambda v: int(v.version))
+                    for n in ("alpha", "beta")}  # fmt: skip
+        assert len(versions["alpha"]) == 1 and len(versions["beta"]) == 2
+        assert versions["beta"][-1].tags["source_sha256"] == new_beta_sha
+        run = _retune_runs(c)[0]
+        decisions = json.loads(Path(c.download_artifacts(run.info.run_id, "retune.json")).read_text())
+        assert decisions["alpha"]["decision"] == "skipped" and decisions["beta"]["decision"] == "optimised"
+        assert run.data.metrics["retune/skipped"] == 1 and run.data.metrics["retune/optimised"] == 1
+        # beta's architecture was tuned before: its tune stage measured nothing new
+        tune = c.search_runs([run.info.experiment_id],
+                             f"tags.mlflow.parentRunId = '{decisions['beta']['mlflow_run_id']}' "
+                             "and tags.mlflow.runName = 'tune'")[0]  # fmt: skip
+        assert tune.data.metrics["tuning/trials"] == 0
+        assert tune.data.metrics["tuning/tasks_from_database"] == tune.data.metrics["tuning/tasks"]
+
+        trig = subprocess.run([str(BIN / "prefect"), "deployment", "run", "retune/harlflow-retune"],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert trig.returncode == 0, trig.stdout + trig.stderr
+        manual = _wait_for_run(api, "harlflow-retune", {scheduled["id"]}, timeout=240,
+                               auto_scheduled=False)  # fmt: skip
+        assert manual["state_type"] == "COMPLETED"
+        latest = _retune_runs(c)[0]
+        assert latest.info.run_id != run.info.run_id
+        assert latest.data.metrics["retune/skipped"] == 2 and latest.data.metrics["retune/optimised"] == 0
+        assert len(c.search_model_versions("name = 'beta'")) == 2  # nothing new was published
+    finally:
+        kill_tree(serve.pid)
