@@ -51,6 +51,14 @@ def _config(spec: RPCSpec, session_timeout_sec: int):
 
 def count_servers(spec: RPCSpec, timeout_sec: int = 10) -> int:
     """Servers registered with the tracker under ``spec.key``; unreachable tracker → TuningError."""
+    import socket
+
+    try:  # TVM's own connect retries for a minute and prints a thread's traceback: probe first
+        socket.create_connection((spec.host, spec.port), timeout=timeout_sec).close()
+    except OSError as e:
+        raise TuningError(
+            f"RPC tracker {spec.host}:{spec.port} is unreachable: {e.strerror or e}"
+        ) from None
     try:
         return _config(spec, timeout_sec).count_num_servers(allow_missing=True)
     except Exception as e:

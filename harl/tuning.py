@@ -35,6 +35,7 @@ class TaskSummary:
     weight: float
     flop: float
     trials: int = 0  # trials measured for it in this run
+    failed: int = 0  # of those, trials whose build or run failed (e.g. an RPC server died)
     best_us: float | None = None  # best measured latency, this run or an earlier one
     schedule: str = "fallback"  # "tuned" (this run) | "database" (earlier run) | "fallback"
 
@@ -79,6 +80,7 @@ class TuneResult:
             "strategy": self.strategy,
             "budget": self.budget,
             "trials": self.trials,
+            "trials_failed": sum(t.failed for t in self.tasks),
             "tuning_seconds": round(self.seconds, 2),
             "tasks": len(self.tasks),
             "tasks_tuned": counts["tuned"],
@@ -247,6 +249,7 @@ def measure_random(tasks, summaries, db, target: dict[str, Any], per_task: int, 
         )
         summary = summaries[i]
         summary.trials += 1
+        summary.failed += secs[k] is None
         if secs[k] is not None:
             us = mean_run_secs(secs[k]) * 1e6
             if summary.best_us is None or us < summary.best_us:
@@ -357,6 +360,8 @@ class _Tracker:
                         us = mean_run_secs(rr.run_secs) * 1e6
                         if summary.best_us is None or us < summary.best_us:
                             summary.best_us = us
+                    else:
+                        summary.failed += 1
                 tracker.measured(summary, len(runner_results))
 
         return _Progress()

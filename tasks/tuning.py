@@ -31,7 +31,8 @@ def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir:
                          agent_path=agent_path, runner=make_runner(rpc))  # fmt: skip
     result.runner = f"rpc {rpc}" if rpc else "local"
     s = result.summary()
-    log(f"tuning done: {s['trials']} trials in {s['tuning_seconds']:.0f} s; "
+    log(f"tuning done: {s['trials']} trials ({s['trials_failed']} failed) in "
+        f"{s['tuning_seconds']:.0f} s; "
         f"{s['tasks_tuned']} tasks tuned now, {s['tasks_from_database']} from the database, "
         f"{s['tasks_fallback']} on the fallback schedule")  # fmt: skip
     return result
@@ -56,7 +57,8 @@ def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,
     })  # fmt: skip
     s = result.summary()
     tracking.log_metrics(c, run_id, {
-        "tuning/trials": s["trials"], "tuning/seconds": s["tuning_seconds"],
+        "tuning/trials": s["trials"], "tuning/trials_failed": s["trials_failed"],
+        "tuning/seconds": s["tuning_seconds"],
         "tuning/tasks": s["tasks"], "tuning/tasks_tuned": s["tasks_tuned"],
         "tuning/tasks_from_database": s["tasks_from_database"],
         "tuning/tasks_fallback": s["tasks_fallback"],

@@ -20,8 +20,6 @@ import onnx
 import psutil
 import pytest
 from onnx import numpy_helper
-
-from harlflow.hashing import sha256_file
 from services import (
     BIN,
     kill_tree,
@@ -29,6 +27,8 @@ from services import (
     start_prefect_server,
     start_rpc,
 )
+
+from harlflow.hashing import sha256_file
 
 pytestmark = pytest.mark.slow
 FAST = ["--trials", "4", "--min-trials-per-task", "2", "--rewrite", "none", "--no-measure"]
@@ -166,3 +166,68 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
         assert len(c.search_model_versions("name = 'beta'")) == 2  # nothing new was published
     finally:
         kill_tree(serve.pid)
+
+
+def _kill_when_serving(server, killed: threading.Event, stop: threading.Event) -> None:
+    """SIGKILL an RPC server the moment it holds a session (a process it forked for a client)."""
+    root = psutil.Process(server.proc.pid)
+    while not stop.is_set():
+        try:
+            sessions = [p for child in root.children() for p in child.children()]
+        except psutil.NoSuchProcess:
+            return
+        if sessions:
+            kill_tree(server.proc.pid)
+            killed.set()
+            return
+        time.sleep(0.02)
+
+
+def test_rpc_measurement_survives_a_server_killed_mid_run(ops_env, tmp_path):
+    """`optimize --rpc` measures on two RPC servers behind a tracker; one is killed while it
+    runs a trial: that trial fails, tuning finishes on the other server, the artifact is made."""
+    tracker, rpc_servers, spec = start_rpc(tmp_path, "cpu-test", servers=2)
+    killed, stop = threading.Event(), threading.Event()
+    killer = threading.Thread(target=_kill_when_serving, args=(rpc_servers[0], killed, stop))
+    killer.start()
+    try:
+        model = tmp_path / "tiny.onnx"
+        assert harlflow(ops_env, "export-example", "tiny_mlp", "--out", str(model)).returncode == 0
+        r = harlflow(ops_env, "optimize", str(model), "--name", "over-rpc", "--rpc", spec,
+                     "--trials", "12", "--min-trials-per-task", "4", "--rewrite", "none",
+                     "--no-measure", "--seed", "7", "--ci")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert killed.is_set()
+        summary = json.loads(r.stdout)
+        assert summary["trials"] >= 12
+        assert 1 <= summary["trials_failed"] < summary["trials"]  # the killed session's trial(s)
+
+        from harl.runners import count_servers, parse_rpc
+
+        assert count_servers(parse_rpc(spec)) == 1  # the tracker dropped the dead server
+        c = _mlflow(ops_env)
+        tune = c.search_runs([c.get_experiment_by_name("harlflow").experiment_id],
+                             f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' "
+                             "and tags.mlflow.runName = 'tune'")[0]  # fmt: skip
+        assert tune.data.params["runner"] == f"rpc {spec}"
+        assert tune.data.metrics["tuning/trials_failed"] == summary["trials_failed"]
+        manifest = json.loads((Path(summary["artifact"]) / "manifest.json").read_text())
+        assert manifest["verification"]["output"]["within_tolerance"]
+    finally:
+        stop.set()
+        killer.join()
+        for s in [tracker, *rpc_servers]:
+            s.stop()
+
+
+def test_rpc_errors_are_one_line(ops_env, tmp_path):
+    """A malformed --rpc is bad input (exit 2); an unreachable tracker fails before tuning."""
+    model = tmp_path / "tiny.onnx"
+    assert harlflow(ops_env, "export-example", "tiny_mlp", "--out", str(model)).returncode == 0
+    r = harlflow(ops_env, "optimize", str(model), "--rpc", "localhost:9190")
+    assert r.returncode == 2 and "expected HOST:PORT:KEY" in r.stderr
+    from services import free_port
+
+    r = harlflow(ops_env, "optimize", str(model), "--rpc", f"127.0.0.1:{free_port()}:k", "--ci")
+    assert r.returncode == 3 and json.loads(r.stdout)["error"] == "TuningError"
+    assert "is unreachable" in r.stderr and "Traceback" not in r.stderr
