@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from harlflow.errors import BadInputError, TuningError
 
-_SPEC = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5}):(?P<key>[\w.\-]+)$")
+_SPEC = re.compile(
+    r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5}):(?P<key>[\w.\-]+)$"
+)
 
 
 @dataclass(frozen=True)

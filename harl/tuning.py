@@ -20,6 +20,7 @@ from typing import Any
 from harl._fast_import import import_tensor_intrinsics
 from harl.schedules import postprocess
 from harlflow.errors import BadInputError, TuningError
+from harlflow.locks import file_lock
 
 log = logging.getLogger("harl.tuning")
 
@@ -65,6 +66,7 @@ class TuneResult:
     history: list[Progress] = field(default_factory=list)
     agent_metrics: list[dict[str, float]] = field(default_factory=list)  # HARL's PPO updates
     runner: str = "local"  # where trials were measured: "local" or "rpc HOST:PORT:KEY"
+    resumed_trials: int = 0  # trials an interrupted run of the same command had measured
 
     @property
     def weighted_latency_us(self) -> float | None:
@@ -81,6 +83,7 @@ class TuneResult:
             "budget": self.budget,
             "trials": self.trials,
             "trials_failed": sum(t.failed for t in self.tasks),
+            "resumed_trials": self.resumed_trials,
             "tuning_seconds": round(self.seconds, 2),
             "tasks": len(self.tasks),
             "tasks_tuned": counts["tuned"],
@@ -116,11 +119,41 @@ def extract_tasks(mod, target: dict[str, Any]):
 
 # --------------------------------------------------------------------------- the database
 def open_database(database_dir: str | Path):
-    """The shared JSON tuning database (created if missing)."""
+    """The shared JSON tuning database (created if missing).
+
+    A record line cut short by a killed process is dropped first (MetaSchedule would refuse to
+    load the file); callers that share the directory with other processes hold :func:`locked`.
+    """
     from tvm.s_tir import meta_schedule as ms
 
     Path(database_dir).mkdir(parents=True, exist_ok=True)
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        _drop_partial_line(Path(database_dir) / name)
     return ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Truncate a JSON-lines file after its last complete line (a crash can cut one short)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    log.warning("%s: dropped a partial last record (%d bytes) left by an interrupted run",
+                path, len(data) - keep)  # fmt: skip
+
+
+def locked(database_dir: str | Path):
+    """Exclusive use of a tuning database directory across processes, as a context manager.
+
+    Two runs on one store take turns: one measuring at a time also keeps their timings honest
+    on a shared machine.
+    """
+    return file_lock(Path(database_dir) / ".lock", f"the tuning database {database_dir}")
 
 
 def _same_target(record, target_json: str) -> bool:
@@ -233,27 +266,25 @@ def measure_random(tasks, summaries, db, target: dict[str, Any], per_task: int, 
                 ms.runner.RunnerInput(b.artifact_path, _device_type(target), args_info)
             )
             run_index.append(k)
-    secs: list[list[float] | None] = [None] * len(batch)
-    for k, future in zip(run_index, runner.run(run_inputs), strict=True):
-        r = future.result()
-        if r.error_msg is None and r.run_secs:
-            secs[k] = [float(x) for x in r.run_secs]
+    futures = dict(zip(run_index, runner.run(run_inputs), strict=True))
+    for k, (i, sch, args_info) in enumerate(batch):
+        # committed one by one as results arrive: a killed run keeps every finished trial
+        r = futures[k].result() if k in futures else None
+        secs = [float(x) for x in r.run_secs] if r and r.error_msg is None and r.run_secs else None
+        mod = tasks[i].dispatched[0]
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(mod), secs or [FAILED_RUN_SECS * 10], tgt, args_info
+        ))  # fmt: skip
+        summary = summaries[i]
+        summary.trials += 1
+        summary.failed += secs is None
+        if secs is not None:
+            us = mean_run_secs(secs) * 1e6
+            if summary.best_us is None or us < summary.best_us:
+                summary.best_us = us
     for b in built:
         if b.artifact_path:
             Path(b.artifact_path).unlink(missing_ok=True)
-    for k, (i, sch, args_info) in enumerate(batch):
-        mod = tasks[i].dispatched[0]
-        run_secs = secs[k] or [FAILED_RUN_SECS * 10]
-        db.commit_tuning_record(
-            ms.database.TuningRecord(sch.trace, db.commit_workload(mod), run_secs, tgt, args_info)
-        )
-        summary = summaries[i]
-        summary.trials += 1
-        summary.failed += secs[k] is None
-        if secs[k] is not None:
-            us = mean_run_secs(secs[k]) * 1e6
-            if summary.best_us is None or us < summary.best_us:
-                summary.best_us = us
     for i, summary in enumerate(summaries):
         report(summary, sum(1 for j, _, _ in batch if j == i))
     return len(batch)
@@ -398,7 +429,6 @@ def tune(
     ``strategy="harl"`` uses HARL's task scheduler and search strategy; its agent starts from
     ``agent_path`` when that file exists and is saved there afterwards (warm start across runs).
     """
-    from tvm.s_tir import meta_schedule as ms
 
     if trials < 0:
         raise BadInputError(f"--trials must be >= 0, got {trials}")
@@ -408,36 +438,60 @@ def tune(
         raise BadInputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     import_tensor_intrinsics()
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to files
+    with locked(database_dir):
+        return _tune(mod, target, database_dir, trials=trials, strategy=strategy, seed=seed,
+                     min_trials_per_task=min_trials_per_task, on_progress=on_progress,
+                     builder=builder, runner=runner, work_dir=work_dir, agent_path=agent_path)  # fmt: skip
+
+
+def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_task, on_progress,
+          builder, runner, work_dir, agent_path) -> TuneResult:  # fmt: skip
+    """:func:`tune`'s body, run while holding the database's lock."""
+    from tvm.s_tir import meta_schedule as ms
 
     start = time.monotonic()
     tasks = extract_tasks(mod, target)
     if not tasks:
         raise TuningError("the model produced no tuning tasks")
     db = open_database(database_dir)
+    journal = RunJournal(database_dir, tasks, target, strategy=strategy, budget=trials, seed=seed,
+                         min_trials_per_task=min_trials_per_task)  # fmt: skip
+    interrupted = journal.load() if trials else None
     summaries, new = [], []
     for t in tasks:
         s = TaskSummary(name=t.task_name, weight=float(t.weight), flop=_flop(t))
         prior = best_records(db, t.dispatched[0], target)
         if prior:
-            s.best_us, s.schedule = mean_run_secs(prior[0].run_secs) * 1e6, "database"
-        else:
+            s.best_us = mean_run_secs(prior[0].run_secs) * 1e6
+        if prior and not (interrupted and t.task_name in interrupted["tasks"]):
+            s.schedule = "database"
+        else:  # never measured, or measured by an interrupted run of this same command
             new.append((t, s))
         summaries.append(s)
     result = TuneResult(target=target, strategy=strategy, budget=trials, trials=0, seconds=0.0,
                         tasks=summaries)  # fmt: skip
     log.info("%d tasks: %d in the database, %d new", len(tasks), len(tasks) - len(new), len(new))
     if trials == 0 or not new:
+        journal.finish()
         result.seconds = time.monotonic() - start
         return result
-
+    recorded = count_records(db, [t for t, _ in new], target)
+    if interrupted:
+        result.resumed_trials = recorded - interrupted["records"]
+        log.info("resuming an interrupted run: %d of its %d trials were measured before it "
+                 "stopped and are not measured again", result.resumed_trials, trials)  # fmt: skip
+    else:
+        journal.start([t.task_name for t, _ in new], recorded)
     new_tasks, new_summaries = [t for t, _ in new], [s for _, s in new]
     tracker = _Tracker(summaries, trials, result.history, on_progress)
+    tracker.trials = result.resumed_trials
     builder = builder or default_builder()
     runner = runner or ms.runner.LocalRunner()
     try:
-        if min_trials_per_task:
-            measure_random(new_tasks, new_summaries, db, target, min_trials_per_task, seed,
-                           builder, runner, tracker.measured)  # fmt: skip
+        unmeasured = [(t, s) for t, s in new if s.best_us is None]
+        if min_trials_per_task and unmeasured:
+            measure_random([t for t, _ in unmeasured], [s for _, s in unmeasured], db, target,
+                           min_trials_per_task, seed, builder, runner, tracker.measured)  # fmt: skip
         remaining = trials - tracker.trials
         if remaining > 0:
             with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
@@ -469,12 +523,69 @@ def tune(
     except Exception as e:
         log.debug("tuning failed", exc_info=True)  # the whole traceback, for whoever debugs
         raise TuningError(f"tuning failed: {str(e).strip().splitlines()[-1]}") from e
+    journal.finish()
     for s in new_summaries:
         if s.best_us is not None:
             s.schedule = "tuned"
-    result.trials = tracker.trials
+    result.trials = tracker.trials - result.resumed_trials
     result.seconds = time.monotonic() - start
     return result
+
+
+# --------------------------------------------------------------------------- resuming
+def count_records(db, tasks, target: dict[str, Any]) -> int:
+    """Records (valid or failed) of these tasks' workloads on this target: one per trial."""
+    tj = target_json(target)
+    n = 0
+    for t in tasks:
+        mod = t.dispatched[0]
+        if db.has_workload(mod):
+            n += sum(_same_target(r, tj) for r in db.get_top_k(db.commit_workload(mod), 1_000_000))
+    return n
+
+
+class RunJournal:
+    """Marks a tuning run in progress, so the same command after a crash (``kill -9``) resumes.
+
+    Written once when a run starts (the tasks it tunes and the database's record count for
+    them) and removed when it ends. The database itself says how many trials were measured
+    since: those count against the budget and are not measured again.
+    """
+
+    def __init__(self, database_dir: str | Path, tasks, target: dict[str, Any], **settings):
+        import hashlib
+        import json
+
+        def digest(text: str) -> str:
+            return hashlib.sha256(text.encode()).hexdigest()
+
+        key = json.dumps({
+            "tasks": [[t.task_name, digest(t.dispatched[0].script())] for t in tasks],
+            "target": target_json(target), **settings,
+        }, sort_keys=True)  # fmt: skip
+        self.path = (
+            Path(database_dir) / "runs" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        )
+
+    def load(self) -> dict[str, Any] | None:
+        import json
+
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def start(self, task_names: list[str], records: int) -> None:
+        import json
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"tasks": task_names, "records": records}))
+        tmp.replace(self.path)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,21 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
 
 
+def _start_prefect() -> None:
+    """Without PREFECT_API_URL, Prefect runs a temporary server on a sqlite file under the home;
+    its first start migrates that file, and two runs starting at once would both migrate it.
+    Start it here, one run at a time; the flow then uses the running server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.client.orchestration import get_client
+
+    from harlflow.locks import file_lock
+
+    with file_lock(Path(os.environ["PREFECT_HOME"]) / ".start.lock", "Prefect's database"):
+        with get_client(sync_client=True) as client:
+            client.hello()
+
+
 class _NoTracebackForUserErrors(logging.Filter):
     """Prefect logs a failed task with its traceback; for our own user errors the one-line
     message says everything, so drop the traceback (other exceptions keep theirs)."""
@@ -146,6 +161,7 @@ def _optimize(a: argparse.Namespace) -> dict:
                  seed=a.seed)  # fmt: skip
 
     _prefect_env()
+    _start_prefect()
     from flows.optimize import optimize
 
     _quiet_prefect_tracebacks()
@@ -163,6 +179,7 @@ def cmd_retune(a: argparse.Namespace) -> int:
         print(f"harlflow: {a.source} holds no .onnx or .pt2 model yet", file=sys.stderr)
     _check_stores()
     _prefect_env()
+    _start_prefect()
     from flows.retune import retune
 
     _quiet_prefect_tracebacks()

@@ -42,7 +42,12 @@ def import_cache_dir() -> Path:
 
 def mlflow_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else a sqlite store under the home."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
+
+
+def embedded_tracking_uri() -> str:
+    """The embedded default store: sqlite under the home."""
+    return f"sqlite:///{home() / 'mlflow.db'}"
 
 
 def mlflow_artifact_root() -> str:

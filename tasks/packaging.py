@@ -20,7 +20,7 @@ import numpy as np
 
 from harl import tuning
 from harlflow.config import validate_name
-from harlflow.errors import TuningError, VerificationError
+from harlflow.errors import StoreError, TuningError, VerificationError
 from harlflow.hashing import sha256_tree
 from tasks.importing import ImportedModel, to_relax
 
@@ -131,11 +131,15 @@ def package(
     name = validate_name(imported.name)
     mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
     tasks = tuning.extract_tasks(mod, target)
-    db = tuning.open_database(database_dir)
+    with tuning.locked(database_dir):  # never read a record line another run is writing
+        db = tuning.open_database(database_dir)
     compile_db, sources = tuning.compile_database(db, tasks, target, seed)
     parent = Path(home) / name
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    except OSError as e:
+        raise StoreError(f"cannot write the artifact under {parent}: {e.strerror or e}") from None
     scratch = Path(tempfile.mkdtemp(prefix="harlflow-untuned-"))
     try:
         log(f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned and "
@@ -180,9 +184,31 @@ def package(
         _write_json(tmp / "manifest.json", manifest)
         final = _next_version_dir(parent, tmp)  # the directory name is the version
         return Artifact(name=name, version=final.name, directory=str(final), manifest=manifest)
+    except Exception as e:
+        if _disk_failure(e):
+            raise StoreError(f"writing the artifact under {parent} failed ({_first_line(e)}): "
+                             "nothing was written") from None  # fmt: skip
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+_DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file")
+
+
+def _disk_failure(e: BaseException) -> bool:
+    """A write that failed for lack of space or permission (also when gcc/TVM report it)."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
+    return any(m in str(e) for m in _DISK_FULL)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if any(m in ln for m in _DISK_FULL)]
+    return (lines or str(e).strip().splitlines() or [type(e).__name__])[0].strip()[:300]
 
 
 def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, log) -> dict:

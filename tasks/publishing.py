@@ -68,41 +68,67 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def s3_client():
-    """boto3 S3 client; endpoint and credentials come from the standard AWS variables only."""
+    """boto3 S3 client; endpoint and credentials come from the standard AWS variables only.
+
+    botocore retries throttling and 5xx answers itself (standard mode, ``AWS_MAX_ATTEMPTS``);
+    :func:`upload_s3` adds its own visible retries for an endpoint that does not answer at all.
+    """
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3",
         endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-        config=Config(
-            retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60
-        ),  # fmt: skip
+        config=Config(retries={"mode": "standard"}, connect_timeout=5, read_timeout=60),
     )
 
 
-def upload_s3(artifact: Artifact, s3_uri: str) -> str:
+def s3_attempts() -> int:
+    """Attempts per S3 file before giving up (``HARLFLOW_S3_ATTEMPTS``, default 5)."""
+    raw = os.environ.get("HARLFLOW_S3_ATTEMPTS", "5")
+    if not raw.isdigit() or int(raw) < 1:
+        raise BadInputError(f"HARLFLOW_S3_ATTEMPTS must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def _with_backoff(what: str, fn, attempts: int, log=print, base_delay: float = 1.0):
+    """``fn()`` with up to ``attempts`` tries, waiting 1, 2, 4, ... s between them."""
+    import time
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if i == attempts - 1:
+                raise StoreError(f"{what} failed after {attempts} attempts: "
+                                 f"{type(e).__name__}: {e}") from None  # fmt: skip
+            delay = base_delay * 2**i
+            log(f"{what} failed ({type(e).__name__}); attempt {i + 2}/{attempts} in {delay:.0f} s")
+            time.sleep(delay)
+
+
+def upload_s3(artifact: Artifact, s3_uri: str, log=print) -> str:
     """Upload the artifact to ``s3_uri/<name>/<version>/``; returns that URI.
 
     Each object carries its sha256 in metadata (``x-amz-meta-sha256``); ``manifest.json`` goes
-    last, so a reader that finds the manifest finds every file it lists.
+    last, so a reader that finds the manifest finds every file it lists. Each file is retried
+    with backoff; when S3 stays unreachable the error says so and the local artifact is intact.
     """
     bucket, prefix = parse_s3_uri(s3_uri)
     key_root = "/".join(p for p in (prefix, artifact.name, artifact.version) if p)
     root = Path(artifact.directory)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == "manifest.json")
-    s3 = s3_client()
+    s3, attempts = s3_client(), s3_attempts()
     try:
         for path in files:
             key = f"{key_root}/{path.relative_to(root).as_posix()}"
-            s3.upload_file(str(path), bucket, key,
-                           ExtraArgs={"Metadata": {"sha256": sha256_file(path)}})  # fmt: skip
-    except Exception as e:
-        raise StoreError(
-            f"uploading {artifact.name} v{artifact.version} to s3://{bucket}/{key_root} failed: "
-            f"{type(e).__name__}: {e}; the local artifact at {artifact.directory} is intact"
-        ) from None
+            meta = {"Metadata": {"sha256": sha256_file(path)}}
+            _with_backoff(f"uploading s3://{bucket}/{key}",
+                          lambda p=path, k=key, m=meta: s3.upload_file(str(p), bucket, k, ExtraArgs=m),
+                          attempts, log)  # fmt: skip
+    except StoreError as e:
+        raise StoreError(f"{e}; the local artifact at {artifact.directory} is intact") from None
     return f"s3://{bucket}/{key_root}"
 
 
@@ -139,25 +165,28 @@ def promote(c, name: str, version: str, max_regression: float, log=print) -> str
 
 
 def publish(run_id: str, artifact: Artifact, s3_uri: str | None, log=print) -> dict[str, str]:
-    """Register in MLflow, then upload to S3 when asked; returns where it went."""
+    """Upload to S3 when asked, then register in MLflow; returns where it went.
+
+    S3 goes first, so a registered version is always complete: when the upload fails, nothing
+    is registered and the verified artifact stays in the local store for the next attempt.
+    """
     c = tracking.client()
     where = {"local": artifact.directory}
+    if s3_uri:
+        where["s3"] = upload_s3(artifact, s3_uri, log=log)
+        log(f"uploaded to {where['s3']}")
     version = register(c, run_id, artifact)
     where["mlflow"] = f"models:/{artifact.name}/{version}"
     log(f"registered {where['mlflow']}")
-    if s3_uri:
-        where["s3"] = upload_s3(artifact, s3_uri)
-        log(f"uploaded to {where['s3']}")
     tracking.log_params(c, run_id, {f"published_{k}": v for k, v in where.items()})
     c.set_tag(run_id, "registered_version", version)
     return where
 
 
 def publish_task():
-    """The publish stage as a Prefect task (S3 and the tracking server are I/O: retried)."""
+    """The publish stage as a Prefect task. Not retried as a whole (a retry would register a
+    second version): S3 uploads retry per file, MLflow's client retries its HTTP requests."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return task(name="publish", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)(
-        publish
-    )
+    return task(name="publish", cache_policy=NO_CACHE)(publish)

@@ -39,8 +39,12 @@ def list_models(source: str, cache_dir: Path) -> list[SourceModel]:
         raise BadInputError(f"model source {source!r} is not a directory or an s3:// prefix")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in MODEL_SUFFIXES)
     return [
-        SourceModel(validate_name(p.stem, f"model file name in {source}"), str(p.resolve()),
-                    sha256_file(p), str(p))  # fmt: skip
+        SourceModel(
+            validate_name(p.stem, f"model file name in {source}"),
+            str(p.resolve()),
+            sha256_file(p),
+            str(p),
+        )  # fmt: skip
         for p in files
     ]
 
@@ -56,7 +60,9 @@ def _list_s3(source: str, cache_dir: Path) -> list[SourceModel]:
             Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/"
         )
         for page in pages:
-            keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(MODEL_SUFFIXES)]
+            keys += [
+                o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(MODEL_SUFFIXES)
+            ]
     except Exception as e:
         raise StoreError(f"listing {source} failed: {type(e).__name__}: {e}") from None
     out = []
@@ -100,4 +106,3 @@ def last_optimised(c, name: str, target: dict[str, Any]) -> dict[str, str] | Non
         return None
     newest = max(mine, key=lambda v: int(v.version))
     return {"version": str(newest.version), "source_sha256": newest.tags["source_sha256"]}
-

@@ -9,25 +9,78 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from harlflow import config
 from harlflow.errors import StoreError
+from harlflow.locks import file_lock
 
 EXPERIMENT = "harlflow"
 
 
-def client():
+def client() -> StoreClient:
     """An ``MlflowClient`` on the configured store (sqlite under the home by default)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     from mlflow import MlflowClient
 
     uri = config.mlflow_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        config.home().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return StoreClient(MlflowClient(tracking_uri=uri), uri)
+    # the first client creates and migrates the sqlite file: two runs doing that at once fail
+    db = Path(uri.removeprefix("sqlite:///"))
+    with file_lock(db.with_name(db.name + ".lock"), f"the MLflow store {uri}"):
+        c = StoreClient(MlflowClient(tracking_uri=uri), uri)
+        c.search_registered_models(max_results=1)  # the registry's store, too
+    return c
+
+
+# MLflow's answers about the data (not about the store being reachable): left as they are
+_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_PARAMETER_VALUE",
+            "NOT_FOUND", "BAD_REQUEST", "INVALID_STATE"}  # fmt: skip
+
+
+class StoreClient:
+    """An ``MlflowClient`` whose store failures (server down after MLflow's own HTTP retries,
+    database locked, disk full) are :class:`StoreError`s naming the store, so that the CLI
+    reports them in one line with exit code 5 instead of a traceback."""
+
+    def __init__(self, client, uri: str):
+        self._client, self.uri = client, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return attr(*args, **kwargs)
+            except MlflowException as e:
+                if e.error_code in _ANSWERS:
+                    raise
+                raise StoreError(
+                    f"MLflow store {self.uri}: {name} failed: {_first_line(e)}"
+                ) from None
+            except Exception as e:
+                if not isinstance(e, OSError) and not type(e).__module__.startswith(
+                    ("sqlalchemy", "requests", "urllib3")
+                ):
+                    raise  # a bug, not the store: keep its traceback
+                raise StoreError(
+                    f"MLflow store {self.uri}: {name} failed: {_first_line(e)}"
+                ) from None
+
+        return call
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def experiment_id(c, name: str = EXPERIMENT) -> str:
@@ -36,10 +89,13 @@ def experiment_id(c, name: str = EXPERIMENT) -> str:
         exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        embedded = "MLFLOW_TRACKING_URI" not in os.environ
+        # not "MLFLOW_TRACKING_URI" in os.environ: mlflow.set_tracking_uri exports that itself
+        embedded = config.mlflow_tracking_uri() == config.embedded_tracking_uri()
         return c.create_experiment(
             name, artifact_location=config.mlflow_artifact_root() if embedded else None
         )
+    except StoreError:
+        raise
     except Exception as e:
         raise StoreError(
             f"MLflow tracking store {config.mlflow_tracking_uri()} is unreachable: "
@@ -82,7 +138,10 @@ def run(c, name: str, *, parent_run_id: str | None = None,
     try:
         yield r.info.run_id
     except BaseException as e:
-        c.set_tag(r.info.run_id, "error", _str(f"{type(e).__name__}: {e}"))
-        c.set_terminated(r.info.run_id, status="FAILED")
+        try:
+            c.set_tag(r.info.run_id, "error", _str(f"{type(e).__name__}: {e}"))
+            c.set_terminated(r.info.run_id, status="FAILED")
+        except StoreError:  # the store itself failed: report the original error, not this
+            pass
         raise
     c.set_terminated(r.info.run_id, status="FINISHED")

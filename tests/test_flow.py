@@ -52,6 +52,10 @@ def test_flow_publishes_to_mlflow_registry_and_s3(first_run):
     c = _client()
     parent = c.get_run(s["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
+    # the embedded store keeps its run artifacts under the home, not in the working directory
+    from harlflow.config import mlflow_artifact_root
+
+    assert parent.info.artifact_uri.startswith(mlflow_artifact_root())
     assert parent.data.params["budget"] == "6" and parent.data.params["strategy"] == "evolutionary"
     assert "version_tvm" in parent.data.params and "seed" in parent.data.params
     children = c.search_runs([parent.info.experiment_id],
