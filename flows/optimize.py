@@ -121,6 +121,7 @@ def optimize(
             "nodes": {"imported": original.num_nodes, "rewritten": imported.num_nodes},
             "trials": result.trials,
             "trials_failed": result.summary()["trials_failed"],
+            "resumed_trials": result.resumed_trials,
             "tuning_seconds": round(result.seconds, 1),
             "latency_ms": {
                 k: v["median_ms"] for k, v in artifact.manifest.get("latency_ms", {}).items()

@@ -101,6 +101,16 @@ def _export_tuning_db(db, tasks, target: dict[str, Any], dest: Path) -> int:
     return n
 
 
+def _remove_stale_tmp(parent: Path) -> None:
+    """Remove ``.tmp-<pid>-*`` directories of packaging processes that died (e.g. killed)."""
+    import psutil
+
+    for d in parent.glob(".tmp-*-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _next_version_dir(parent: Path, tmp: Path) -> Path:
     """Rename ``tmp`` to the next free integer version under ``parent`` (race-safe)."""
     while True:
@@ -137,7 +147,8 @@ def package(
     parent = Path(home) / name
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+        _remove_stale_tmp(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise StoreError(f"cannot write the artifact under {parent}: {e.strerror or e}") from None
     scratch = Path(tempfile.mkdtemp(prefix="harlflow-untuned-"))
@@ -194,7 +205,8 @@ def package(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-_DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file")
+_DISK_FULL = ("No space left on device", "File too large", "File size limit exceeded",
+              "Disk quota exceeded", "Read-only file")  # fmt: skip
 
 
 def _disk_failure(e: BaseException) -> bool:

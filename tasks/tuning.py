@@ -58,6 +58,7 @@ def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,
     s = result.summary()
     tracking.log_metrics(c, run_id, {
         "tuning/trials": s["trials"], "tuning/trials_failed": s["trials_failed"],
+        "tuning/resumed_trials": s["resumed_trials"],
         "tuning/seconds": s["tuning_seconds"],
         "tuning/tasks": s["tasks"], "tuning/tasks_tuned": s["tasks_tuned"],
         "tuning/tasks_from_database": s["tasks_from_database"],

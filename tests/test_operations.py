@@ -126,7 +126,9 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
     assert first.returncode == 0, first.stderr[-3000:]
     c = _mlflow(env)
     v_alpha = c.search_model_versions("name = 'alpha'")
-    assert len(v_alpha) == 1 and v_alpha[0].tags["source_sha256"] == sha256_file(watch / "alpha.onnx")
+    assert len(v_alpha) == 1 and v_alpha[0].tags["source_sha256"] == sha256_file(
+        watch / "alpha.onnx"
+    )
 
     _perturb(watch / "beta.onnx", seed=2)  # a new checkpoint lands for beta only
     new_beta_sha = sha256_file(watch / "beta.onnx")
@@ -144,8 +146,13 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
         assert len(versions["alpha"]) == 1 and len(versions["beta"]) == 2
         assert versions["beta"][-1].tags["source_sha256"] == new_beta_sha
         run = _retune_runs(c)[0]
-        decisions = json.loads(Path(c.download_artifacts(run.info.run_id, "retune.json")).read_text())
-        assert decisions["alpha"]["decision"] == "skipped" and decisions["beta"]["decision"] == "optimised"
+        decisions = json.loads(
+            Path(c.download_artifacts(run.info.run_id, "retune.json")).read_text()
+        )
+        assert (
+            decisions["alpha"]["decision"] == "skipped"
+            and decisions["beta"]["decision"] == "optimised"
+        )
         assert run.data.metrics["retune/skipped"] == 1 and run.data.metrics["retune/optimised"] == 1
         # beta's architecture was tuned before: its tune stage measured nothing new
         tune = c.search_runs([run.info.experiment_id],
@@ -162,7 +169,10 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
         assert manual["state_type"] == "COMPLETED"
         latest = _retune_runs(c)[0]
         assert latest.info.run_id != run.info.run_id
-        assert latest.data.metrics["retune/skipped"] == 2 and latest.data.metrics["retune/optimised"] == 0
+        assert (
+            latest.data.metrics["retune/skipped"] == 2
+            and latest.data.metrics["retune/optimised"] == 0
+        )
         assert len(c.search_model_versions("name = 'beta'")) == 2  # nothing new was published
     finally:
         kill_tree(serve.pid)
