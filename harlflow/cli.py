@@ -126,14 +126,12 @@ def _run_params(a: argparse.Namespace) -> dict:
     )  # fmt: skip
 
 
-def _check_stores() -> None:
-    """The artifact directory must be writable and MLflow must answer before any tuning starts,
-    so that a broken store fails in seconds with one line instead of after the measurements."""
+def _check_home() -> None:
+    """The artifact directory must be writable: fail in seconds, with one line, before any work."""
     import tempfile
 
     from harlflow import config
     from harlflow.errors import StoreError
-    from tasks import tracking
 
     home = config.home()
     try:
@@ -142,6 +140,12 @@ def _check_stores() -> None:
             pass
     except OSError as e:
         raise StoreError(f"artifact directory {home} is not writable: {e.strerror or e}") from None
+
+
+def _check_mlflow() -> None:
+    """MLflow must answer before any tuning starts, not after the measurements."""
+    from tasks import tracking
+
     tracking.experiment_id(tracking.client())
 
 
@@ -156,9 +160,10 @@ def _optimize(a: argparse.Namespace) -> dict:
     inputs = [parse_input_spec(s) for s in a.input] or None
     validate_name(a.name or default_name(a.model))
     target = _check_run_options(a)
-    _check_stores()
+    _check_home()
     import_model(a.model, cache_dir=import_cache_dir(), inputs=inputs, checkpoint=a.checkpoint,
                  seed=a.seed)  # fmt: skip
+    _check_mlflow()
 
     _prefect_env()
     _start_prefect()
@@ -174,10 +179,11 @@ def cmd_retune(a: argparse.Namespace) -> int:
     from tasks.sources import list_models
 
     _check_run_options(a)
+    _check_home()
     models = list_models(a.source, home() / "cache" / "sources")  # a bad source fails here
     if not models:
         print(f"harlflow: {a.source} holds no .onnx or .pt2 model yet", file=sys.stderr)
-    _check_stores()
+    _check_mlflow()
     _prefect_env()
     _start_prefect()
     from flows.retune import retune
@@ -216,8 +222,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise StoreError(f"Prefect server {api} is unreachable: {type(e).__name__}: {e}") from None
     if not a.source.startswith("s3://") and not Path(a.source).is_dir():
         raise BadInputError(f"model source {a.source!r} is not a directory or an s3:// prefix")
-    _check_stores()
+    _check_home()
+    _check_mlflow()
     _prefect_env()
+    _start_prefect()
     from flows.retune import retune
 
     source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())

@@ -68,6 +68,9 @@ def torch_runner(source: str, kind: str, checkpoint: str | None, reference: str)
 
     ins, _ = _reference(reference)
     if kind == "pt2":
+        from tasks.importing import check_pt2_trusted
+
+        check_pt2_trusted(source)
         net = torch.export.load(source).module()
     else:
         net = _load_factory(source, checkpoint)

@@ -262,6 +262,17 @@ def _pt2_specs(ep, model: str, given: dict[str, TensorSpec]) -> list[TensorSpec]
     return specs
 
 
+def check_pt2_trusted(model: str) -> None:
+    """``torch.export.load`` unpickles parts of a .pt2 file (weights_only=False, pickle.loads),
+    which can run code from the file: only with ``HARLFLOW_TRUST_PT2=1`` (files you produced)."""
+    if os.environ.get("HARLFLOW_TRUST_PT2") != "1":
+        raise ModelImportError(
+            f"{model}: loading a .pt2 program unpickles data from the file (torch.export.load), "
+            "which can run code; harlflow does not do that for files it cannot trust. Export the "
+            "model to ONNX, or set HARLFLOW_TRUST_PT2=1 if you produced this file yourself"
+        )
+
+
 def _pytorch_source(model: str, kind: str, checkpoint: str | None,
                     given: dict[str, TensorSpec], dest: Path) -> None:  # fmt: skip
     """Export a .pt2 program or a factory's module to ONNX at ``dest``."""
@@ -270,6 +281,7 @@ def _pytorch_source(model: str, kind: str, checkpoint: str | None,
     if kind == "pt2":
         if checkpoint:
             raise ModelImportError("--checkpoint applies to a model factory, not a .pt2 program")
+        check_pt2_trusted(model)
         try:
             ep = torch.export.load(model)
         except Exception as e:

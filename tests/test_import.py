@@ -44,12 +44,17 @@ def test_onnx_import_canonicalises_and_matches_onnxruntime(tmp_path):
     assert import_model(str(src), cache_dir=tmp_path / "cache", seed=3).directory == m.directory
 
 
-def test_pt2_and_factory_with_checkpoint(tmp_path):
+def test_pt2_and_factory_with_checkpoint(tmp_path, monkeypatch):
     from harlflow.examples import tiny_mlp
 
     net = tiny_mlp(seed=5)
     ep = torch.export.export(net, (torch.randn(1, 32),))
     torch.export.save(ep, str(tmp_path / "mlp.pt2"))
+    # torch.export.load unpickles: refused unless the user vouches for the file
+    with pytest.raises(ModelImportError, match="HARLFLOW_TRUST_PT2=1"):
+        import_model(str(tmp_path / "mlp.pt2"), cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    monkeypatch.setenv("HARLFLOW_TRUST_PT2", "1")
     m1 = import_model(str(tmp_path / "mlp.pt2"), cache_dir=tmp_path / "c")
     assert m1.source_kind == "pt2" and m1.inputs == [TensorSpec("x", (1, 32), "float32")]
 
