@@ -178,18 +178,20 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
         kill_tree(serve.pid)
 
 
-def _kill_when_serving(server, killed: threading.Event, stop: threading.Event) -> None:
-    """SIGKILL an RPC server the moment it holds a session (a process it forked for a client)."""
-    root = psutil.Process(server.proc.pid)
+def _kill_when_serving(servers, killed: threading.Event, stop: threading.Event) -> None:
+    """SIGKILL the first RPC server seen holding a session (a process it forked for a client);
+    the tracker decides which server gets a trial, so both are watched and one is killed."""
+    roots = [psutil.Process(s.proc.pid) for s in servers]
     while not stop.is_set():
-        try:
-            sessions = [p for child in root.children() for p in child.children()]
-        except psutil.NoSuchProcess:
-            return
-        if sessions:
-            kill_tree(server.proc.pid)
-            killed.set()
-            return
+        for server, root in zip(servers, roots, strict=True):
+            try:
+                sessions = [p for child in root.children() for p in child.children()]
+            except psutil.NoSuchProcess:
+                continue
+            if sessions:
+                kill_tree(server.proc.pid)
+                killed.set()
+                return
         time.sleep(0.02)
 
 
@@ -198,7 +200,7 @@ def test_rpc_measurement_survives_a_server_killed_mid_run(ops_env, tmp_path):
     runs a trial: that trial fails, tuning finishes on the other server, the artifact is made."""
     tracker, rpc_servers, spec = start_rpc(tmp_path, "cpu-test", servers=2)
     killed, stop = threading.Event(), threading.Event()
-    killer = threading.Thread(target=_kill_when_serving, args=(rpc_servers[0], killed, stop))
+    killer = threading.Thread(target=_kill_when_serving, args=(rpc_servers, killed, stop))
     killer.start()
     try:
         model = tmp_path / "tiny.onnx"
