@@ -104,8 +104,14 @@ def start_mlflow_server(tmp: Path) -> tuple[Service, str]:
     return s, url
 
 
-def start_rpc(tmp: Path, key: str, servers: int) -> tuple[Service, list[Service], str]:
-    """A tracker and ``servers`` RPC servers registered under ``key``; returns HOST:PORT:KEY."""
+def start_rpc(
+    tmp: Path, key: str, servers: int, die_on_session: int | None = None
+) -> tuple[Service, list[Service], str]:
+    """A tracker and ``servers`` RPC servers registered under ``key``; returns HOST:PORT:KEY.
+
+    With ``die_on_session=N`` the servers are ``rpc_server_that_dies.py``: real TVM RPC servers
+    counting accepted sessions together, and the one that accepts the N-th kills itself
+    (SIGKILL) with that trial in flight."""
     from harl.runners import count_servers, parse_rpc
 
     port = free_port()
@@ -114,12 +120,18 @@ def start_rpc(tmp: Path, key: str, servers: int) -> tuple[Service, list[Service]
                                       str(port + 1)], tmp)  # fmt: skip
     spec = f"127.0.0.1:{port}:{key}"
     tracker.wait_until(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 60)
+    if die_on_session is None:
+        server = [sys.executable, "-m", "tvm.exec.rpc_server"]
+    else:
+        server = [sys.executable, str(Path(__file__).with_name("rpc_server_that_dies.py")),
+                  "--session-count", str(tmp / "rpc-sessions"),
+                  "--die-on-session", str(die_on_session)]  # fmt: skip
     started = []
     for i in range(servers):
         p = free_port()
         started.append(Service(f"rpc-server-{i}", [
-            sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(p),
-            "--port-end", str(p + 1), "--tracker", f"127.0.0.1:{port}", "--key", key,
+            *server, "--host", "127.0.0.1", "--port", str(p), "--port-end", str(p + 1),
+            "--tracker", f"127.0.0.1:{port}", "--key", key,
         ], tmp))  # fmt: skip
     tracker.wait_until(lambda: count_servers(parse_rpc(spec)) == servers, 120)
     return tracker, started, spec
