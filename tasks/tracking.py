@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from harlflow.errors import StoreError
 from harlflow.locks import file_lock
 
 EXPERIMENT = "harlflow"
+HOST, PID = "harlflow.host", "harlflow.pid"  # who runs a run, to close it if that process died
 
 
 def client() -> StoreClient:
@@ -128,12 +130,18 @@ def log_metrics(c, run_id: str, metrics: dict[str, float | None], step: int = 0)
 @contextlib.contextmanager
 def run(c, name: str, *, parent_run_id: str | None = None,
         tags: dict[str, str] | None = None) -> Iterator[str]:  # fmt: skip
-    """A run that ends FINISHED, or FAILED (with the error as a tag) if the block raises."""
+    """A run that ends FINISHED, or FAILED (with the error as a tag) if the block raises.
+
+    A top-level run first closes the runs that processes on this host left RUNNING when they
+    were killed (see :func:`close_orphans`)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+    all_tags = {MLFLOW_RUN_NAME: name, HOST: socket.gethostname(), PID: str(os.getpid()),
+                **(tags or {})}  # fmt: skip
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    else:
+        close_orphans(c)
     r = c.create_run(experiment_id(c), tags=all_tags, run_name=name)
     try:
         yield r.info.run_id
@@ -145,3 +153,37 @@ def run(c, name: str, *, parent_run_id: str | None = None,
             pass
         raise
     c.set_terminated(r.info.run_id, status="FINISHED")
+
+
+def close_orphans(c) -> list[str]:
+    """Mark KILLED the runs left RUNNING by harlflow processes on this host that no longer exist.
+
+    A process killed with ``kill -9`` (or by the OOM killer) cannot end its MLflow runs; without
+    this they stay RUNNING forever in the UI. A process is taken as the run's owner only if it
+    exists and started before the run did (a pid can be reused). Returns the ids closed."""
+    import psutil
+    from mlflow.entities import RunStatus
+
+    host = socket.gethostname()
+    running = c.search_runs(
+        [experiment_id(c)],
+        f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for r in running:
+        try:
+            pid = int(r.data.tags.get(PID, ""))
+            alive = psutil.Process(pid).create_time() * 1000 <= r.info.start_time + 1000
+        except (ValueError, psutil.Error):
+            alive = False
+        if alive:
+            continue
+        c.set_tag(r.info.run_id, "error",
+                  f"process {r.data.tags.get(PID)} on {host} ended without closing this run "
+                  "(killed?); closed by the next harlflow run")  # fmt: skip
+        c.set_terminated(r.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+        closed.append(r.info.run_id)
+    if closed:
+        print(f"closed {len(closed)} MLflow run(s) left RUNNING by killed harlflow processes")
+    return closed

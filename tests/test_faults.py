@@ -67,6 +67,22 @@ def record_lines(env: dict) -> list[bytes]:
     return path.read_bytes().splitlines() if path.is_file() else []
 
 
+def mlflow_runs(env: dict, model_name: str) -> dict[str, list[str]]:
+    """Status -> run names of the MLflow runs of ``optimize <model_name>`` (parent and stages)."""
+    from mlflow import MlflowClient
+
+    home = Path(env["HARLFLOW_HOME"])
+    c = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("harlflow")
+    parents = {r.info.run_id for r in c.search_runs([exp.experiment_id],
+               f"tags.mlflow.runName = 'optimize {model_name}'")}  # fmt: skip
+    out: dict[str, list[str]] = {}
+    for r in c.search_runs([exp.experiment_id], max_results=1000):
+        if r.info.run_id in parents or r.data.tags.get("mlflow.parentRunId") in parents:
+            out.setdefault(r.info.status, []).append(r.data.tags["mlflow.runName"])
+    return out
+
+
 def wait_for(cond, timeout: float, what: str) -> None:
     t0 = time.monotonic()
     while not cond():
@@ -95,6 +111,8 @@ def test_kill_9_during_tuning_then_the_same_command_resumes(env, model, tmp_path
     assert 4 <= measured < 16
     runs = Path(env["HARLFLOW_HOME"]) / "tuning_db" / "runs"
     assert len(list(runs.glob("*.json"))) == 1  # the interrupted run's journal
+    orphans = mlflow_runs(env, "resumable")["RUNNING"]
+    assert sorted(orphans) == ["optimize resumable", "tune"]  # nobody could end them
     with open(Path(env["HARLFLOW_HOME"]) / "tuning_db" / "database_tuning_record.json", "ab") as f:
         f.write(b'[0,[[["GetSBlock",[],["matmul"')  # what a kill during a write leaves
 
@@ -107,6 +125,9 @@ def test_kill_9_during_tuning_then_the_same_command_resumes(env, model, tmp_path
     assert s["trials"] == len(lines) - measured and measured + s["trials"] == 16
     assert all(json.loads(line) for line in lines)  # every line parses again
     assert not list(runs.glob("*.json"))  # the run finished: no journal left
+    assert "closed 2 MLflow run(s) left RUNNING by killed harlflow processes" in r.stderr
+    statuses = mlflow_runs(env, "resumable")
+    assert sorted(statuses["KILLED"]) == sorted(orphans) and "RUNNING" not in statuses
     verify_directory(Path(s["artifact"]))
 
 
