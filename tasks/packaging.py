@@ -155,7 +155,7 @@ def package(
     try:
         log(f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned and "
             f"{sum(v != 'database' for v in sources.values())} fallback kernels")  # fmt: skip
-        tuning.compile_module(mod, target, compile_db).export_library(str(tmp / "model.so"))
+        export_library(tuning.compile_module(mod, target, compile_db), tmp / "model.so")
         shutil.copy(imported.reference_path, tmp / "reference.npz")
         n_records = _export_tuning_db(db, tasks, target, tmp / "tuning_db")
         manifest: dict[str, Any] = {
@@ -205,6 +205,67 @@ def package(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+NATIVE_EXIT = 70  # export_library's child left through the C library's exit() (LLVM does)
+
+
+def export_library(executable, path: Path, timeout: float = 900) -> None:
+    """``executable.export_library(path)`` in a forked child process.
+
+    LLVM does not raise when it cannot write its object file (a full disk or temp directory):
+    it prints "LLVM ERROR: IO failure on output stream: ..." and exits the whole process. In a
+    child that costs only the child; here its exit becomes an exception carrying what it
+    printed, which :func:`_disk_failure` recognises. The child shares the compiled module with
+    this process by ``fork`` (nothing is serialised) and leaves with ``os._exit``, so no exit
+    handler of this process runs twice."""
+    import ctypes
+    import select
+    import signal
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report on the pipe, which is also its stderr
+        code = 0
+        try:
+            os.close(err_r)
+            os.dup2(err_w, 2)
+            # LLVM leaves through exit(), whose handlers include the static destructors of the
+            # libraries loaded here; onnxruntime's waits for threads that were not forked and
+            # never returns. Registered last, this handler runs first and skips them all.
+            at_exit = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: os._exit(NATIVE_EXIT))
+            ctypes.CDLL(None).__cxa_atexit(at_exit, None, None)
+            executable.export_library(str(path))
+        except BaseException as e:
+            os.write(err_w, f"{type(e).__name__}: {e}".encode(errors="replace")[-8000:])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(err_w)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([err_r], [], [], 1.0)
+            if ready:
+                chunk = os.read(err_r, 65536)
+                if not chunk:
+                    break  # the child has exited (or closed its stderr)
+                chunks.append(chunk)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            chunks.append(f"no result after {timeout:.0f} s".encode())
+    finally:
+        os.close(err_r)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    printed = b"".join(chunks).decode(errors="replace").strip()
+    if code != 0:
+        how = "the compiler ended the process" if code == NATIVE_EXIT else f"exit {code}"
+        raise RuntimeError(f"exporting {path.name} failed ({how}):\n{printed or 'no message'}")
+    if printed:
+        sys.stderr.write(printed + "\n")  # the compiler's warnings, if any
+
+
 _DISK_FULL = ("No space left on device", "File too large", "File size limit exceeded",
               "Disk quota exceeded", "Read-only file")  # fmt: skip
 
@@ -232,7 +293,7 @@ def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, 
     log("measuring the untuned TVM build")
     untuned = scratch / "untuned"
     untuned.mkdir()
-    tuning.compile_untuned(mod, target).export_library(str(untuned / "model.so"))
+    export_library(tuning.compile_untuned(mod, target), untuned / "model.so")
     shutil.copy(artifact / "manifest.json", untuned / "manifest.json")
     lat["tvm_untuned"] = run_worker(
         ["tvm", "--path", str(untuned), "--reference", ref, "--repeats", "10", *limits]
