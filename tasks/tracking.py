@@ -21,6 +21,15 @@ EXPERIMENT = "harlflow"
 HOST, PID = "harlflow.host", "harlflow.pid"  # who runs a run, to close it if that process died
 
 
+def _host() -> str:
+    """This machine and pid namespace: containers that share a hostname (host networking) have
+    pid namespaces of their own, and a pid is only meaningful inside its namespace."""
+    try:
+        return f"{socket.gethostname()} pidns:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (not Linux)
+        return socket.gethostname()
+
+
 def client() -> StoreClient:
     """An ``MlflowClient`` on the configured store (sqlite under the home by default)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -136,7 +145,7 @@ def run(c, name: str, *, parent_run_id: str | None = None,
     were killed (see :func:`close_orphans`)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    all_tags = {MLFLOW_RUN_NAME: name, HOST: socket.gethostname(), PID: str(os.getpid()),
+    all_tags = {MLFLOW_RUN_NAME: name, HOST: _host(), PID: str(os.getpid()),
                 **(tags or {})}  # fmt: skip
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -156,7 +165,8 @@ def run(c, name: str, *, parent_run_id: str | None = None,
 
 
 def close_orphans(c) -> list[str]:
-    """Mark KILLED the runs left RUNNING by harlflow processes on this host that no longer exist.
+    """Mark KILLED the runs left RUNNING by harlflow processes on this host (and pid namespace)
+    that no longer exist.
 
     A process killed with ``kill -9`` (or by the OOM killer) cannot end its MLflow runs; without
     this they stay RUNNING forever in the UI. A process is taken as the run's owner only if it
@@ -164,7 +174,7 @@ def close_orphans(c) -> list[str]:
     import psutil
     from mlflow.entities import RunStatus
 
-    host = socket.gethostname()
+    host = _host()
     running = c.search_runs(
         [experiment_id(c)],
         f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{host}'",
