@@ -228,11 +228,11 @@ except HarlflowError as e:
 
 def test_full_disk_while_packaging_leaves_nothing_half_written(env, model):
     """The disk fills up while the library is written (a file-size limit makes every write past
-    40 kB fail, as a full disk does). The first write to fail is LLVM's object file, on which
+    4 kB fail, as a full disk does). The first write to fail is LLVM's object file, on which
     LLVM ends the process it runs in; the export runs in a forked child, so this is one line,
     StoreError, exit 5. No version directory appears, and the next run packages (removing any
     temporary directory a killed run left)."""
-    r = subprocess.run([sys.executable, "-c", _PACKAGE_WITH_FULL_DISK, str(model), "40000"],
+    r = subprocess.run([sys.executable, "-c", _PACKAGE_WITH_FULL_DISK, str(model), "4000"],
                        env=env, capture_output=True, text=True, timeout=600,
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))  # fmt: skip
     assert r.returncode == 5, r.stdout + r.stderr[-3000:]
