@@ -237,8 +237,8 @@ def test_full_disk_while_packaging_leaves_nothing_half_written(env, model):
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))  # fmt: skip
     assert r.returncode == 5, r.stdout + r.stderr[-3000:]
     error = r.stdout.splitlines()[-1]  # after the stage's progress lines
-    assert error.startswith("StoreError") and error.endswith("nothing was written")
-    assert "(LLVM ERROR: IO failure on output stream: File too large)" in error
+    assert error.startswith("StoreError") and error.endswith("nothing was written"), r.stdout
+    assert "(LLVM ERROR: IO failure on output stream: File too large)" in error, r.stdout
     parent = Path(env["HARLFLOW_HOME"]) / "fulldisk"
     assert not [p for p in parent.iterdir() if not p.name.startswith(".tmp-")]
 
