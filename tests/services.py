@@ -71,6 +71,12 @@ class Service:
         self._log_file.close()
 
 
+def harlflow(env: dict, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The ``harlflow`` executable with these arguments, as a user or CI job runs it."""
+    return subprocess.run([str(BIN / "harlflow"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
 def http_ok(url: str) -> bool:
     import httpx
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from services import BIN, free_port, kill_tree, start_mlflow_server
+from services import BIN, free_port, harlflow, kill_tree, start_mlflow_server
 
 from harlflow.pull import verify_directory
 
@@ -43,11 +43,6 @@ def model(env, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("faults-models") / "tiny.onnx"
     assert harlflow(env, "export-example", "tiny_mlp", "--out", str(path)).returncode == 0
     return path
-
-
-def harlflow(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "harlflow"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def matmul_model(path: Path, m: int, k: int, n: int) -> Path:

@@ -21,6 +21,7 @@ import pytest
 from onnx import numpy_helper
 from services import (
     BIN,
+    harlflow,
     kill_tree,
     start_mlflow_server,
     start_prefect_server,
@@ -54,11 +55,6 @@ def ops_env(servers, tmp_path_factory):
     home = tmp_path_factory.mktemp("ops-home")
     return {**os.environ, **servers, "HARLFLOW_HOME": str(home),
             "PREFECT_HOME": str(home / "prefect")}  # fmt: skip
-
-
-def harlflow(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "harlflow"), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
 
 
 def _mlflow(env: dict):
