@@ -183,15 +183,19 @@ def target_json(target: dict[str, Any]) -> str:
     return json.dumps(_target_key(tvm.target.Target(target).export()), sort_keys=True)
 
 
-def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
-    """The ``k`` best valid records of a workload on this target (empty when none)."""
+def records_on_target(db, mod, target: dict[str, Any]) -> list:
+    """Every record of a workload on this target, fastest first (failed trials last)."""
     if not db.has_workload(mod):
         return []
     tj = target_json(target)
-    records = db.get_top_k(db.commit_workload(mod), 10_000)
+    return [r for r in db.get_top_k(db.commit_workload(mod), 1_000_000) if _same_target(r, tj)]
+
+
+def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
+    """The ``k`` best valid records of a workload on this target (empty when none)."""
     valid = [
-        r for r in records
-        if r.run_secs and mean_run_secs(r.run_secs) < FAILED_RUN_SECS and _same_target(r, tj)
+        r for r in records_on_target(db, mod, target)
+        if r.run_secs and mean_run_secs(r.run_secs) < FAILED_RUN_SECS
     ]  # fmt: skip
     return valid[:k]
 
@@ -535,13 +539,7 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
 # --------------------------------------------------------------------------- resuming
 def count_records(db, tasks, target: dict[str, Any]) -> int:
     """Records (valid or failed) of these tasks' workloads on this target: one per trial."""
-    tj = target_json(target)
-    n = 0
-    for t in tasks:
-        mod = t.dispatched[0]
-        if db.has_workload(mod):
-            n += sum(_same_target(r, tj) for r in db.get_top_k(db.commit_workload(mod), 1_000_000))
-    return n
+    return sum(len(records_on_target(db, t.dispatched[0], target)) for t in tasks)
 
 
 class RunJournal:
