@@ -48,7 +48,7 @@ def retune(
             "source": source, "budget": trials, "strategy": strategy, "rewrite": rewrite,
             "target": json.dumps(target_dict), "promote": promote, "seed": seed, "rpc": rpc,
         })  # fmt: skip
-        models = list_models(source, config.home() / "cache" / "sources")
+        models = list_models(source, config.sources_cache_dir())
         logger.info("retune %s: %d models", source, len(models))
         for m in models:
             last = last_optimised(c, m.name, target_dict)

@@ -175,12 +175,12 @@ def _optimize(a: argparse.Namespace) -> dict:
 
 
 def cmd_retune(a: argparse.Namespace) -> int:
-    from harlflow.config import home
+    from harlflow.config import sources_cache_dir
     from tasks.sources import list_models
 
     _check_run_options(a)
     _check_home()
-    models = list_models(a.source, home() / "cache" / "sources")  # a bad source fails here
+    models = list_models(a.source, sources_cache_dir())  # a bad source fails here
     if not models:
         print(f"harlflow: {a.source} holds no .onnx or .pt2 model yet", file=sys.stderr)
     _check_mlflow()
@@ -220,8 +220,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
     except Exception as e:
         raise StoreError(f"Prefect server {api} is unreachable: {type(e).__name__}: {e}") from None
-    if not a.source.startswith("s3://") and not Path(a.source).is_dir():
-        raise BadInputError(f"model source {a.source!r} is not a directory or an s3:// prefix")
+    from tasks.sources import check_source
+
+    check_source(a.source)
     _check_home()
     _check_mlflow()
     _prefect_env()

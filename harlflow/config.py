@@ -40,6 +40,11 @@ def import_cache_dir() -> Path:
     return home() / "cache" / "import"
 
 
+def sources_cache_dir() -> Path:
+    """Model files that retuning downloaded from an S3 source, content-addressed."""
+    return home() / "cache" / "sources"
+
+
 def mlflow_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else a sqlite store under the home."""
     return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()

@@ -26,17 +26,26 @@ class SourceModel:
     origin: str  # where it was found (the file path or s3://bucket/key)
 
 
+def check_source(source: str) -> None:
+    """A source is an existing directory or a well-formed ``s3://bucket/prefix``."""
+    if source.startswith("s3://"):
+        from tasks.publishing import parse_s3_uri
+
+        parse_s3_uri(source)
+    elif not Path(source).is_dir():
+        raise BadInputError(f"model source {source!r} is not a directory or an s3:// prefix")
+
+
 def list_models(source: str, cache_dir: Path) -> list[SourceModel]:
     """Every model file directly in ``source`` (a directory, or ``s3://bucket/prefix``), sorted.
 
     S3 objects are downloaded under ``cache_dir`` (content-addressed) so that the import stage
     reads a local file; a name that cannot be an artifact name is a :class:`BadInputError`.
     """
+    check_source(source)
     if source.startswith("s3://"):
         return _list_s3(source, cache_dir)
     root = Path(source)
-    if not root.is_dir():
-        raise BadInputError(f"model source {source!r} is not a directory or an s3:// prefix")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in MODEL_SUFFIXES)
     return [
         SourceModel(
