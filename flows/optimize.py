@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from harl.budget import format_duration
 from harl.target import resolve_target
 from harlflow.config import (
     harl_agent_path,
@@ -34,6 +35,7 @@ def optimize(
     model: str,
     name: str | None = None,
     trials: int = 64,
+    time_budget_s: float | None = None,
     strategy: str = "evolutionary",
     target: str | dict | None = None,
     s3_uri: str | None = None,
@@ -56,6 +58,7 @@ def optimize(
     with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
         tracking.log_params(c, parent, {
             "model": model, "name": name, "target": json.dumps(target_dict), "budget": trials,
+            "time_budget_s": time_budget_s,
             "strategy": strategy, "rewrite": rewrite, "promote": promote, "seed": seed, "s3_uri": s3_uri,
             "rpc": rpc,
             **{f"version_{k}": v for k, v in versions().items()},
@@ -82,7 +85,7 @@ def optimize(
 
         with tracking.run(c, "tune", parent_run_id=parent) as rid:
             result = tune_task()(imported, target_dict, database_dir=tuning_db_dir(), trials=trials,
-                                 strategy=strategy, seed=seed,
+                                 time_budget_s=time_budget_s, strategy=strategy, seed=seed,
                                  min_trials_per_task=min_trials_per_task,
                                  agent_path=harl_agent_path(), rpc=rpc, log=logger.info)  # fmt: skip
             log_tuning(c, rid, result, min_trials_per_task, harl_agent_path())
@@ -123,10 +126,13 @@ def optimize(
             "trials_failed": result.summary()["trials_failed"],
             "resumed_trials": result.resumed_trials,
             "tuning_seconds": round(result.seconds, 1),
+            "time_budget": format_duration(time_budget_s) if time_budget_s else None,
+            "seconds_per_trial": result.summary()["seconds_per_trial"],
             "latency_ms": {
                 k: v["median_ms"] for k, v in artifact.manifest.get("latency_ms", {}).items()
             },
             "speedup": artifact.manifest.get("speedup", {}),
+            "ratio_to_onnxruntime": artifact.manifest.get("ratio_to_onnxruntime"),
             "mlflow_run_id": parent,
         }
         tracking.log_metrics(c, parent, {f"speedup/{k}": v for k, v in summary["speedup"].items()})

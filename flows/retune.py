@@ -25,6 +25,7 @@ from tasks.sources import last_optimised, list_models
 def retune(
     source: str,
     trials: int = 64,
+    time_budget_s: float | None = None,
     strategy: str = "evolutionary",
     target: str | dict | None = None,
     rewrite: str = "greedy",
@@ -45,7 +46,7 @@ def retune(
     decisions: dict[str, dict[str, Any]] = {}
     with tracking.run(c, f"retune {source}", tags={"harlflow.flow": "retune"}) as run_id:
         tracking.log_params(c, run_id, {
-            "source": source, "budget": trials, "strategy": strategy, "rewrite": rewrite,
+            "source": source, "budget": trials, "time_budget_s": time_budget_s, "strategy": strategy, "rewrite": rewrite,
             "target": json.dumps(target_dict), "promote": promote, "seed": seed, "rpc": rpc,
         })  # fmt: skip
         models = list_models(source, config.sources_cache_dir())
@@ -62,7 +63,8 @@ def retune(
                 logger.info("%s: %s (sha256 %s…): optimising", m.name, why, m.sha256[:12])
                 try:
                     s = optimize(
-                        model=m.path, name=m.name, trials=trials, strategy=strategy,
+                        model=m.path, name=m.name, trials=trials, time_budget_s=time_budget_s,
+                        strategy=strategy,
                         target=target_dict, s3_uri=s3_uri, seed=seed,
                         min_trials_per_task=min_trials_per_task, measure=measure,
                         measure_seconds=measure_seconds, rewrite=rewrite, promote=promote,

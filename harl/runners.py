@@ -84,15 +84,29 @@ def rpc_runner(spec: RPCSpec | str, *, session_timeout_sec: int = 60):
         )
     return ms.runner.RPCRunner(
         rpc_config=_config(spec, session_timeout_sec),
+        evaluator_config=evaluator_config(),
         max_workers=servers,
         initializer=import_tensor_intrinsics,
     )
 
 
+# One trial's timing: MetaSchedule's default is number=3, repeat=1, min_repeat_ms=100, i.e. one
+# mean over >= 100 ms. Two repeats of >= 40 ms cost less and their mean varied as little across
+# re-measurements of the same kernels (bench/trial_profile.py, "noise").
+EVALUATOR = {"number": 3, "repeat": 2, "min_repeat_ms": 40, "enable_cpu_cache_flush": False}
+
+
+def evaluator_config():
+    """MetaSchedule's ``EvaluatorConfig`` for :data:`EVALUATOR`."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.EvaluatorConfig(**EVALUATOR)
+
+
 def make_runner(rpc: str | None):
-    """The runner for ``--rpc`` (None: this machine)."""
+    """The runner for ``--rpc`` (None: this machine's ``LocalRunner``, one persistent worker)."""
     if rpc:
         return rpc_runner(rpc)
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.runner.LocalRunner()
+    return ms.runner.LocalRunner(evaluator_config=evaluator_config())

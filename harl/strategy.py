@@ -120,7 +120,6 @@ def _make_strategy_class():
             self.mod = context.mod
             self.postprocs = list(context.space_generator.postprocs)
             self.extractor = ms.feature_extractor.PerStoreFeature()
-            self.args_info = ms.arg_info.ArgInfo.from_prim_func(self.mod["main"])
             from tvm.s_tir.analysis import estimate_tir_flops
 
             self.flop = max(1.0, float(estimate_tir_flops(self.mod)))
@@ -169,7 +168,7 @@ def _make_strategy_class():
             if not picks:
                 return None
             self.pending = [(h, k) for h, k, _ in picks]
-            return [ms.MeasureCandidate(sch, self.args_info) for _, _, sch in picks]
+            return [self._candidate(sch) for _, _, sch in picks]
 
         def notify_runner_results(self, measure_candidates, results) -> None:
             self.round += 1
@@ -346,7 +345,7 @@ def _make_strategy_class():
 
         # ------------------------------------------------------------ helpers
         def _state(self, t: dict, step: int) -> np.ndarray:
-            cand = ms.MeasureCandidate(t["sch"], self.args_info)
+            cand = self._candidate(t["sch"])
             feats = _pool_features(self.extractor.extract_from(self.ctx, [cand])[0])
             ctx = np.array(
                 [step / max(1, self.cfg.steps), t["score"], t["best"], self.cfg.eps], np.float32
@@ -358,8 +357,14 @@ def _make_strategy_class():
         def _predict(self, schedules: list) -> list[float]:
             if self.cost_model is None or not schedules:
                 return [0.0] * len(schedules)
-            cands = [ms.MeasureCandidate(s, self.args_info) for s in schedules]
+            cands = [self._candidate(s) for s in schedules]
             return [float(x) for x in self.cost_model.predict(self.ctx, cands)]
+
+        @staticmethod
+        def _candidate(sch):
+            """A measure candidate with the arguments of the schedule's own entry function: a
+            weight-layout rewrite (prepacking) changes the weight's shape."""
+            return ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, True))
 
         def _replay(self, trace):
             return replay(self.mod, trace, self.postprocs, self._seed())

@@ -14,8 +14,8 @@ HOST_SHORTHANDS = ("cpu", "host", "llvm")
 def host_target() -> dict[str, Any]:
     """The host's llvm target with its real ``mcpu`` and the cores this process may use.
 
-    Without ``mcpu`` LLVM emits generic x86-64 code (ENVIRONMENT.md: 105 vs ~475 GFLOP/s on a
-    tuned 512³ matmul), so the shorthand always carries it.
+    Without ``mcpu`` LLVM emits generic x86-64 code (no AVX-512), so the shorthand always
+    carries it.
     """
     from tvm.target import codegen
 
@@ -56,3 +56,16 @@ def resolve_target(spec: str | dict[str, Any] | None) -> dict[str, Any]:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise BadInputError(f"invalid TVM target {json.dumps(target)}: {first}") from None
     return target
+
+
+def use_target_threads(target: dict[str, Any]) -> None:
+    """Size TVM's runtime thread pool to the target's cores, unless ``TVM_NUM_THREADS`` is set.
+
+    TVM reads ``TVM_NUM_THREADS`` when its pool first starts (and processes it spawns, such as
+    MetaSchedule's runner worker, inherit it). Left alone on our 2-vCPU machines the pool ran
+    kernels on one thread: a tuned 3×3 convolution took 2.3 ms against 1.16 ms with
+    ``TVM_NUM_THREADS=2`` (``bench/trial_profile.py``). Tuning, verification and deployment
+    must all run the target's core count, or the schedules are chosen for the wrong machine.
+    """
+    if target.get("kind", "llvm") == "llvm" and "num-cores" in target:
+        os.environ.setdefault("TVM_NUM_THREADS", str(int(target["num-cores"])))

@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harl._fast_import import import_tensor_intrinsics
-from harl.schedules import postprocess
+from harl.sampling import fallback_trace, sample_schedules
+from harl.target import use_target_threads
 from harlflow.errors import BadInputError, TuningError
 from harlflow.locks import file_lock
 
@@ -51,6 +52,9 @@ class Progress:
     best_task_us: float | None
     weighted_us: float | None  # Σ weight × best latency over tasks measured so far
     elapsed_s: float
+    remaining_s: float | None = None  # time left of --time-budget (None: a trial budget only)
+    tasks_measured: int = 0  # tasks with a measured latency (weighted_us sums only these)
+    tasks_total: int = 0
 
 
 @dataclass
@@ -67,6 +71,8 @@ class TuneResult:
     agent_metrics: list[dict[str, float]] = field(default_factory=list)  # HARL's PPO updates
     runner: str = "local"  # where trials were measured: "local" or "rpc HOST:PORT:KEY"
     resumed_trials: int = 0  # trials an interrupted run of the same command had measured
+    time_budget_s: float | None = None  # --time-budget, when given
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per tuning phase
 
     @property
     def weighted_latency_us(self) -> float | None:
@@ -85,6 +91,8 @@ class TuneResult:
             "trials_failed": sum(t.failed for t in self.tasks),
             "resumed_trials": self.resumed_trials,
             "tuning_seconds": round(self.seconds, 2),
+            "time_budget_s": self.time_budget_s,
+            "seconds_per_trial": round(self.seconds / self.trials, 3) if self.trials else None,
             "tasks": len(self.tasks),
             "tasks_tuned": counts["tuned"],
             "tasks_from_database": counts["database"],
@@ -95,24 +103,28 @@ class TuneResult:
 
 # --------------------------------------------------------------------------- preparation
 def prepare(mod):
-    """Inference decompositions + canonical bindings: the module that is compiled in the end."""
+    """Inference decompositions, convolutions in NHWC, canonical bindings: the module that is
+    compiled in the end.
+
+    NHWC puts the output channels innermost, so a convolution's micro-kernel vectorises over
+    channels (16 fp32 lanes, multiples of 16 in most layers) and broadcasts inputs; NCHW would
+    vectorise over the image width (7, 14, 28, 56 in ResNet-18). The weights' transposes are
+    constants and fold away; the model keeps its NCHW inputs and outputs.
+    """
     from tvm import relax
 
     mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
     return relax.transform.CanonicalizeBindings()(mod)
 
 
-def extract_tasks(mod, target: dict[str, Any]):
-    """MetaSchedule tasks of a prepared module (legalized and fused first: the "zero" pipeline)."""
-    import tvm
-    from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
+def extract_tasks(mod, target: dict[str, Any], *, prepack: bool = True):
+    """MetaSchedule tasks of a prepared module, fused as :func:`compile_module` fuses it (weights
+    marked layout-free when ``prepack``, so schedules may choose their layouts)."""
+    from harl import pipeline
 
-    tgt = tvm.target.Target(target)
-    with tgt:
-        fused = relax.get_pipeline("zero")(mod)
     try:
-        return list(ms.relax_integration.extract_tasks(fused, tgt))
+        return pipeline.extract_tasks(pipeline.fuse(mod, target, prepack=prepack), target)
     except Exception as e:
         raise TuningError(f"task extraction failed: {str(e).strip().splitlines()[-1]}") from None
 
@@ -206,92 +218,75 @@ def mean_run_secs(run_secs) -> float:
     return sum(vals) / len(vals)
 
 
-def sample_schedules(task, target: dict[str, Any], count: int, seed: int) -> list:
-    """``count`` random points of a task's design spaces, each post-processed into a valid schedule.
+TINY_SHARE = 0.01  # tasks under 1% of the model's weighted FLOPs get one trial and no search
+MICRO_KERNEL_SHARE = 0.75  # warm-up samples with register-blocked tiles (harl.sampling)
 
-    Each round asks the space generator for its sketches again, which samples every decision
-    afresh from the context's random state (seeded), so the same seed gives the same schedules
-    and the sketches take turns. Samples the postprocessors reject are skipped.
+
+def importance(tasks, summaries) -> list[float]:
+    """Each task's share of the model's FLOPs (weight × FLOP / Σ), 0 when unknown."""
+    work = [s.weight * s.flop if math.isfinite(s.flop) else 0.0 for s in summaries]
+    total = sum(work)
+    return [w / total if total > 0 else 1.0 / max(1, len(work)) for w in work]
+
+
+def measure_random(jobs, db, target: dict[str, Any], seed: int, builder, runner,
+                   report: Callable[[TaskSummary], None], deadline=None, chunk: int = 8) -> int:  # fmt: skip
+    """Measure seeded samples of each task: the warm-up under any search. Returns trials spent.
+
+    ``jobs`` is ``[(task, summary, count)]``, most important first; samples are interleaved
+    across tasks (every task's first sample, then every task's second, ...) and measured in
+    chunks of ``chunk``, so a ``deadline`` that cuts the warm-up short still leaves every big
+    task measured. Most samples have register-blocked tiles (:mod:`harl.sampling`); each
+    result is committed to ``db`` as it arrives (a killed run keeps every finished trial) and
+    reported (``report(summary)`` per trial). Failed builds and runs are recorded as
+    MetaSchedule records them (run_secs 1e10).
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    import_tensor_intrinsics()
-    mod = task.dispatched[0]
-    ctx = ms.TuneContext(
-        mod=mod, target=tvm.target.Target(target), space_generator="post-order-apply",
-        rand_state=seed + 1, num_threads=1,
-    )  # fmt: skip
-    out: list = []
-    for _ in range(4 * count):  # each call samples every decision of every sketch afresh
-        for sch in ctx.space_generator.generate_design_space(mod):
-            if len(out) < count and postprocess(sch, ctx.space_generator.postprocs):
-                out.append(sch)
-        if len(out) == count:
-            break
-    return out
+    from harl.budget import Deadline
 
-
-def fallback_trace(task, target: dict[str, Any], seed: int):
-    """A measurement-free schedule for a task never measured on this target (``--trials 0``).
-
-    MetaSchedule's CPU design space already parallelises, vectorises and tiles, so even a random
-    point in it beats TVM's unscheduled default (single-threaded, scalar, untiled): ResNet-18 ran
-    873 ms against 2177 ms. Measured warm-up samples (:func:`measure_random`) do far better.
-    """
-    samples = sample_schedules(task, target, 1, seed)
-    return samples[0].trace if samples else None
-
-
-def measure_random(tasks, summaries, db, target: dict[str, Any], per_task: int, seed: int,
-                   builder, runner, report: Callable[[TaskSummary, int], None]) -> int:  # fmt: skip
-    """Build and run ``per_task`` random schedules of every task in one batch; record them all.
-
-    This is the floor under any budget: a task that never gets a search round still runs the best
-    of several measured schedules (ResNet-18: 173 ms with 8 per task, against 2177 ms untuned).
-    Failed builds and runs are recorded as MetaSchedule does (run_secs 1e10). Returns trials spent.
-    """
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
+    deadline = deadline or Deadline(None)
     tgt = tvm.target.Target(target)
-    batch = []  # (task index, schedule, args_info)
-    for i, task in enumerate(tasks):
-        args_info = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
-        for sch in sample_schedules(task, target, per_task, seed + i):
-            batch.append((i, sch, args_info))
-    if not batch:
-        return 0
-    built = builder.build([ms.builder.BuilderInput(sch.mod, tgt) for _, sch, _ in batch])
-    run_inputs, run_index = [], []
-    for k, ((_, _, args_info), b) in enumerate(zip(batch, built, strict=True)):
-        if b.error_msg is None:
-            run_inputs.append(
-                ms.runner.RunnerInput(b.artifact_path, _device_type(target), args_info)
-            )
-            run_index.append(k)
-    futures = dict(zip(run_index, runner.run(run_inputs), strict=True))
-    for k, (i, sch, args_info) in enumerate(batch):
-        # committed one by one as results arrive: a killed run keeps every finished trial
-        r = futures[k].result() if k in futures else None
-        secs = [float(x) for x in r.run_secs] if r and r.error_msg is None and r.run_secs else None
-        mod = tasks[i].dispatched[0]
-        db.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, db.commit_workload(mod), secs or [FAILED_RUN_SECS * 10], tgt, args_info
-        ))  # fmt: skip
-        summary = summaries[i]
-        summary.trials += 1
-        summary.failed += secs is None
-        if secs is not None:
-            us = mean_run_secs(secs) * 1e6
-            if summary.best_us is None or us < summary.best_us:
-                summary.best_us = us
-    for b in built:
-        if b.artifact_path:
-            Path(b.artifact_path).unlink(missing_ok=True)
-    for i, summary in enumerate(summaries):
-        report(summary, sum(1 for j, _, _ in batch if j == i))
-    return len(batch)
+    per_task = []
+    for i, (task, summary, count) in enumerate(jobs):
+        if deadline.expired():
+            break
+        samples = sample_schedules(task, target, count, seed + i, micro_kernel=MICRO_KERNEL_SHARE)
+        per_task.append([(task, summary, sch) for sch in samples])
+    order = [row[k] for k in range(max(map(len, per_task), default=0)) for row in per_task
+             if k < len(row)]  # fmt: skip
+    spent = pos = 0
+    while pos < len(order):
+        batch = order[pos : pos + deadline.affordable(chunk)]
+        if not batch:
+            break
+        pos += len(batch)
+        args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, True) for _, _, sch in batch]
+        built = builder.build([ms.builder.BuilderInput(sch.mod, tgt) for _, _, sch in batch])
+        ok = [k for k, b in enumerate(built) if b.error_msg is None]
+        inputs = [ms.runner.RunnerInput(built[k].artifact_path, _device_type(target), args[k])
+                  for k in ok]  # fmt: skip
+        futures = dict(zip(ok, runner.run(inputs), strict=True))
+        for k, (task, summary, sch) in enumerate(batch):
+            r = futures[k].result() if k in futures else None
+            secs = [float(x) for x in r.run_secs] if r and r.error_msg is None and r.run_secs else None
+            mod = task.dispatched[0]
+            db.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, db.commit_workload(mod), secs or [FAILED_RUN_SECS * 10], tgt, args[k]
+            ))  # fmt: skip
+            summary.trials += 1
+            summary.failed += secs is None
+            if secs is not None:
+                us = mean_run_secs(secs) * 1e6
+                if summary.best_us is None or us < summary.best_us:
+                    summary.best_us = us
+            spent += 1
+            report(summary)
+        for b in built:
+            if b.artifact_path:
+                shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
+    return spent
 
 
 def _device_type(target: dict[str, Any]) -> str:
@@ -334,15 +329,13 @@ def compile_database(db, tasks, target: dict[str, Any], seed: int):
     return mem, sources
 
 
-def compile_module(mod, target: dict[str, Any], database):
-    """Compile a prepared (un-fused) module with the records of ``database`` applied."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
+def compile_module(mod, target: dict[str, Any], database, *, prepack: bool = True):
+    """Compile a prepared (un-fused) module with the records of ``database`` applied, the chosen
+    weight layouts folded into the constants when ``prepack`` (:mod:`harl.pipeline`)."""
+    from harl import pipeline
 
     try:
-        return ms.relax_integration.compile_relax(
-            database, mod, tvm.target.Target(target), params=None
-        )
+        return pipeline.compile_with_database(mod, target, database, prepack=prepack)
     except Exception as e:
         raise TuningError(f"compilation failed: {str(e).strip().splitlines()[-1]}") from None
 
@@ -356,22 +349,28 @@ def compile_untuned(mod, target: dict[str, Any]):
 
 # --------------------------------------------------------------------------- tuning
 class _Tracker:
-    """Counts trials, keeps each task's best latency and reports progress after every batch."""
+    """Counts trials, keeps each task's best latency and reports progress after every trial."""
 
     def __init__(self, summaries: list[TaskSummary], budget: int, history: list[Progress],
-                 on_progress: Callable[[Progress], None] | None):  # fmt: skip
+                 on_progress: Callable[[Progress], None] | None, deadline):  # fmt: skip
         self.summaries, self.budget, self.history = summaries, budget, history
         self.on_progress = on_progress
+        self.deadline = deadline
         self.trials = 0
-        self.start = time.monotonic()
+        self.measured_now = 0  # trials measured by this process (not resumed ones)
+        self.t0 = deadline.elapsed()  # when measuring started (after task extraction)
 
-    def measured(self, summary: TaskSummary, count: int) -> None:
+    def measured(self, summary: TaskSummary, count: int = 1) -> None:
         self.trials += count
+        self.measured_now += count
+        self.deadline.per_trial_s = (self.deadline.elapsed() - self.t0) / self.measured_now
         known = [t.weight * t.best_us for t in self.summaries if t.best_us is not None]
         event = Progress(
             trials=self.trials, budget=self.budget, task=summary.name,
             best_task_us=summary.best_us, weighted_us=sum(known) if known else None,
-            elapsed_s=time.monotonic() - self.start,
+            elapsed_s=self.deadline.elapsed(),
+            remaining_s=None if self.deadline.unlimited else self.deadline.remaining(),
+            tasks_measured=len(known), tasks_total=len(self.summaries),
         )  # fmt: skip
         self.history.append(event)
         if self.on_progress is not None:
@@ -389,23 +388,27 @@ class _Tracker:
             def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
                       runner_results):  # fmt: skip
                 summary = summaries[task_id]
-                summary.trials += len(runner_results)
                 for br, rr in zip(builder_results, runner_results, strict=True):
+                    summary.trials += 1
                     if br.error_msg is None and rr.error_msg is None and rr.run_secs:
                         us = mean_run_secs(rr.run_secs) * 1e6
                         if summary.best_us is None or us < summary.best_us:
                             summary.best_us = us
                     else:
                         summary.failed += 1
-                tracker.measured(summary, len(runner_results))
+                    tracker.measured(summary)
 
         return _Progress()
 
 
 def trials_per_round(budget: int, num_tasks: int) -> int:
-    """Measurements per search round: small budgets still reach every task; large ones batch to
-    amortise the ~8 s start-up of each build pool (MetaSchedule restarts it every round)."""
-    return max(4, min(16, budget // max(1, num_tasks)))
+    """Measurements per search round: every task gets about two rounds of a small budget; large
+    budgets batch up to 32, amortising each round's ~5-10 s of evolutionary search (on 2 cores)
+    over more trials."""
+    return max(8, min(32, budget // max(1, 2 * num_tasks)))
+
+
+SECONDS_PER_TRIAL_GUESS = 0.7  # sizes search rounds under --time-budget before warm-up measured
 
 
 def tune(
@@ -417,6 +420,7 @@ def tune(
     strategy: str = "evolutionary",
     seed: int = 0,
     min_trials_per_task: int = 4,
+    time_budget_s: float | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     builder=None,
     runner=None,
@@ -426,9 +430,12 @@ def tune(
     """Tune the tasks of a prepared module whose workloads the database has not measured yet.
 
     Workloads with valid records for this target are not measured again; the budget goes to new
-    ones. Each new task first gets ``min_trials_per_task`` measured random schedules (a floor,
-    so trials spent can exceed a small ``trials``); what remains of ``trials`` goes to the search
-    ``strategy``. ``trials=0`` measures nothing. Every measurement lands in the database.
+    ones. Each new task first gets ``min_trials_per_task`` measured samples, most of them
+    register-blocked (a floor, so trials spent can exceed a small ``trials``); tasks under
+    ``TINY_SHARE`` of the model's FLOPs get one and no search. What remains of ``trials`` goes to
+    the search ``strategy``. ``time_budget_s`` stops tuning at the first batch boundary after
+    that many seconds, whatever is left of ``trials``. ``trials=0`` measures nothing. Every
+    measurement lands in the database.
 
     ``strategy="harl"`` uses HARL's task scheduler and search strategy; its agent starts from
     ``agent_path`` when that file exists and is saved there afterwards (warm start across runs).
@@ -438,28 +445,35 @@ def tune(
         raise BadInputError(f"--trials must be >= 0, got {trials}")
     if min_trials_per_task < 0:
         raise BadInputError(f"min_trials_per_task must be >= 0, got {min_trials_per_task}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise BadInputError(f"--time-budget must be more than 0 seconds, got {time_budget_s}")
     if strategy not in STRATEGIES:
         raise BadInputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     import_tensor_intrinsics()
+    use_target_threads(target)  # before the runner's worker process starts: it inherits it
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to files
     with locked(database_dir):
         return _tune(mod, target, database_dir, trials=trials, strategy=strategy, seed=seed,
-                     min_trials_per_task=min_trials_per_task, on_progress=on_progress,
-                     builder=builder, runner=runner, work_dir=work_dir, agent_path=agent_path)  # fmt: skip
+                     min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s,
+                     on_progress=on_progress, builder=builder, runner=runner, work_dir=work_dir,
+                     agent_path=agent_path)  # fmt: skip
 
 
-def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_task, on_progress,
-          builder, runner, work_dir, agent_path) -> TuneResult:  # fmt: skip
+def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_task, time_budget_s,
+          on_progress, builder, runner, work_dir, agent_path) -> TuneResult:  # fmt: skip
     """:func:`tune`'s body, run while holding the database's lock."""
     from tvm.s_tir import meta_schedule as ms
 
-    start = time.monotonic()
+    from harl.budget import Deadline, DeadlineStrategy
+    from harl.runners import make_runner
+
+    deadline = Deadline(time_budget_s)
     tasks = extract_tasks(mod, target)
     if not tasks:
         raise TuningError("the model produced no tuning tasks")
     db = open_database(database_dir)
     journal = RunJournal(database_dir, tasks, target, strategy=strategy, budget=trials, seed=seed,
-                         min_trials_per_task=min_trials_per_task)  # fmt: skip
+                         min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s)  # fmt: skip
     interrupted = journal.load() if trials else None
     summaries, new = [], []
     for t in tasks:
@@ -473,11 +487,12 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
             new.append((t, s))
         summaries.append(s)
     result = TuneResult(target=target, strategy=strategy, budget=trials, trials=0, seconds=0.0,
-                        tasks=summaries)  # fmt: skip
+                        tasks=summaries, time_budget_s=time_budget_s)  # fmt: skip
+    result.phases["extract_s"] = round(deadline.elapsed(), 2)
     log.info("%d tasks: %d in the database, %d new", len(tasks), len(tasks) - len(new), len(new))
     if trials == 0 or not new:
         journal.finish()
-        result.seconds = time.monotonic() - start
+        result.seconds = deadline.elapsed()
         return result
     recorded = count_records(db, [t for t, _ in new], target)
     if interrupted:
@@ -486,37 +501,46 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
                  "stopped and are not measured again", result.resumed_trials, trials)  # fmt: skip
     else:
         journal.start([t.task_name for t, _ in new], recorded)
-    new_tasks, new_summaries = [t for t, _ in new], [s for _, s in new]
-    tracker = _Tracker(summaries, trials, result.history, on_progress)
+    share = dict(zip([s.name for s in summaries], importance(tasks, summaries), strict=True))
+    new.sort(key=lambda ts: -share[ts[1].name])  # the heaviest kernels first
+    searched = [(t, s) for t, s in new if share[s.name] >= TINY_SHARE]
+    tracker = _Tracker(summaries, trials, result.history, on_progress, deadline)
     tracker.trials = result.resumed_trials
+    own_builder = builder is None
     builder = builder or default_builder()
-    runner = runner or ms.runner.LocalRunner()
+    runner = runner or make_runner(None)
     try:
-        unmeasured = [(t, s) for t, s in new if s.best_us is None]
-        if min_trials_per_task and unmeasured:
-            measure_random([t for t, _ in unmeasured], [s for _, s in unmeasured], db, target,
-                           min_trials_per_task, seed, builder, runner, tracker.measured)  # fmt: skip
+        jobs = [(t, s, min_trials_per_task if share[s.name] >= TINY_SHARE else 1)
+                for t, s in new if s.best_us is None]  # fmt: skip
+        if min_trials_per_task and jobs:
+            measure_random(jobs, db, target, seed, builder, runner, tracker.measured, deadline)
+        result.phases["warm_up_s"] = round(deadline.elapsed() - result.phases["extract_s"], 2)
         remaining = trials - tracker.trials
-        if remaining > 0:
+        warmed = tracker.trials - result.resumed_trials
+        per_trial = result.phases["warm_up_s"] / warmed if warmed else SECONDS_PER_TRIAL_GUESS
+        affordable = remaining
+        if not deadline.unlimited:
+            affordable = min(remaining, int(deadline.remaining() / per_trial))
+        if searched and remaining > 0 and not deadline.expired():
             with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
                 logs_dir = str(work_dir or tmp)
                 search, scheduler, agent = _strategy(strategy, seed, agent_path)
                 ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    new_tasks, logs_dir, strategy=search, seed=seed,
-                    num_threads=int(target.get("num-cores", 1)),
+                    [t for t, _ in searched], logs_dir, strategy=DeadlineStrategy(search, deadline),
+                    seed=seed, num_threads=int(target.get("num-cores", 1)),
                 )  # fmt: skip
                 ms.tune_tasks(
                     tasks=ctxs,
                     task_weights=weights,
                     work_dir=logs_dir,
                     max_trials_global=remaining,
-                    num_trials_per_iter=trials_per_round(remaining, len(new_tasks)),
+                    num_trials_per_iter=trials_per_round(max(1, affordable), len(searched)),
                     builder=builder,
                     runner=runner,
                     database=db,
                     measure_callbacks=[
                         *ms.measure_callback.MeasureCallback.create("default"),
-                        tracker.callback(new_summaries),
+                        tracker.callback([s for _, s in searched]),
                     ],
                     task_scheduler=scheduler,
                 )
@@ -524,15 +548,21 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
                     result.agent_metrics = list(search.shared.metrics)
                     if agent_path:
                         agent.save(agent_path)
+        result.phases["search_s"] = round(
+            deadline.elapsed() - result.phases["extract_s"] - result.phases["warm_up_s"], 2
+        )
     except Exception as e:
         log.debug("tuning failed", exc_info=True)  # the whole traceback, for whoever debugs
         raise TuningError(f"tuning failed: {str(e).strip().splitlines()[-1]}") from e
+    finally:
+        if own_builder:
+            builder.close()  # no build worker outlives the run
     journal.finish()
-    for s in new_summaries:
+    for _, s in new:
         if s.best_us is not None:
             s.schedule = "tuned"
     result.trials = tracker.trials - result.resumed_trials
-    result.seconds = time.monotonic() - start
+    result.seconds = deadline.elapsed()
     return result
 
 
@@ -608,7 +638,9 @@ def _named_handlers_only() -> Iterator[None]:
 def _strategy(name: str, seed: int, agent_path: str | Path | None):
     """(search strategy, task scheduler, agent) for a strategy name; the agent only for HARL."""
     if name == "evolutionary":
-        return "evolutionary", "gradient", None
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.search_strategy.EvolutionarySearch(), "gradient", None
     from harl.agent import EditAgent
     from harl.scheduler import HARLTaskScheduler
     from harl.strategy import HARLSearchStrategy
@@ -621,13 +653,14 @@ def _strategy(name: str, seed: int, agent_path: str | Path | None):
     return HARLSearchStrategy(agent=agent, seed=seed), HARLTaskScheduler(seed=seed), agent
 
 
-def default_builder():
-    """A LocalBuilder whose workers import TVM's intrinsics fast and get 60 s per build."""
-    from tvm.s_tir import meta_schedule as ms
+def default_builder(*, link: bool = True):
+    """A :class:`~harl.builders.PersistentBuilder` with one worker per core, 60 s per build."""
+    import os
 
-    return ms.builder.LocalBuilder(
-        max_workers=2, timeout_sec=60, initializer=import_tensor_intrinsics
-    )
+    from harl.builders import PersistentBuilder
+
+    return PersistentBuilder(max_workers=max(1, len(os.sched_getaffinity(0))), timeout_sec=60,
+                             link=link)  # fmt: skip
 
 
 def _flop(task) -> float:

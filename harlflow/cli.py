@@ -16,6 +16,7 @@ from pathlib import Path
 from harlflow.errors import BadInputError, HarlflowError
 
 EXAMPLES = "harlflow.examples:{tiny_mlp,small_cnn,resnet18,bert_encoder}"
+DEFAULT_TRIALS = 64
 
 
 def _prefect_env() -> None:
@@ -92,9 +93,13 @@ def cmd_optimize(a: argparse.Namespace) -> int:
 
 def _check_run_options(a: argparse.Namespace) -> dict:
     """Validate the options shared by optimize/retune/serve; returns the resolved target."""
+    from harl.budget import UNLIMITED_TRIALS, parse_duration
     from harl.target import resolve_target
 
     target = resolve_target(a.target)
+    a.time_budget_s = parse_duration(a.time_budget) if a.time_budget is not None else None
+    if a.trials is None:  # a time budget alone is not capped by a trial count
+        a.trials = UNLIMITED_TRIALS if a.time_budget_s else DEFAULT_TRIALS
     if a.trials < 0:
         raise BadInputError(f"--trials must be >= 0, got {a.trials}")
     if a.min_trials_per_task < 0:
@@ -119,7 +124,8 @@ def _check_run_options(a: argparse.Namespace) -> dict:
 def _run_params(a: argparse.Namespace) -> dict:
     """The shared options as flow keyword arguments."""
     return dict(
-        trials=a.trials, strategy=a.strategy, s3_uri=a.s3_uri, seed=a.seed,
+        trials=a.trials, time_budget_s=a.time_budget_s, strategy=a.strategy, s3_uri=a.s3_uri,
+        seed=a.seed,
         min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure, rewrite=a.rewrite,
         measure_seconds=a.measure_seconds, promote=a.promote, max_regression=a.max_regression,
         rpc=a.rpc,
@@ -282,7 +288,12 @@ def _print_summary(s: dict) -> None:
     if rw.get("method") not in (None, "none"):
         rules = ", ".join(f"{k}×{v}" for k, v in (rw.get("rules_applied") or {}).items()) or "none"
         print(f"rewrite   {rw['method']}: {rw['speedup']:.3f}x on onnxruntime; rules {rules}")
-    print(f"tuning    {s['trials']} trials, {s['tuning_seconds']} s")
+    budget = f" of a {s['time_budget']} budget" if s.get("time_budget") else ""
+    per = f", {s['seconds_per_trial']:.2f} s/trial" if s.get("seconds_per_trial") else ""
+    print(f"tuning    {s['trials']} trials in {s['tuning_seconds']} s{budget}{per}")
+    if s.get("ratio_to_onnxruntime"):
+        print(f"vs onnxruntime  {s['ratio_to_onnxruntime']:.2f}x its latency (measured in this run; "
+              "below 1 is faster)")
     lat = s["latency_ms"]
     if lat:
         print(f"{'runtime':14s} {'median ms':>10s} {'tuned speedup':>14s}")
@@ -371,12 +382,14 @@ def cmd_export_example(a: argparse.Namespace) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by optimize, retune and serve: budget, target, stages, publishing."""
-    p.add_argument(
-        "--trials", type=int, default=64, help="global tuning budget (default 64; 0: database only)"
-    )
-    p.add_argument(
-        "--strategy", default="evolutionary", help="search strategy: evolutionary (default) or harl"
-    )
+    p.add_argument("--trials", type=int, default=None,
+                   help=f"global trial budget (default {DEFAULT_TRIALS}, or no cap with "
+                        "--time-budget; 0: database only)")  # fmt: skip
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="stop tuning after this long, keeping every trial measured: 90s, 20m, "
+                        "1h (with --trials, whichever comes first)")  # fmt: skip
+    p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "harl"],
+                   help="search strategy: evolutionary (MetaSchedule's, default) or harl")  # fmt: skip
     p.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
     p.add_argument("--rpc", metavar="HOST:PORT:KEY",
                    help="measure on the TVM RPC servers registered with this tracker under KEY "

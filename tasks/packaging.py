@@ -191,6 +191,7 @@ def package(
         if measure:
             manifest["latency_ms"] = _measure(imported, target, tmp, scratch, mod, max_seconds, log)
             manifest["speedup"] = _speedups(manifest["latency_ms"])
+            manifest["ratio_to_onnxruntime"] = round(1.0 / manifest["speedup"]["vs_onnxruntime"], 4)
         manifest["files"] = {k: v for k, v in sha256_tree(tmp).items() if k != "manifest.json"}
         _write_json(tmp / "manifest.json", manifest)
         final = _next_version_dir(parent, tmp)  # the directory name is the version

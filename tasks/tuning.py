@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harl import tuning
+from harl.budget import UNLIMITED_TRIALS, format_duration
 from harl.runners import make_runner
 from harl.tuning import Progress, TuneResult
 from tasks.importing import ImportedModel, to_relax
@@ -15,27 +16,65 @@ from tasks.importing import ImportedModel, to_relax
 
 def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir: str | Path,
                trials: int, strategy: str, seed: int, min_trials_per_task: int,
-               agent_path: str | Path | None = None, rpc: str | None = None,
-               log=print) -> TuneResult:  # fmt: skip
+               time_budget_s: float | None = None, agent_path: str | Path | None = None,
+               rpc: str | None = None, log=print) -> TuneResult:  # fmt: skip
     """Tune every new workload of the model, measured locally or on the RPC tracker ``rpc``
-    (``HOST:PORT:KEY``); progress after each measured batch."""
+    (``HOST:PORT:KEY``), for at most ``trials`` trials and ``time_budget_s`` seconds; progress
+    as trials are measured, with the best latency so far against onnxruntime's."""
+    ort_ms = _onnxruntime_ms(imported)
+    last = [0.0]
 
     def progress(p: Progress) -> None:
-        best = f"{p.weighted_us / 1e3:.3f} ms" if p.weighted_us is not None else "n/a"
-        log(f"tuning: {p.trials}/{p.budget} trials | best weighted latency {best} | "
-            f"last task {p.task} | {p.elapsed_s:.0f} s")  # fmt: skip
+        if p.elapsed_s - last[0] < PROGRESS_EVERY_S and p.trials < p.budget:
+            return  # a line every few seconds, not one per trial
+        last[0] = p.elapsed_s
+        log(progress_line(p, ort_ms))
 
     mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
     result = tuning.tune(mod, target, database_dir, trials=trials, strategy=strategy, seed=seed,
-                         min_trials_per_task=min_trials_per_task, on_progress=progress,
-                         agent_path=agent_path, runner=make_runner(rpc))  # fmt: skip
+                         min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s,
+                         on_progress=progress, agent_path=agent_path, runner=make_runner(rpc))  # fmt: skip
     result.runner = f"rpc {rpc}" if rpc else "local"
     s = result.summary()
+    per = f" ({s['seconds_per_trial']:.2f} s/trial)" if s["seconds_per_trial"] else ""
+    budget = f" of a {format_duration(time_budget_s)} budget" if time_budget_s else ""
     log(f"tuning done: {s['trials']} trials ({s['trials_failed']} failed) in "
-        f"{s['tuning_seconds']:.0f} s; "
+        f"{s['tuning_seconds']:.0f} s{budget}{per}; "
         f"{s['tasks_tuned']} tasks tuned now, {s['tasks_from_database']} from the database, "
         f"{s['tasks_fallback']} on the fallback schedule")  # fmt: skip
     return result
+
+
+PROGRESS_EVERY_S = 5.0
+
+
+def progress_line(p: Progress, ort_ms: float | None) -> str:
+    """``tuning: 120/∞ trials | 1m40s elapsed, 3m20s left | best 2.310 ms (1.4x onnxruntime)``."""
+    budget = str(p.budget) if p.budget < UNLIMITED_TRIALS else "-"
+    clock = f"{format_duration(p.elapsed_s)} elapsed"
+    if p.remaining_s is not None:
+        clock += f", {format_duration(p.remaining_s)} left"
+    best = "n/a"
+    if p.weighted_us is not None and p.tasks_measured < p.tasks_total:
+        best = f"{p.tasks_measured}/{p.tasks_total} kernels measured"
+    elif p.weighted_us is not None:  # Σ weight × best kernel latency: the model's kernel time
+        best = f"{p.weighted_us / 1e3:.3f} ms"
+        if ort_ms:
+            best += f" ({p.weighted_us / 1e3 / ort_ms:.2f}x onnxruntime)"
+    return f"tuning: {p.trials}/{budget} trials | {clock} | best {best} | last task {p.task}"
+
+
+def _onnxruntime_ms(imported: ImportedModel) -> float | None:
+    """onnxruntime's latency on this model, measured briefly in a fresh process (the yardstick
+    for progress lines); ``None`` if it cannot be measured."""
+    from tasks.packaging import run_worker
+
+    try:
+        r = run_worker(["ort", "--path", str(imported.original_onnx_path),
+                        "--reference", str(imported.reference_path), "--max-seconds", "2"])  # fmt: skip
+        return float(r["median_ms"])
+    except Exception:  # only a progress yardstick: tuning goes on without it
+        return None
 
 
 def tune_task():
@@ -54,6 +93,7 @@ def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,
     tracking.log_params(c, run_id, {
         "strategy": result.strategy, "budget": result.budget, "target": json.dumps(result.target),
         "min_trials_per_task": min_trials_per_task, "runner": result.runner,
+        "time_budget_s": result.time_budget_s,
     })  # fmt: skip
     s = result.summary()
     tracking.log_metrics(c, run_id, {
@@ -64,6 +104,8 @@ def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,
         "tuning/tasks_from_database": s["tasks_from_database"],
         "tuning/tasks_fallback": s["tasks_fallback"],
         "tuning/weighted_latency_us": s["weighted_latency_us"],
+        "tuning/seconds_per_trial": s["seconds_per_trial"],
+        **{f"tuning/phase_{k}": v for k, v in result.phases.items()},
     })  # fmt: skip
     for p in result.history:
         tracking.log_metrics(

@@ -1,0 +1,123 @@
+"""Tuning budgets in wall time: ``--time-budget 20m`` next to ``--trials``.
+
+A :class:`Deadline` is checked before every measured batch (warm-up chunks and search rounds), and
+a batch is cut to the trials that fit in the time left at the run's pace, so tuning ends close to
+the deadline and keeps everything measured. Both search strategies run under
+:class:`DeadlineStrategy`, which ends a task's search (``None``: no more candidates) when not one
+more trial fits, the way MetaSchedule ends a converged task. MetaSchedule's evolutionary search
+counts the trials it was told about (``notify_runner_results``), so a cut batch is safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+
+from harlflow.errors import BadInputError
+
+UNLIMITED_TRIALS = 1_000_000  # --time-budget without --trials: the deadline decides
+_DURATION = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>s|sec|m|min|h)?\s*$", re.I)
+_UNIT_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"20m"``, ``"1h"``, ``"1.5h"`` or plain seconds (``"300"``) → seconds (> 0)."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise BadInputError(
+            f"invalid --time-budget {text!r}: expected a number with s, m or h, e.g. 90s, 20m, 1h"
+        )
+    seconds = float(m["value"]) * _UNIT_SECONDS[(m["unit"] or "").lower() or None]
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise BadInputError(f"invalid --time-budget {text!r}: it must be more than 0 seconds")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds → ``"1h05m"``, ``"4m10s"``, ``"42s"``."""
+    s = int(round(max(0.0, seconds)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class Deadline:
+    """A point in (monotonic) time after which no new batch of trials starts."""
+
+    def __init__(self, seconds: float | None, start: float | None = None):
+        self.seconds = seconds
+        self.start = time.monotonic() if start is None else start
+        self.per_trial_s: float | None = None  # the run's wall seconds per trial so far
+
+    def affordable(self, wanted: int) -> int:
+        """How many of ``wanted`` trials fit in the time left at the run's pace (all of them
+        without a deadline or before any trial was timed; 0 once it has passed)."""
+        if self.seconds is None or self.per_trial_s is None:
+            return 0 if self.expired() else wanted
+        return max(0, min(wanted, int(self.remaining() / self.per_trial_s)))
+
+    @property
+    def unlimited(self) -> bool:
+        return self.seconds is None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def remaining(self) -> float:
+        """Seconds left (``inf`` without a deadline, never negative)."""
+        if self.seconds is None:
+            return math.inf
+        return max(0.0, self.seconds - self.elapsed())
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0.0
+
+
+@functools.cache
+def _deadline_strategy_class():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class DeadlineStrategy(ms.search_strategy.PySearchStrategy):
+        """Wraps a search strategy: no new candidates once ``deadline`` has passed."""
+
+        def __init__(self, inner, deadline: Deadline):
+            self.inner, self.deadline = inner, deadline
+
+        def _initialize_with_tune_context(self, context) -> None:
+            self.inner._initialize_with_tune_context(context)
+
+        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None,
+                       cost_model=None) -> None:  # fmt: skip
+            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database,
+                                  cost_model)  # fmt: skip
+
+        def post_tuning(self) -> None:
+            self.inner.post_tuning()
+
+        def generate_measure_candidates(self):
+            if self.deadline.affordable(1) == 0:  # not even one more trial fits
+                return None
+            candidates = self.inner.generate_measure_candidates()
+            if candidates is None:
+                return None
+            keep = self.deadline.affordable(len(candidates))  # the search itself took time
+            return list(candidates)[:keep] if keep else None
+
+        def notify_runner_results(self, measure_candidates, results) -> None:
+            self.inner.notify_runner_results(measure_candidates, results)
+
+        def clone(self):
+            return DeadlineStrategy(self.inner.clone(), self.deadline)
+
+    return DeadlineStrategy
+
+
+def DeadlineStrategy(inner, deadline: Deadline):  # noqa: N802 (a factory that reads like a class)
+    """``inner`` (a ``SearchStrategy``) that stops proposing candidates at ``deadline``."""
+    return _deadline_strategy_class()(inner, deadline)

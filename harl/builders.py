@@ -1,0 +1,114 @@
+"""Where candidates are compiled: one pool of build workers that lives for a whole tuning run.
+
+MetaSchedule's ``LocalBuilder`` starts a new ``PopenPoolExecutor`` on every ``build()`` call, i.e.
+every search round, and each new worker re-imports TVM (~3 s on our 2-core machines, measured in
+``bench/trial_profile.py``). Its default export writes a ``.tar`` of object files that the single
+runner worker then links with ``cc``, serially. :class:`PersistentBuilder` keeps its workers
+across rounds and exports a ready-linked shared object in the parallel workers, so the runner
+only ``dlopen``\\ s it. A worker that dies (a compiler crash, the OOM killer) fails only the
+candidate it was building; ``PopenPoolExecutor`` restarts it for the next one.
+
+Use it through :func:`persistent_builder` (or call :meth:`close`): the workers end with the run, also when the
+run fails or is interrupted; if the parent is killed, each worker exits when its pipe closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+
+from harl._fast_import import import_tensor_intrinsics
+
+
+def build_shared_object(mod, target) -> str:
+    """Compile one candidate (MetaSchedule's default build) and export a linked ``.so``.
+
+    Runs in a build worker. The directory it creates is removed by MetaSchedule's
+    ``RemoveBuildArtifact`` callback (or by :func:`harl.tuning.measure_random`) after the run.
+    """
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    rt_mod = default_build(mod, target, None)
+    path = os.path.join(tempfile.mkdtemp(prefix="harl-build-"), "candidate.so")
+    rt_mod.export_library(path)
+    return path
+
+
+def build_tar(mod, target) -> str:
+    """MetaSchedule's default build and ``.tar`` export (for RPC devices that link themselves)."""
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    return default_export(default_build(mod, target, None))
+
+
+@functools.cache
+def _builder_class():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class PersistentBuilder(ms.builder.PyBuilder):
+        """A MetaSchedule builder whose worker pool lives until :meth:`close`."""
+
+        def __init__(self, *, max_workers: int = 2, timeout_sec: float = 60.0,
+                     link: bool = True):  # fmt: skip
+            super().__init__()
+            if max_workers < 1:
+                raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+            self.max_workers, self.timeout_sec = max_workers, timeout_sec
+            self.export = build_shared_object if link else build_tar
+            self.pool = None
+
+        def _pool(self):
+            if self.pool is None:
+                self.pool = PopenPoolExecutor(max_workers=self.max_workers,
+                                              timeout=self.timeout_sec,
+                                              initializer=import_tensor_intrinsics)  # fmt: skip
+            return self.pool
+
+        def build(self, build_inputs):
+            export = self.export
+            results = []
+            jobs = [(b.mod, b.target) for b in build_inputs]
+            for r in self._pool().map_with_error_catching(lambda x: export(*x), jobs):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"PersistentBuilder: timeout, killed after {self.timeout_sec} s"))  # fmt: skip
+                else:
+                    results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {r.value}"))
+            return results
+
+        def worker_pids(self) -> list[int]:
+            """PIDs of the live build workers (for tests and diagnostics)."""
+            if self.pool is None:
+                return []
+            return [w._proc.pid for w in self.pool._worker_map.values() if w._proc is not None]
+
+        def close(self) -> None:
+            """End every worker process now (idempotent)."""
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+                self.pool = None
+
+    return PersistentBuilder
+
+
+def PersistentBuilder(**kwargs):  # noqa: N802 (a factory that reads like the class it builds)
+    """Build a :class:`PersistentBuilder` (the TVM-derived class is created on first use)."""
+    return _builder_class()(**kwargs)
+
+
+@contextlib.contextmanager
+def persistent_builder(**kwargs) -> Iterator:
+    """A :class:`PersistentBuilder` whose workers end when the ``with`` block does."""
+    builder = PersistentBuilder(**kwargs)
+    try:
+        yield builder
+    finally:
+        builder.close()
