@@ -1,10 +1,15 @@
-"""End-to-end latency: PyTorch eager, onnxruntime, untuned TVM and TVM tuned at several budgets.
+"""End-to-end latency: PyTorch eager, onnxruntime, untuned TVM and TVM tuned per budget.
 
-    python bench/e2e.py [--models resnet18,bert_encoder] [--budgets 64,256,1024]
-                        [--strategies evolutionary,harl] [--out bench/results/e2e.json]
+    python bench/e2e.py [--models small_cnn,resnet18,bert_encoder,mobile_cnn] [--minutes 5,20]
+                        [--budgets 64,256] [--strategies evolutionary,harl]
+                        [--out bench/results/e2e.json]
 
-One run, one table. Every latency comes from a fresh process (median of repeats); each budget tunes
-from an empty database so budgets are independent; ratios are against onnxruntime in this run.
+One run, one table. Budgets are wall-clock minutes of tuning (``--minutes``, what a user gives
+``--time-budget``) and/or trial counts (``--budgets``). Every latency comes from a fresh process
+(median of repeats); each budget tunes from an empty database, so budgets are independent; ratios
+are against onnxruntime measured in this run. The JSON is rewritten after every row (a long run
+that is cut short keeps what it measured) and a plot of latency against tuning minutes, with
+onnxruntime as a line, is written next to it.
 """
 
 from __future__ import annotations
@@ -20,78 +25,123 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harl import tuning  # noqa: E402
+from harl.budget import UNLIMITED_TRIALS  # noqa: E402
 from harl.target import resolve_target  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
-from tasks.packaging import package, run_worker  # noqa: E402
+from tasks.packaging import export_library, package, run_worker  # noqa: E402
 
 
-def bench_model(example: str, budgets: list[int], strategies: list[str], target: dict,
-                min_trials: int, seconds: float, work: Path) -> list[dict]:  # fmt: skip
+def bench_model(example: str, budgets: list[tuple[str, float]], strategies: list[str],
+                target: dict, min_trials: int, seconds: float, work: Path, emit) -> None:  # fmt: skip
+    """Measure one bundled example; ``emit(row)`` is called as each row is measured."""
     m = import_model(f"harlflow.examples:{example}", cache_dir=work / "cache")
     ref = str(m.reference_path)
     limit = ["--max-seconds", str(seconds)]
-    rows = []
+    ort: list[float] = []
 
-    def row(runtime: str, lat: dict, budget=None, trials=None, tune_s=None, weighted_us=None):
-        rows.append({"model": example, "runtime": runtime, "budget": budget, "trials": trials,
-                     "tuning_seconds": tune_s, "weighted_task_us": weighted_us, **lat})  # fmt: skip
-        print(f"  {example:13s} {runtime:22s} {lat['median_ms']:10.3f} ms", flush=True)
+    def row(runtime: str, lat: dict, **extra) -> None:
+        if runtime == "onnxruntime":
+            ort.append(lat["median_ms"])
+        r = {"model": example, "runtime": runtime, **extra, **lat,
+             "ratio_to_onnxruntime": lat["median_ms"] / ort[0]}  # fmt: skip
+        emit(r)
 
-    row("pytorch", run_worker(["torch", "--path", m.source, "--reference", ref, *limit]))
     row("onnxruntime", run_worker(["ort", "--path", str(m.onnx_path), "--reference", ref, *limit]))
+    row("pytorch", run_worker(["torch", "--path", m.source, "--reference", ref, *limit]))
     mod = tuning.prepare(to_relax(m.onnx_path, m.inputs))
-    for budget in budgets:
-        for strategy in strategies if budget else strategies[:1]:  # interleaved per budget
-            db_dir = work / f"db-{example}-{budget}-{strategy}"
+    art = None
+    for kind, amount in budgets:
+        for strategy in strategies:  # interleaved per budget
+            db_dir = work / f"db-{example}-{kind}{amount}-{strategy}"
             t0 = time.monotonic()
-            res = tuning.tune(mod, target, db_dir, trials=budget, strategy=strategy, seed=0,
-                              min_trials_per_task=min_trials)  # fmt: skip
+            res = tuning.tune(
+                mod, target, db_dir, strategy=strategy, seed=0, min_trials_per_task=min_trials,
+                trials=int(amount) if kind == "trials" else UNLIMITED_TRIALS,
+                time_budget_s=amount * 60 if kind == "minutes" else None,
+            )  # fmt: skip
             tune_s = time.monotonic() - t0
             art = package(m, target, database_dir=db_dir, home=work / "art",
                           tune_summary=res.summary(), measure=False, log=lambda *_: None)  # fmt: skip
             lat = run_worker(["tvm", "--path", art.directory, "--reference", ref, *limit])
-            label = f"tvm {strategy if budget else 'fallback'} ({budget})"
-            row(label, lat, budget, res.trials, round(tune_s, 1), res.weighted_latency_us)
-    untuned = work / f"untuned-{example}"
-    untuned.mkdir()
-    tuning.compile_untuned(mod, target).export_library(str(untuned / "model.so"))
-    (untuned / "manifest.json").write_text(Path(art.directory, "manifest.json").read_text())
-    row("tvm untuned", run_worker(["tvm", "--path", str(untuned), "--reference", ref,
-                                   "--repeats", "5", *limit]))  # fmt: skip
-    ort = next(r["median_ms"] for r in rows if r["runtime"] == "onnxruntime")
-    for r in rows:
-        r["ratio_to_onnxruntime"] = r["median_ms"] / ort
-    return rows
+            label = f"tvm {strategy} ({amount:g} {'min' if kind == 'minutes' else 'trials'})"
+            row(label, lat, strategy=strategy, budget_kind=kind, budget=amount,
+                trials=res.trials, tuning_seconds=round(tune_s, 1),
+                seconds_per_trial=round(res.seconds / max(1, res.trials), 3),
+                weighted_task_us=res.weighted_latency_us, phases=res.phases)  # fmt: skip
+    if art is not None:
+        untuned = work / f"untuned-{example}"
+        untuned.mkdir()
+        export_library(tuning.compile_untuned(mod, target), untuned / "model.so")
+        (untuned / "manifest.json").write_text(Path(art.directory, "manifest.json").read_text())
+        row("tvm untuned", run_worker(["tvm", "--path", str(untuned), "--reference", ref,
+                                       "--repeats", "5", *limit]))  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Latency against tuning minutes per model, onnxruntime as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        for strategy in sorted({r.get("strategy") for r in mine if r.get("strategy")}):
+            pts = sorted((r["tuning_seconds"] / 60, r["median_ms"]) for r in mine
+                         if r.get("strategy") == strategy)  # fmt: skip
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"tvm {strategy}")
+        for r in mine:
+            if r["runtime"] in ("onnxruntime", "pytorch"):
+                ax.axhline(r["median_ms"], ls="--" if r["runtime"] == "onnxruntime" else ":",
+                           color="k" if r["runtime"] == "onnxruntime" else "gray",
+                           label=r["runtime"])  # fmt: skip
+        ax.set_title(model)
+        ax.set_xlabel("tuning minutes")
+        ax.set_ylabel("latency (ms)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="resnet18,bert_encoder")
-    p.add_argument("--budgets", default="64,256,1024")
+    p.add_argument("--models", default="small_cnn,mobile_cnn,resnet18,bert_encoder")
+    p.add_argument("--minutes", default="5,20", help="comma list of tuning budgets in minutes")
+    p.add_argument("--budgets", default="", help="comma list of trial budgets")
     p.add_argument("--strategies", default="evolutionary", help="comma list: evolutionary,harl")
     p.add_argument("--min-trials-per-task", type=int, default=4)
     p.add_argument("--max-seconds", type=float, default=10.0, help="per latency measurement")
     p.add_argument("--out", default="bench/results/e2e.json")
     a = p.parse_args()
     target = resolve_target(None)
-    budgets = [int(b) for b in a.budgets.split(",")]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="harlflow-bench-") as tmp:
-        for example in a.models.split(","):
-            rows += bench_model(example, budgets, a.strategies.split(","), target,
-                                a.min_trials_per_task, a.max_seconds, Path(tmp))  # fmt: skip
-    print()
-    print(
-        f"{'model':13s} {'runtime':22s} {'median ms':>10s} {'p90 ms':>9s} {'x ORT':>7s} {'trials':>7s} {'tune s':>7s}"
-    )
-    for r in rows:
-        print(f"{r['model']:13s} {r['runtime']:22s} {r['median_ms']:10.3f} {r['p90_ms']:9.3f} "
-              f"{r['ratio_to_onnxruntime']:7.2f} {r['trials'] or '':>7} {r['tuning_seconds'] or '':>7}")  # fmt: skip
+    budgets = [("minutes", float(x)) for x in a.minutes.split(",") if x]
+    budgets += [("trials", float(x)) for x in a.budgets.split(",") if x]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"target": target, "machine": platform.processor() or platform.machine(),
-                               "min_trials_per_task": a.min_trials_per_task, "rows": rows}, indent=2))  # fmt: skip
-    print(f"\nwrote {out}")
+    rows: list[dict] = []
+    header = {"target": target, "machine": platform.processor() or platform.machine(),
+              "min_trials_per_task": a.min_trials_per_task, "budgets": budgets}  # fmt: skip
+    cols = f"{'model':12s} {'runtime':30s} {'median ms':>10s} {'x ORT':>7s} {'trials':>7s} {'s/trial':>8s}"
+    print(cols, flush=True)
+
+    def emit(r: dict) -> None:
+        rows.append(r)
+        print(f"{r['model']:12s} {r['runtime']:30s} {r['median_ms']:10.3f} "
+              f"{r['ratio_to_onnxruntime']:7.2f} {r.get('trials') or '':>7} "
+              f"{r.get('seconds_per_trial') or '':>8}", flush=True)  # fmt: skip
+        out.write_text(json.dumps({**header, "rows": rows}, indent=2))
+
+    with tempfile.TemporaryDirectory(prefix="harlflow-bench-") as tmp:
+        for example in a.models.split(","):
+            bench_model(example, budgets, a.strategies.split(","), target,
+                        a.min_trials_per_task, a.max_seconds, Path(tmp), emit)  # fmt: skip
+    plot(rows, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 A :class:`Deadline` is checked before every measured batch (warm-up chunks and search rounds), and
 a batch is cut to the trials that fit in the time left at the run's pace, so tuning ends close to
-the deadline and keeps everything measured. Both search strategies run under
-:class:`DeadlineStrategy`, which ends a task's search (``None``: no more candidates) when not one
-more trial fits, the way MetaSchedule ends a converged task. MetaSchedule's evolutionary search
-counts the trials it was told about (``notify_runner_results``), so a cut batch is safe.
+the deadline and keeps everything measured. Both search strategies run as a
+:class:`BudgetedStrategy`, whose rounds are also cut to the trials left of ``--trials`` (MetaSchedule
+itself lets the last round overshoot its global budget) and which ends a task's search (``None``:
+no more candidates) when not one more trial fits, the way MetaSchedule ends a converged task.
+MetaSchedule's evolutionary search counts the trials it was told about
+(``notify_runner_results``), so a cut round is safe.
 """
 
 from __future__ import annotations
@@ -77,17 +79,33 @@ class Deadline:
         return self.remaining() <= 0.0
 
 
+class Allowance:
+    """What a search may still spend: trials (issued, not yet measured, count) and time."""
+
+    def __init__(self, trials: int, deadline: Deadline):
+        self.trials, self.deadline = trials, deadline
+
+    def available(self, wanted: int) -> int:
+        return max(0, min(wanted, self.trials, self.deadline.affordable(wanted)))
+
+    def take(self, wanted: int) -> int:
+        n = self.available(wanted)
+        self.trials -= n
+        return n
+
+
 @functools.cache
-def _deadline_strategy_class():
+def _budgeted_strategy_class():
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
     @derived_object
-    class DeadlineStrategy(ms.search_strategy.PySearchStrategy):
-        """Wraps a search strategy: no new candidates once ``deadline`` has passed."""
+    class BudgetedStrategy(ms.search_strategy.PySearchStrategy):
+        """Wraps a search strategy: its rounds are cut to what the shared allowance still has,
+        and it ends (``None``) when not one more trial fits."""
 
-        def __init__(self, inner, deadline: Deadline):
-            self.inner, self.deadline = inner, deadline
+        def __init__(self, inner, allowance: Allowance):
+            self.inner, self.allowance = inner, allowance
 
         def _initialize_with_tune_context(self, context) -> None:
             self.inner._initialize_with_tune_context(context)
@@ -101,23 +119,23 @@ def _deadline_strategy_class():
             self.inner.post_tuning()
 
         def generate_measure_candidates(self):
-            if self.deadline.affordable(1) == 0:  # not even one more trial fits
+            if self.allowance.available(1) == 0:
                 return None
             candidates = self.inner.generate_measure_candidates()
             if candidates is None:
                 return None
-            keep = self.deadline.affordable(len(candidates))  # the search itself took time
+            keep = self.allowance.take(len(candidates))  # the search itself took time
             return list(candidates)[:keep] if keep else None
 
         def notify_runner_results(self, measure_candidates, results) -> None:
             self.inner.notify_runner_results(measure_candidates, results)
 
         def clone(self):
-            return DeadlineStrategy(self.inner.clone(), self.deadline)
+            return BudgetedStrategy(self.inner.clone(), self.allowance)
 
-    return DeadlineStrategy
+    return BudgetedStrategy
 
 
-def DeadlineStrategy(inner, deadline: Deadline):  # noqa: N802 (a factory that reads like a class)
-    """``inner`` (a ``SearchStrategy``) that stops proposing candidates at ``deadline``."""
-    return _deadline_strategy_class()(inner, deadline)
+def BudgetedStrategy(inner, allowance: Allowance):  # noqa: N802 (a factory that reads like a class)
+    """``inner`` (a ``SearchStrategy``) held to ``allowance``'s trials and deadline."""
+    return _budgeted_strategy_class()(inner, allowance)

@@ -5,8 +5,8 @@ every search round, and each new worker re-imports TVM (~3 s on our 2-core machi
 ``bench/trial_profile.py``). Its default export writes a ``.tar`` of object files that the single
 runner worker then links with ``cc``, serially. :class:`PersistentBuilder` keeps its workers
 across rounds and exports a ready-linked shared object in the parallel workers, so the runner
-only ``dlopen``\\ s it. A worker that dies (a compiler crash, the OOM killer) fails only the
-candidate it was building; ``PopenPoolExecutor`` restarts it for the next one.
+only ``dlopen``\\ s it. A worker that dies (a compiler crash, the OOM killer) is restarted and
+the candidate it was building gets one more try; a second death fails only that candidate.
 
 Use it through :func:`persistent_builder` (or call :meth:`close`): the workers end with the run, also when the
 run fails or is interrupted; if the parent is killed, each worker exits when its pipe closes.
@@ -70,11 +70,33 @@ def _builder_class():
                                               initializer=import_tensor_intrinsics)  # fmt: skip
             return self.pool
 
+        def _reap(self) -> None:
+            """Reset workers that died while idle, so they restart on their next build instead
+            of failing it (``PopenWorker`` only restarts after a failed send)."""
+            if self.pool is None:
+                return
+            for worker in list(self.pool._worker_map.values()):
+                if worker._proc is not None and not worker.is_alive():
+                    worker.kill()
+
         def build(self, build_inputs):
+            self._reap()
             export = self.export
-            results = []
             jobs = [(b.mod, b.target) for b in build_inputs]
-            for r in self._pool().map_with_error_catching(lambda x: export(*x), jobs):
+            done = list(self._pool().map_with_error_catching(lambda x: export(*x), jobs))
+            # a worker that died under a candidate (killed, out of memory) is restarted; the
+            # candidate gets one more try before it counts as a failed build
+            again = [k for k, r in enumerate(done)
+                     if r.status == StatusKind.EXCEPTION and isinstance(r.value, ChildProcessError)]  # fmt: skip
+            if again:
+                self._reap()
+                retried = self._pool().map_with_error_catching(
+                    lambda x: export(*x), [jobs[k] for k in again]
+                )
+                for k, r in zip(again, retried, strict=True):
+                    done[k] = r
+            results = []
+            for r in done:
                 if r.status == StatusKind.COMPLETE:
                     results.append(ms.builder.BuilderResult(r.value, None))
                 elif r.status == StatusKind.TIMEOUT:

@@ -41,35 +41,42 @@ def fuse(mod, target: dict[str, Any], *, prepack: bool = True):
         return tvm.transform.Sequential(_fusion_passes(tgt, prepack))(mod)
 
 
-def compile_with_database(mod, target: dict[str, Any], database, *, prepack: bool = True):
-    """Compile a prepared (un-fused) module, each kernel scheduled by its record in ``database``.
-
-    With ``prepack`` the weight-layout rewrites of the chosen schedules are split out of the
-    kernels and folded into the constants: paid once here, never per inference.
-    """
+def apply_database(mod, target: dict[str, Any], database, *, prepack: bool = True):
+    """The fused module with each kernel scheduled by its record in ``database`` and, with
+    ``prepack``, the weight-layout rewrites of the chosen schedules split out of the kernels and
+    folded into the constants: paid once here, never per inference."""
     import tvm
     from tvm import relax
 
     tgt = tvm.target.Target(target)
-    post = (
-        [
-            relax.transform.SplitLayoutRewritePreproc(),
-            relax.transform.LiftTransformParams(),
+    post = [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
             relax.transform.FoldConstant(),
-        ]
-        if prepack
-        else []
-    )
+            # the prepacking kernels and the (empty) transform_params ran at compile time
+            relax.transform.DeadCodeElimination(["main"])] if prepack else []  # fmt: skip
+    with tgt, database, tvm.transform.PassContext(opt_level=3):
+        mod = tvm.transform.Sequential(_fusion_passes(tgt, prepack))(mod)
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        mod = tvm.transform.Sequential(post)(mod)
+    # the weights are constants, so LiftTransformParams leaves an empty, unused transform_params
+    keep = {gv: f for gv, f in mod.functions.items()
+            if not gv.name_hint.endswith("_transform_params")}  # fmt: skip
+    return tvm.IRModule(keep, attrs=mod.attrs)
+
+
+def compile_with_database(mod, target: dict[str, Any], database, *, prepack: bool = True):
+    """Compile a prepared (un-fused) module with :func:`apply_database`'s kernels."""
+    import tvm
+    from tvm import relax
+
+    tgt = tvm.target.Target(target)
+    scheduled = apply_database(mod, target, database, prepack=prepack)
 
     @tvm.transform.module_pass(opt_level=3)
-    def _pipeline(m, _ctx):
-        m = tvm.transform.Sequential(_fusion_passes(tgt, prepack))(m)
-        m = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(m)
-        m = tvm.transform.Sequential(post)(m)
+    def _lower(m, _ctx):
         return tvm.transform.Sequential(_lowering_passes())(m)
 
-    with tgt, database, tvm.transform.PassContext(opt_level=3):
-        return relax.build(mod, target=tgt, relax_pipeline=_pipeline)
+    with tgt, tvm.transform.PassContext(opt_level=3):
+        return relax.build(scheduled, target=tgt, relax_pipeline=_lower)
 
 
 def _lowering_passes() -> list:

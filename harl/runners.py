@@ -103,8 +103,16 @@ def evaluator_config():
     return ms.runner.EvaluatorConfig(**EVALUATOR)
 
 
-def make_runner(rpc: str | None):
-    """The runner for ``--rpc`` (None: this machine's ``LocalRunner``, one persistent worker)."""
+def make_runner(rpc: str | None, target: dict | None = None):
+    """The runner for ``--rpc`` (None: this machine's ``LocalRunner``, one persistent worker).
+
+    Give the ``target`` when the runner is made before :func:`harl.tuning.tune` runs: its worker
+    process starts now and must inherit the target's thread count (``use_target_threads``).
+    """
+    if target is not None:
+        from harl.target import use_target_threads
+
+        use_target_threads(target)
     if rpc:
         return rpc_runner(rpc)
     from tvm.s_tir import meta_schedule as ms

@@ -270,7 +270,9 @@ def measure_random(jobs, db, target: dict[str, Any], seed: int, builder, runner,
         futures = dict(zip(ok, runner.run(inputs), strict=True))
         for k, (task, summary, sch) in enumerate(batch):
             r = futures[k].result() if k in futures else None
-            secs = [float(x) for x in r.run_secs] if r and r.error_msg is None and r.run_secs else None
+            secs = (
+                [float(x) for x in r.run_secs] if r and r.error_msg is None and r.run_secs else None
+            )
             mod = task.dispatched[0]
             db.commit_tuning_record(ms.database.TuningRecord(
                 sch.trace, db.commit_workload(mod), secs or [FAILED_RUN_SECS * 10], tgt, args[k]
@@ -408,6 +410,11 @@ def trials_per_round(budget: int, num_tasks: int) -> int:
     return max(8, min(32, budget // max(1, 2 * num_tasks)))
 
 
+# MetaSchedule's evolutionary search evolves 512 schedules for 4 generations every round: ~10 s
+# on 2 cores, more than building and running the round's 8-32 trials. A smaller population
+# starting from the measured best (the register-blocked warm-up) costs a fifth of that;
+# bench/trial_profile.py compares it with the stock settings at equal trials.
+EVOLUTIONARY = {"population_size": 128, "genetic_num_iters": 3}
 SECONDS_PER_TRIAL_GUESS = 0.7  # sizes search rounds under --time-budget before warm-up measured
 
 
@@ -464,7 +471,7 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
     """:func:`tune`'s body, run while holding the database's lock."""
     from tvm.s_tir import meta_schedule as ms
 
-    from harl.budget import Deadline, DeadlineStrategy
+    from harl.budget import Allowance, BudgetedStrategy, Deadline
     from harl.runners import make_runner
 
     deadline = Deadline(time_budget_s)
@@ -506,7 +513,7 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
     searched = [(t, s) for t, s in new if share[s.name] >= TINY_SHARE]
     tracker = _Tracker(summaries, trials, result.history, on_progress, deadline)
     tracker.trials = result.resumed_trials
-    own_builder = builder is None
+    own_builder, own_runner = builder is None, runner is None
     builder = builder or default_builder()
     runner = runner or make_runner(None)
     try:
@@ -526,7 +533,8 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
                 logs_dir = str(work_dir or tmp)
                 search, scheduler, agent = _strategy(strategy, seed, agent_path)
                 ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    [t for t, _ in searched], logs_dir, strategy=DeadlineStrategy(search, deadline),
+                    [t for t, _ in searched], logs_dir,
+                    strategy=BudgetedStrategy(search, Allowance(remaining, deadline)),
                     seed=seed, num_threads=int(target.get("num-cores", 1)),
                 )  # fmt: skip
                 ms.tune_tasks(
@@ -557,6 +565,8 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
     finally:
         if own_builder:
             builder.close()  # no build worker outlives the run
+        if own_runner and getattr(runner, "pool", None) is not None:
+            runner.pool.shutdown()  # nor the runner's (LocalRunner keeps one worker)
     journal.finish()
     for _, s in new:
         if s.best_us is not None:
@@ -640,7 +650,7 @@ def _strategy(name: str, seed: int, agent_path: str | Path | None):
     if name == "evolutionary":
         from tvm.s_tir import meta_schedule as ms
 
-        return ms.search_strategy.EvolutionarySearch(), "gradient", None
+        return ms.search_strategy.EvolutionarySearch(**EVOLUTIONARY), "gradient", None
     from harl.agent import EditAgent
     from harl.scheduler import HARLTaskScheduler
     from harl.strategy import HARLSearchStrategy

@@ -292,8 +292,10 @@ def _print_summary(s: dict) -> None:
     per = f", {s['seconds_per_trial']:.2f} s/trial" if s.get("seconds_per_trial") else ""
     print(f"tuning    {s['trials']} trials in {s['tuning_seconds']} s{budget}{per}")
     if s.get("ratio_to_onnxruntime"):
-        print(f"vs onnxruntime  {s['ratio_to_onnxruntime']:.2f}x its latency (measured in this run; "
-              "below 1 is faster)")
+        print(
+            f"vs onnxruntime  {s['ratio_to_onnxruntime']:.2f}x its latency (measured in this run; "
+            "below 1 is faster)"
+        )
     lat = s["latency_ms"]
     if lat:
         print(f"{'runtime':14s} {'median ms':>10s} {'tuned speedup':>14s}")

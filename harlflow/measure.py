@@ -83,6 +83,48 @@ def torch_runner(source: str, kind: str, checkpoint: str | None, reference: str)
     return run
 
 
+def profile(lib_dir: str, reference: str, runs: int = 20) -> dict:
+    """Per-kernel time table of an artifact: every function the VM calls (tuned kernels and the
+    VM's own builtins), with calls per inference, total µs per inference and share.
+
+    Timed through the VM's instrument hook, which adds a Python call around every kernel (a few
+    µs): shares are honest for kernels of tens of µs and up, and ``overhead_ms`` (an uninstrumented
+    run minus the kernels' sum, floored at 0) bounds what dispatch costs besides the kernels.
+    """
+    from harlflow.runtime import load
+
+    model = load(lib_dir)
+    ins, _ = _reference(reference)
+    tensors = model._arguments((), ins)
+    plain = _time(lambda: model.run_tvm(tensors), repeats=runs, max_seconds=5.0)["median_ms"]
+    totals: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    started: list[float] = []
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if before_run:
+            started.append(time.perf_counter())
+        else:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - started.pop()
+            calls[name] = calls.get(name, 0) + 1
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    model._vm.set_instrument(instrument)
+    model.run_tvm(tensors)  # warm-up
+    totals.clear()
+    calls.clear()
+    for _ in range(runs):
+        model.run_tvm(tensors)
+    kernel_ms = sum(totals.values()) * 1e3 / runs
+    rows = sorted(
+        ({"kernel": k, "calls": calls[k] // runs, "total_us": round(v * 1e6 / runs, 2),
+          "share": round(v / max(1e-12, sum(totals.values())), 4)} for k, v in totals.items()),
+        key=lambda r: -r["total_us"],
+    )  # fmt: skip
+    return {"run_ms": plain, "kernels_ms": round(kernel_ms, 4),
+            "overhead_ms": round(max(0.0, plain - kernel_ms), 4), "kernels": rows}  # fmt: skip
+
+
 def verify(lib_dir: str, reference: str) -> dict:
     """Run the artifact on the reference inputs; per-output max abs/rel error against onnxruntime."""
     from harlflow.runtime import load
@@ -119,7 +161,7 @@ def compare(specs, got: list[np.ndarray], expected: dict[str, np.ndarray]) -> di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harlflow.measure")
-    p.add_argument("kind", choices=["tvm", "ort", "torch", "verify"])
+    p.add_argument("kind", choices=["tvm", "ort", "torch", "verify", "profile"])
     p.add_argument(
         "--path", required=True, help="artifact dir (tvm/verify), .onnx (ort), source (torch)"
     )
@@ -131,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.kind == "verify":
         print(json.dumps(verify(a.path, a.reference)))
+        return 0
+    if a.kind == "profile":
+        print(json.dumps(profile(a.path, a.reference)))
         return 0
     if a.kind == "tvm":
         fn = tvm_runner(a.path, a.reference)

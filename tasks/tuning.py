@@ -31,9 +31,15 @@ def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir:
         log(progress_line(p, ort_ms))
 
     mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
-    result = tuning.tune(mod, target, database_dir, trials=trials, strategy=strategy, seed=seed,
-                         min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s,
-                         on_progress=progress, agent_path=agent_path, runner=make_runner(rpc))  # fmt: skip
+    runner = make_runner(rpc, target)
+    try:
+        result = tuning.tune(mod, target, database_dir, trials=trials, strategy=strategy,
+                             seed=seed, min_trials_per_task=min_trials_per_task,
+                             time_budget_s=time_budget_s, on_progress=progress,
+                             agent_path=agent_path, runner=runner)  # fmt: skip
+    finally:
+        if getattr(runner, "pool", None) is not None:
+            runner.pool.shutdown()  # the runner's worker process ends with the stage
     result.runner = f"rpc {rpc}" if rpc else "local"
     s = result.summary()
     per = f" ({s['seconds_per_trial']:.2f} s/trial)" if s["seconds_per_trial"] else ""

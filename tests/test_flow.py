@@ -160,6 +160,32 @@ def test_cli_optimize_trials_zero_from_database(first_run, capsys):
     assert "artifact  tiny v" in out and "tuning    0 trials" in out
 
 
+def test_cli_time_budget_stops_tuning_and_packages(first_run, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((16, 24), 0.1, dtype="float32"), "w")  # a new workload
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 24])], [w],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "budget.onnx"))
+    assert main(["optimize", str(tmp_path / "budget.onnx"), "--time-budget", "15s",
+                 "--no-measure", "--rewrite", "none"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "artifact  budget v1" in out and "of a 15s budget" in out, out
+    trials = int(out.split("tuning    ")[1].split(" trials")[0])
+    assert trials > 0  # no --trials: the deadline alone ended tuning
+    run = _client().search_runs(
+        [_client().get_experiment_by_name("harlflow").experiment_id],
+        "attributes.run_name = 'optimize budget'", max_results=1,
+    )[0]  # fmt: skip
+    assert float(run.data.params["time_budget_s"]) == 15.0
+
+
 def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
     from harl.target import resolve_target
     from harlflow.config import tuning_db_dir

@@ -99,6 +99,8 @@ def _bad_inputs(tmp_path: Path, tiny_onnx: Path) -> dict[str, tuple[list[str], s
         "bad input spec": ([str(tiny_onnx), "--input", "x:1xfoo:float32"], "expected NAME:DIMS:DTYPE"),
         "bad target": ([str(tiny_onnx), "--target", "llvm -mcpu=znver5"], "unknown target"),
         "bad name": ([str(tiny_onnx), "--name", "../escape"], "invalid model name"),
+        "bad time budget": ([str(tiny_onnx), "--time-budget", "20x"], "invalid --time-budget '20x'"),
+        "zero time budget": ([str(tiny_onnx), "--time-budget", "0m"], "more than 0 seconds"),
     }  # fmt: skip
 
 
@@ -108,6 +110,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, tiny_onnx, ca
         code = main(["optimize", *args, "--trials", "0"])
         err = capsys.readouterr().err.strip()
         assert code != 0, label
+        assert "budget" not in label or code == 2, (label, code)
         assert len(err.splitlines()) == 1 and err.startswith("harlflow: error:"), (label, err)
         assert message in err, (label, err)
     after = sorted(p.name for p in session_home.iterdir()) if session_home.exists() else []

@@ -1,0 +1,193 @@
+"""Where a tuning trial's wall time goes, before and after harlflow's measurement machinery.
+
+    python bench/trial_profile.py [--ops conv56,gemm512,...] [--trials 64] [--seeds 0]
+                                  [--out bench/results/trial_profile.json]
+
+For every operator of ``bench/harl_vs_ms.py``'s suite (NHWC convolutions, prepacked weights, the
+same tasks for both), two tuning runs from an empty database at equal trials, interleaved:
+
+- ``stock``: MetaSchedule as harlflow drove it before: ``LocalBuilder`` (a new process pool every
+  round, ``.tar`` exports linked by the runner), the default evaluator (number=3, repeat=1,
+  min_repeat_ms=100), ``EvolutionarySearch()`` defaults, 16 trials per round;
+- ``harlflow``: ``harl.tuning.tune`` with ``min_trials_per_task=0`` (no warm-up, so only the
+  machinery differs): persistent builders exporting linked ``.so`` files, the evaluator of
+  ``harl.runners.EVALUATOR``, the evolutionary settings of ``harl.tuning.EVOLUTIONARY``.
+
+Reported per run: wall seconds per trial, MetaSchedule's profiler split (search, cost-model
+update, build, run) and the best latency found; then the geometric means. ``--noise`` first
+measures the evaluators themselves: 8 register-blocked conv56 schedules, each timed 5 times under
+either evaluator, reporting the mean coefficient of variation and the seconds per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harl_vs_ms import operator_module  # noqa: E402
+
+from harl import tuning  # noqa: E402
+from harl._fast_import import import_tensor_intrinsics  # noqa: E402
+from harl.target import resolve_target, use_target_threads  # noqa: E402
+
+PHASES = {  # MetaSchedule profiler entries → phase
+    "EvoSearch/Evolve/Mutation": "search", "EvoSearch/SampleInitPopulation": "search",
+    "EvoSearch/Evolve/Misc": "search", "EvoSearch/Evolve/PredictNormalizedScore": "search",
+    "EvoSearch/PickBestFromDatabase": "search", "EvoSearch/PickWithEpsGreedy": "search",
+    "MeasureCallback/UpdateCostModel": "cost_model", "SendToBuilder": "build",
+    "SendToRunner": "run", "JoinRunnerFutures": "run",
+}  # fmt: skip
+
+
+def _split(profiler) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, secs in profiler.get().items():
+        phase = PHASES.get(name)
+        if phase:
+            out[phase] = out.get(phase, 0.0) + float(secs)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def run_stock(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
+    """MetaSchedule's stock machinery on the same tasks, from an empty database."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = tuning.extract_tasks(mod, target)
+    db = tuning.open_database(db_dir)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as logs, ms.Profiler() as prof:
+        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, logs, strategy=ms.search_strategy.EvolutionarySearch(), seed=seed,
+            num_threads=int(target["num-cores"]),
+        )  # fmt: skip
+        ms.tune_tasks(
+            tasks=ctxs, task_weights=weights, work_dir=logs, max_trials_global=trials,
+            num_trials_per_iter=16, database=db, task_scheduler="gradient",
+            builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=60,
+                                            initializer=import_tensor_intrinsics),
+            runner=ms.runner.LocalRunner(),
+        )  # fmt: skip
+    wall = time.monotonic() - t0
+    n = tuning.count_records(db, tasks, target)
+    return {"wall_s": round(wall, 1), "trials": n, "s_per_trial": round(wall / max(1, n), 3),
+            "split_s": _split(prof), "best_us": _best_us(db, tasks, target)}  # fmt: skip
+
+
+def run_harlflow(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
+    from tvm.s_tir import meta_schedule as ms
+
+    t0 = time.monotonic()
+    with ms.Profiler() as prof:
+        res = tuning.tune(mod, target, db_dir, trials=trials, seed=seed, min_trials_per_task=0)
+    wall = time.monotonic() - t0
+    db = tuning.open_database(db_dir)
+    tasks = tuning.extract_tasks(mod, target)
+    return {"wall_s": round(wall, 1), "trials": res.trials,
+            "s_per_trial": round(wall / max(1, res.trials), 3), "split_s": _split(prof),
+            "best_us": _best_us(db, tasks, target)}  # fmt: skip
+
+
+def _best_us(db, tasks, target) -> float:
+    """Σ weight × best measured latency over the tasks (the weighted task latency)."""
+    total = 0.0
+    for t in tasks:
+        best = tuning.best_records(db, t.dispatched[0], target)
+        total += t.weight * (tuning.mean_run_secs(best[0].run_secs) * 1e6 if best else math.inf)
+    return round(total, 2)
+
+
+def noise(target, work: Path, repeats: int = 5) -> dict:
+    """Spread and cost of one measurement under the stock evaluator and harlflow's."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl.builders import persistent_builder
+    from harl.runners import EVALUATOR
+    from harl.sampling import sample_schedules
+
+    mod = operator_module("conv56", work)
+    task = max(tuning.extract_tasks(mod, target), key=tuning._flop)
+    samples = sample_schedules(task, target, 8, seed=0, micro_kernel=1.0)
+    tgt = tvm.target.Target(target)
+    with persistent_builder(max_workers=2) as b:
+        built = b.build([ms.builder.BuilderInput(s.mod, tgt) for s in samples])
+    inputs = [ms.runner.RunnerInput(r.artifact_path, "cpu",
+                                    ms.arg_info.ArgInfo.from_entry_func(s.mod, True))
+              for r, s in zip(built, samples, strict=True) if r.error_msg is None]  # fmt: skip
+    out = {}
+    for name, cfg in (("stock", {}), ("harlflow", EVALUATOR)):
+        runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(**cfg))
+        times = np.zeros((len(inputs), repeats))
+        t0 = time.monotonic()
+        for k in range(repeats):
+            for i, res in enumerate(runner.run(inputs)):
+                times[i, k] = tuning.mean_run_secs(res.result().run_secs)
+        wall = time.monotonic() - t0
+        runner.pool.shutdown()
+        cv = float(np.mean(times.std(axis=1) / times.mean(axis=1)))
+        out[name] = {"evaluator": cfg or "default", "mean_cv": round(cv, 4),
+                     "s_per_measurement": round(wall / times.size, 3)}  # fmt: skip
+        print(f"noise {name:9s} cv {cv:.4f}  {wall / times.size:.3f} s/measurement", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="conv56,conv14,gemm512,bert_dense,depthwise,softmax")
+    p.add_argument("--trials", type=int, default=64)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--noise", action="store_true", help="also compare the evaluators' spread")
+    p.add_argument("--out", default="bench/results/trial_profile.json")
+    a = p.parse_args()
+    target = resolve_target(None)
+    use_target_threads(target)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    print(f"{'op':11s} {'machinery':9s} {'trials':>6s} {'s/trial':>8s} {'best us':>10s}  split (s)")
+    spread = None
+    with tempfile.TemporaryDirectory(prefix="harlflow-profile-") as tmp:
+        work = Path(tmp)
+        if a.noise:
+            spread = noise(target, work)
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            for op in a.ops.split(","):
+                mod = operator_module(op, work)
+                for name, fn in (("stock", run_stock), ("harlflow", run_harlflow)):
+                    r = fn(mod, target, a.trials, seed, work / f"db-{op}-{name}-{seed}")
+                    rows.append({"op": op, "machinery": name, "seed": seed, **r})
+                    print(f"{op:11s} {name:9s} {r['trials']:6d} {r['s_per_trial']:8.3f} "
+                          f"{r['best_us']:10.1f}  {r['split_s']}", flush=True)  # fmt: skip
+                    out.write_text(json.dumps({"target": target, "rows": rows}, indent=2))
+
+    def gmean(xs):
+        return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+    summary = {}
+    for name in ("stock", "harlflow"):
+        mine = [r for r in rows if r["machinery"] == name]
+        summary[name] = {
+            "mean_s_per_trial": round(sum(r["s_per_trial"] for r in mine) / len(mine), 3)
+        }
+    pairs = [(s, h) for s in rows for h in rows if s["machinery"] == "stock"
+             and h["machinery"] == "harlflow" and s["op"] == h["op"] and s["seed"] == h["seed"]]  # fmt: skip
+    summary["best_latency_ratio_harlflow_over_stock_gmean"] = round(
+        gmean([h["best_us"] / s["best_us"] for s, h in pairs]), 3
+    )
+    summary["noise"] = spread
+    print(json.dumps(summary, indent=2))
+    out.write_text(json.dumps({"target": target, "rows": rows, "summary": summary}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
