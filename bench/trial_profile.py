@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harl_vs_ms import operator_module  # noqa: E402
+from harl_vs_ms import OPERATORS, operator_module  # noqa: E402
 
 from harl import tuning  # noqa: E402
 from harl._fast_import import import_tensor_intrinsics  # noqa: E402
@@ -140,12 +140,41 @@ def noise(target, work: Path, repeats: int = 5) -> dict:
     return out
 
 
+def ort_us(op: str, work: Path) -> float:
+    """onnxruntime's latency on the operator (2 threads, all graph optimisations), in µs."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    proto = OPERATORS[op]()
+    proto.ir_version = 8
+    path = work / f"{op}-ort.onnx"
+    onnx.save(proto, str(path))
+    inits = {i.name for i in proto.graph.initializer}
+    feeds = {i.name: np.random.default_rng(0).standard_normal(
+                 [d.dim_value for d in i.type.tensor_type.shape.dim]).astype("float32")
+             for i in proto.graph.input if i.name not in inits}  # fmt: skip
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < 0.2:
+            sess.run(None, feeds)
+            n += 1
+        times.append((time.perf_counter() - t0) / n)
+    return float(np.median(times)) * 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="conv56,conv14,gemm512,bert_dense,depthwise,softmax")
     p.add_argument("--trials", type=int, default=64)
     p.add_argument("--seeds", default="0")
     p.add_argument("--noise", action="store_true", help="also compare the evaluators' spread")
+    p.add_argument("--peak-gflops", type=float, default=650.0,
+                   help="fp32 FMA peak of the machine (ENVIRONMENT.md: ~620-690 on 2 cores)")  # fmt: skip
     p.add_argument("--out", default="bench/results/trial_profile.json")
     a = p.parse_args()
     target = resolve_target(None)
@@ -153,7 +182,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    print(f"{'op':11s} {'machinery':9s} {'trials':>6s} {'s/trial':>8s} {'best us':>10s}  split (s)")
+    print(f"{'op':11s} {'machinery':11s} {'trials':>6s} {'s/trial':>8s} {'best us':>10s} "
+          f"{'GFLOP/s':>8s} {'% peak':>6s}  split (s)")  # fmt: skip
     spread = None
     with tempfile.TemporaryDirectory(prefix="harlflow-profile-") as tmp:
         work = Path(tmp)
@@ -162,12 +192,20 @@ def main() -> None:
         for seed in [int(s) for s in a.seeds.split(",")]:
             for op in a.ops.split(","):
                 mod = operator_module(op, work)
+                flop = max(tuning._flop(t) for t in tuning.extract_tasks(mod, target))
+                ort = ort_us(op, work)
+                rows.append({"op": op, "machinery": "onnxruntime", "seed": seed, "best_us": ort})
                 for name, fn in (("stock", run_stock), ("harlflow", run_harlflow)):
                     r = fn(mod, target, a.trials, seed, work / f"db-{op}-{name}-{seed}")
                     rows.append({"op": op, "machinery": name, "seed": seed, **r})
-                    print(f"{op:11s} {name:9s} {r['trials']:6d} {r['s_per_trial']:8.3f} "
-                          f"{r['best_us']:10.1f}  {r['split_s']}", flush=True)  # fmt: skip
-                    out.write_text(json.dumps({"target": target, "rows": rows}, indent=2))
+                for r in rows[-3:]:
+                    r["gflops"] = round(flop / r["best_us"] / 1e3, 1)
+                    r["peak_fraction"] = round(r["gflops"] / a.peak_gflops, 3)
+                    r["ratio_to_onnxruntime"] = round(r["best_us"] / ort, 3)
+                    print(f"{op:11s} {r['machinery']:11s} {r.get('trials', ''):>6} "
+                          f"{r.get('s_per_trial', ''):>8} {r['best_us']:10.1f} {r['gflops']:8.1f} "
+                          f"{100 * r['peak_fraction']:6.1f}  {r.get('split_s', '')}", flush=True)  # fmt: skip
+                out.write_text(json.dumps({"target": target, "rows": rows}, indent=2))
 
     def gmean(xs):
         return math.exp(sum(math.log(x) for x in xs) / len(xs))

@@ -218,19 +218,31 @@ def mean_run_secs(run_secs) -> float:
     return sum(vals) / len(vals)
 
 
-TINY_SHARE = 0.01  # tasks under 1% of the model's weighted FLOPs get one trial and no search
+TINY_SHARE = 0.01  # tasks under 1% of the model's weighted FLOPs: two warm-up trials, no search
 MICRO_KERNEL_SHARE = 0.75  # warm-up samples with register-blocked tiles (harl.sampling)
 
 
-def importance(tasks, summaries) -> list[float]:
+def importance(summaries: list[TaskSummary]) -> list[float]:
     """Each task's share of the model's FLOPs (weight × FLOP / Σ), 0 when unknown."""
     work = [s.weight * s.flop if math.isfinite(s.flop) else 0.0 for s in summaries]
     total = sum(work)
     return [w / total if total > 0 else 1.0 / max(1, len(work)) for w in work]
 
 
+def unscheduled(task):
+    """The task's kernel as TVM lowers it with no schedule: one thread, no launch of the thread
+    pool. For kernels of a few µs (a transpose, a small reduction) the pool's launch costs more
+    than the parallel work saves, so tiny tasks measure this candidate too."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(task.dispatched[0])
+    sch.get_sblock("root")  # a no-op: MetaSchedule's get_top_k skips records with empty traces
+    return sch
+
+
 def measure_random(jobs, db, target: dict[str, Any], seed: int, builder, runner,
-                   report: Callable[[TaskSummary], None], deadline=None, chunk: int = 8) -> int:  # fmt: skip
+                   report: Callable[[TaskSummary], None], deadline=None, chunk: int = 8,
+                   tiny: set[str] | None = None) -> int:  # fmt: skip
     """Measure seeded samples of each task: the warm-up under any search. Returns trials spent.
 
     ``jobs`` is ``[(task, summary, count)]``, most important first; samples are interleaved
@@ -239,7 +251,8 @@ def measure_random(jobs, db, target: dict[str, Any], seed: int, builder, runner,
     task measured. Most samples have register-blocked tiles (:mod:`harl.sampling`); each
     result is committed to ``db`` as it arrives (a killed run keeps every finished trial) and
     reported (``report(summary)`` per trial). Failed builds and runs are recorded as
-    MetaSchedule records them (run_secs 1e10).
+    MetaSchedule records them (run_secs 1e10). Tasks named in ``tiny`` also measure their
+    :func:`unscheduled` kernel.
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -253,6 +266,8 @@ def measure_random(jobs, db, target: dict[str, Any], seed: int, builder, runner,
         if deadline.expired():
             break
         samples = sample_schedules(task, target, count, seed + i, micro_kernel=MICRO_KERNEL_SHARE)
+        if tiny is not None and summary.name in tiny:
+            samples.insert(0, unscheduled(task))
         per_task.append([(task, summary, sch) for sch in samples])
     order = [row[k] for k in range(max(map(len, per_task), default=0)) for row in per_task
              if k < len(row)]  # fmt: skip
@@ -508,7 +523,7 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
                  "stopped and are not measured again", result.resumed_trials, trials)  # fmt: skip
     else:
         journal.start([t.task_name for t, _ in new], recorded)
-    share = dict(zip([s.name for s in summaries], importance(tasks, summaries), strict=True))
+    share = dict(zip([s.name for s in summaries], importance(summaries), strict=True))
     new.sort(key=lambda ts: -share[ts[1].name])  # the heaviest kernels first
     searched = [(t, s) for t, s in new if share[s.name] >= TINY_SHARE]
     tracker = _Tracker(summaries, trials, result.history, on_progress, deadline)
@@ -520,7 +535,9 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
         jobs = [(t, s, min_trials_per_task if share[s.name] >= TINY_SHARE else 1)
                 for t, s in new if s.best_us is None]  # fmt: skip
         if min_trials_per_task and jobs:
-            measure_random(jobs, db, target, seed, builder, runner, tracker.measured, deadline)
+            tiny = {s.name for _, s in new if share[s.name] < TINY_SHARE}
+            measure_random(jobs, db, target, seed, builder, runner, tracker.measured, deadline,
+                           tiny=tiny)  # fmt: skip
         result.phases["warm_up_s"] = round(deadline.elapsed() - result.phases["extract_s"], 2)
         remaining = trials - tracker.trials
         warmed = tracker.trials - result.resumed_trials
