@@ -160,6 +160,17 @@ def test_time_budget_stops_tuning_keeps_every_trial_and_leaves_no_process(conv, 
 
 
 @pytest.mark.slow
+def test_a_trial_budget_is_spent_exactly(conv, tmp_path):
+    """MetaSchedule lets its last round overshoot ``max_trials_global``; the budgeted rounds cut
+    it: warm-up (2 + 2 × 2 for the tiny transposes) plus search add up to --trials."""
+    _, mod, target, _ = conv
+    result = tuning.tune(mod, target, tmp_path / "db", trials=13, min_trials_per_task=2)
+    assert result.trials == 13
+    db = tuning.open_database(tmp_path / "db")
+    assert tuning.count_records(db, tuning.extract_tasks(mod, target), target) == 13
+
+
+@pytest.mark.slow
 def test_prepacked_conv_artifact_verifies_through_the_runtime(conv, tmp_path):
     import tvm
 
