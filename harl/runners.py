@@ -91,8 +91,11 @@ def rpc_runner(spec: RPCSpec | str, *, session_timeout_sec: int = 60):
 
 
 # One trial's timing: MetaSchedule's default is number=3, repeat=1, min_repeat_ms=100, i.e. one
-# mean over >= 100 ms. Two repeats of >= 40 ms cost less and their mean varied as little across
-# re-measurements of the same kernels (bench/trial_profile.py, "noise").
+# mean over >= 100 ms. Two repeats of >= 40 ms cost 0.11-0.12 s per measurement against 0.20 s
+# (bench/trial_profile.py --noise), but their spread across re-measurements of the same kernels
+# was less even: a coefficient of variation of 0.03, 0.16 and 0.23 in three runs against 0.022 for
+# the default. The end-to-end results in the README were tuned with these settings; whether the
+# default's steadier ranking buys more than its extra 0.08 s per trial is still to be measured.
 EVALUATOR = {"number": 3, "repeat": 2, "min_repeat_ms": 40, "enable_cpu_cache_flush": False}
 
 
