@@ -454,7 +454,8 @@ def tune(
     Workloads with valid records for this target are not measured again; the budget goes to new
     ones. Each new task first gets ``min_trials_per_task`` measured samples, most of them
     register-blocked (a floor, so trials spent can exceed a small ``trials``); tasks under
-    ``TINY_SHARE`` of the model's FLOPs get one and no search. What remains of ``trials`` goes to
+    ``TINY_SHARE`` of the model's FLOPs get one sample plus their :func:`unscheduled` kernel and
+    no search. What remains of ``trials`` goes to
     the search ``strategy``. ``time_budget_s`` stops tuning at the first batch boundary after
     that many seconds, whatever is left of ``trials``. ``trials=0`` measures nothing. Every
     measurement lands in the database.
@@ -540,11 +541,10 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
                            tiny=tiny)  # fmt: skip
         result.phases["warm_up_s"] = round(deadline.elapsed() - result.phases["extract_s"], 2)
         remaining = trials - tracker.trials
-        warmed = tracker.trials - result.resumed_trials
-        per_trial = result.phases["warm_up_s"] / warmed if warmed else SECONDS_PER_TRIAL_GUESS
         affordable = remaining
-        if not deadline.unlimited:
-            affordable = min(remaining, int(deadline.remaining() / per_trial))
+        if not deadline.unlimited:  # the tracker keeps the run's pace in deadline.per_trial_s
+            pace = deadline.per_trial_s or SECONDS_PER_TRIAL_GUESS
+            affordable = min(remaining, int(deadline.remaining() / pace))
         if searched and remaining > 0 and not deadline.expired():
             with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
                 logs_dir = str(work_dir or tmp)
