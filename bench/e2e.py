@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harl import tuning  # noqa: E402
+from harl import tuning, compilation  # noqa: E402
 from harl.budget import UNLIMITED_TRIALS  # noqa: E402
-from harl.target import resolve_target  # noqa: E402
+from harlflow.core.targets import resolve_target  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
 from tasks.packaging import export_library, package, run_worker  # noqa: E402
 
@@ -48,7 +48,7 @@ def bench_model(example: str, budgets: list[tuple[str, float]], strategies: list
 
     row("onnxruntime", run_worker(["ort", "--path", str(m.onnx_path), "--reference", ref, *limit]))
     row("pytorch", run_worker(["torch", "--path", m.source, "--reference", ref, *limit]))
-    mod = tuning.prepare(to_relax(m.onnx_path, m.inputs))
+    mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
     art = None
     for kind, amount in budgets:
         for strategy in strategies:  # interleaved per budget
@@ -71,7 +71,7 @@ def bench_model(example: str, budgets: list[tuple[str, float]], strategies: list
     if art is not None:
         untuned = work / f"untuned-{example}"
         untuned.mkdir()
-        export_library(tuning.compile_untuned(mod, target), untuned / "model.so")
+        export_library(compilation.compile_untuned(mod, target), untuned / "model.so")
         (untuned / "manifest.json").write_text(Path(art.directory, "manifest.json").read_text())
         row("tvm untuned", run_worker(["tvm", "--path", str(untuned), "--reference", ref,
                                        "--repeats", "5", *limit]))  # fmt: skip

@@ -31,9 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harl import tuning  # noqa: E402
-from harl.target import resolve_target  # noqa: E402
-from harlflow.signature import TensorSpec  # noqa: E402
+from harl import tuning, compilation  # noqa: E402
+from harlflow.core.targets import resolve_target  # noqa: E402
+from harlflow.core.signature import TensorSpec  # noqa: E402
 from tasks.importing import to_relax  # noqa: E402
 
 F32 = TensorProto.FLOAT
@@ -89,7 +89,7 @@ def operator_module(name: str, work: Path):
     inits = {i.name for i in proto.graph.initializer}
     specs = [TensorSpec(i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim), "float32")
              for i in proto.graph.input if i.name not in inits]  # fmt: skip
-    return tuning.prepare(to_relax(path, specs))
+    return compilation.prepare(to_relax(path, specs))
 
 
 def run_one(mod, target, strategy: str, budget: int, seed: int, work: Path) -> dict:

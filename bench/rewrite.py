@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harlflow import rl  # noqa: E402
 from tasks.importing import import_model  # noqa: E402
 from xrlflow import agent as A  # noqa: E402
 from xrlflow import ir, search  # noqa: E402
@@ -86,6 +87,7 @@ def main() -> None:
                        "backtracking": search.backtracking(g, oracle, alpha=1.05, budget=a.bt_budget)}  # fmt: skip
             others = {k: v for k, v in graphs.items() if k != name}
             t0 = time.monotonic()
+            rl.setup(0)
             agent = A.XRLflowAgent(seed=0)
             curve: list[dict] = []
             if others:
@@ -136,8 +138,8 @@ def main() -> None:
 
 def tvm_compare(name: str, cache: Path, budget: int, rewritten, log) -> dict:
     """Tune the model with and without X-RLflow's rewrite at equal budgets; measure both."""
-    from harl import tuning
-    from harl.target import resolve_target
+    from harl import tuning, compilation, database
+    from harlflow.core.targets import resolve_target
     from tasks.importing import to_relax
 
     imported, _ = load(name, cache)
@@ -146,15 +148,15 @@ def tvm_compare(name: str, cache: Path, budget: int, rewritten, log) -> dict:
     ir.save(rewritten, rw_path)
     out = {"model": name, "budget": budget}
     for key, path in (("plain", imported.onnx_path), ("rewritten", rw_path)):
-        mod = tuning.prepare(to_relax(path, imported.inputs))
+        mod = compilation.prepare(to_relax(path, imported.inputs))
         db = cache / f"db-{name}-{key}"
         res = tuning.tune(
             mod, target, db, trials=budget, strategy="harl", seed=0, min_trials_per_task=0
         )
-        memdb, _ = tuning.compile_database(
-            tuning.open_database(db), tuning.extract_tasks(mod, target), target, 0
+        memdb, _ = compilation.compile_database(
+            database.open_database(db), compilation.extract_tasks(mod, target), target, 0
         )
-        lib = tuning.compile_module(mod, target, memdb)
+        lib = compilation.compile_module(mod, target, memdb)
         out[f"{key}_ms"] = _tvm_latency(lib, imported) * 1e3
         out[f"{key}_trials"] = res.trials
         log(f"TVM {name} {key}: {out[f'{key}_ms']:.3f} ms after {res.trials} trials")

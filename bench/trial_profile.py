@@ -11,7 +11,7 @@ same tasks for both), two tuning runs from an empty database at equal trials, in
   min_repeat_ms=100), ``EvolutionarySearch()`` defaults, 16 trials per round;
 - ``harlflow``: ``harl.tuning.tune`` with ``min_trials_per_task=0`` (no warm-up, so only the
   machinery differs): persistent builders exporting linked ``.so`` files, the evaluator of
-  ``harl.runners.EVALUATOR``, the evolutionary settings of ``harl.tuning.EVOLUTIONARY``.
+  ``harl.runners.EVALUATOR``, the evolutionary settings of ``harl.strategies.EVOLUTIONARY``.
 
 Reported per run: wall seconds per trial, MetaSchedule's profiler split (search, cost-model
 update, build, run) and the best latency found; then the geometric means. ``--noise`` first
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harl_vs_ms import OPERATORS, operator_module  # noqa: E402
 
-from harl import tuning  # noqa: E402
+from harl import tuning, compilation, database  # noqa: E402
 from harl._fast_import import import_tensor_intrinsics  # noqa: E402
-from harl.target import resolve_target, use_target_threads  # noqa: E402
+from harlflow.core.targets import resolve_target, use_target_threads  # noqa: E402
 
 PHASES = {  # MetaSchedule profiler entries → phase
     "EvoSearch/Evolve/Mutation": "search", "EvoSearch/SampleInitPopulation": "search",
@@ -60,8 +60,8 @@ def run_stock(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
     """MetaSchedule's stock machinery on the same tasks, from an empty database."""
     from tvm.s_tir import meta_schedule as ms
 
-    tasks = tuning.extract_tasks(mod, target)
-    db = tuning.open_database(db_dir)
+    tasks = compilation.extract_tasks(mod, target)
+    db = database.open_database(db_dir)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as logs, ms.Profiler() as prof:
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -76,7 +76,7 @@ def run_stock(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
             runner=ms.runner.LocalRunner(),
         )  # fmt: skip
     wall = time.monotonic() - t0
-    n = tuning.count_records(db, tasks, target)
+    n = database.count_records(db, tasks, target)
     return {"wall_s": round(wall, 1), "trials": n, "s_per_trial": round(wall / max(1, n), 3),
             "split_s": _split(prof), "best_us": _best_us(db, tasks, target)}  # fmt: skip
 
@@ -88,8 +88,8 @@ def run_harlflow(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
     with ms.Profiler() as prof:
         res = tuning.tune(mod, target, db_dir, trials=trials, seed=seed, min_trials_per_task=0)
     wall = time.monotonic() - t0
-    db = tuning.open_database(db_dir)
-    tasks = tuning.extract_tasks(mod, target)
+    db = database.open_database(db_dir)
+    tasks = compilation.extract_tasks(mod, target)
     return {"wall_s": round(wall, 1), "trials": res.trials,
             "s_per_trial": round(wall / max(1, res.trials), 3), "split_s": _split(prof),
             "best_us": _best_us(db, tasks, target)}  # fmt: skip
@@ -98,9 +98,9 @@ def run_harlflow(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
 def _best_us(db, tasks, target) -> float:
     """Best measured latency of the operator's own kernel (the task with the most FLOPs; the
     layout transposes around an NHWC convolution are tiny tasks harlflow does not search)."""
-    main = max(tasks, key=tuning._flop)
-    best = tuning.best_records(db, main.dispatched[0], target)
-    return round(tuning.mean_run_secs(best[0].run_secs) * 1e6, 2) if best else math.inf
+    main = max(tasks, key=compilation.task_flop)
+    best = database.best_records(db, main.dispatched[0], target)
+    return round(database.mean_run_secs(best[0].run_secs) * 1e6, 2) if best else math.inf
 
 
 def noise(target, work: Path, repeats: int = 5) -> dict:
@@ -114,7 +114,7 @@ def noise(target, work: Path, repeats: int = 5) -> dict:
     from harl.sampling import sample_schedules
 
     mod = operator_module("conv56", work)
-    task = max(tuning.extract_tasks(mod, target), key=tuning._flop)
+    task = max(compilation.extract_tasks(mod, target), key=compilation.task_flop)
     samples = sample_schedules(task, target, 8, seed=0, micro_kernel=1.0)
     tgt = tvm.target.Target(target)
     with persistent_builder(max_workers=2) as b:
@@ -129,7 +129,7 @@ def noise(target, work: Path, repeats: int = 5) -> dict:
         t0 = time.monotonic()
         for k in range(repeats):
             for i, res in enumerate(runner.run(inputs)):
-                times[i, k] = tuning.mean_run_secs(res.result().run_secs)
+                times[i, k] = database.mean_run_secs(res.result().run_secs)
         wall = time.monotonic() - t0
         runner.pool.shutdown()
         cv = float(np.mean(times.std(axis=1) / times.mean(axis=1)))
@@ -191,7 +191,7 @@ def main() -> None:
         for seed in [int(s) for s in a.seeds.split(",")]:
             for op in a.ops.split(","):
                 mod = operator_module(op, work)
-                flop = max(tuning._flop(t) for t in tuning.extract_tasks(mod, target))
+                flop = max(compilation.task_flop(t) for t in compilation.extract_tasks(mod, target))
                 ort = ort_us(op, work)
                 rows.append({"op": op, "machinery": "onnxruntime", "seed": seed, "best_us": ort})
                 for name, fn in (("stock", run_stock), ("harlflow", run_harlflow)):

@@ -11,8 +11,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from harl.budget import format_duration
-from harl.target import resolve_target
-from harlflow.config import (
+from harlflow.core.targets import resolve_target
+from harlflow.core.config import (
     harl_agent_path,
     home,
     rewrite_dir,
@@ -20,7 +20,7 @@ from harlflow.config import (
     validate_name,
     xrlflow_agent_path,
 )
-from harlflow.signature import TensorSpec
+from harlflow.core.signature import TensorSpec
 from tasks import tracking
 from tasks.importing import default_name, import_task, log_import
 from tasks.packaging import log_package, package_task, versions

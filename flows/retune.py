@@ -14,9 +14,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.optimize import optimize
-from harl.target import resolve_target
-from harlflow import config
-from harlflow.errors import HarlflowError
+from harlflow.core.targets import resolve_target
+from harlflow.core import config
+from harlflow.core.errors import HarlflowError
 from tasks import tracking
 from tasks.sources import last_optimised, list_models
 

@@ -4,7 +4,7 @@ A state is a fixed-size vector (pooled program features + decision encoding + se
 an action is one edit of one sampling decision, described by a fixed-size feature vector. The
 actor scores each (state, action) pair and a softmax over the legal edits gives the policy, so
 one network serves every sketch of every task however many decisions it has. Trained with PPO
-(clipped objective, GAE) on the trajectories the search strategy collects.
+(:mod:`harlflow.rl`) on the trajectories the search strategy collects.
 """
 
 from __future__ import annotations
@@ -17,63 +17,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
+
 STATE_DIM = 2 * 164 + 24 + 4  # PerStoreFeature mean+max, decision encoding, search context
 ACTION_DIM = 12
 
 
 @dataclass
-class PPOConfig:
+class EditAgentConfig(PPOConfig):
     """Hyperparameters of the parameter-level agent."""
 
     hidden: int = 128
     """width of the state and action encoders"""
-    lr: float = 3e-4
-    """Adam learning rate"""
     gamma: float = 0.9
     """discount: edit episodes are short, late rewards matter less"""
-    gae_lambda: float = 0.95
-    """GAE λ: bias/variance trade-off of the advantage"""
-    clip_coef: float = 0.2
-    """PPO ratio clipping"""
-    ent_coef: float = 0.01
-    """entropy bonus: keeps edits diverse"""
-    vf_coef: float = 0.5
-    """value-loss weight"""
-    update_epochs: int = 4
-    """passes over each batch of transitions"""
-    max_grad_norm: float = 0.5
-    """gradient clipping"""
 
 
-class Transition(NamedTuple):
-    """One step of one trajectory, as stored in the rollout buffer."""
+class EditState(NamedTuple):
+    """What the agent sees at one step: the schedule's state vector and its legal edits."""
 
-    state: np.ndarray  # (STATE_DIM,)
-    actions: np.ndarray  # (n_actions, ACTION_DIM): the legal edits at this state
-    action: int  # index of the edit taken
-    logprob: float
-    value: float
-    reward: float
-    done: bool
-
-
-def compute_gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, last_value: float,
-                gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Generalised advantage estimation over one trajectory (CleanRL's recursion).
-
-    ``dones[t]`` is True when the episode ended after step ``t``; ``last_value`` bootstraps a
-    trajectory cut off before its end. Returns (advantages, returns).
-    """
-    n = len(rewards)
-    adv = np.zeros(n, dtype=np.float64)
-    last = 0.0
-    for t in reversed(range(n)):
-        next_value = last_value if t == n - 1 else values[t + 1]
-        nonterminal = 0.0 if dones[t] else 1.0
-        delta = rewards[t] + gamma * next_value * nonterminal - values[t]
-        last = delta + gamma * lam * nonterminal * last
-        adv[t] = last
-    return adv, adv + values
+    features: np.ndarray
+    """(STATE_DIM,): pooled program features, decision encoding, search context"""
+    edits: np.ndarray
+    """(n_edits, ACTION_DIM): one feature row per legal edit"""
 
 
 class ActorCritic(nn.Module):
@@ -98,81 +64,51 @@ class ActorCritic(nn.Module):
 
 
 class EditAgent:
-    """Policy + PPO update + persistence. Seeded: same seed, same sampled edits."""
+    """Policy + PPO update + persistence. Its own generator samples the edits: same seed and
+    weights, same edits. The network's initial weights come from torch's global RNG, which the
+    run seeds once (:func:`harlflow.rl.setup`)."""
 
-    def __init__(self, config: PPOConfig | None = None, *, seed: int = 0):
-        self.config = config or PPOConfig()
-        torch.manual_seed(seed)
+    def __init__(self, config: EditAgentConfig | None = None, *, seed: int = 0):
+        self.config = config or EditAgentConfig()
         self.net = ActorCritic(self.config.hidden)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, eps=1e-5)
         self.rng = torch.Generator().manual_seed(seed)
         self.updates = 0
 
     @torch.no_grad()
-    def act(
-        self, state: np.ndarray, actions: np.ndarray, greedy: bool = False
-    ) -> tuple[int, float, float]:
+    def act(self, state: EditState, greedy: bool = False) -> tuple[int, float, float]:
         """Pick an edit: (index, log-probability, state value)."""
-        s = torch.as_tensor(state, dtype=torch.float32)
-        logits = self.net.logits(s, torch.as_tensor(actions, dtype=torch.float32))
+        s = torch.as_tensor(state.features, dtype=torch.float32)
+        logits = self.net.logits(s, torch.as_tensor(state.edits, dtype=torch.float32))
         probs = torch.softmax(logits, dim=-1)
-        a = (
-            int(torch.argmax(probs))
-            if greedy
-            else int(torch.multinomial(probs, 1, generator=self.rng))
-        )
+        if greedy:
+            a = int(torch.argmax(probs))
+        else:
+            a = int(torch.multinomial(probs, 1, generator=self.rng))
         return a, float(torch.log(probs[a] + 1e-12)), float(self.net.value(s))
 
-    def update(self, trajectories: list[list[Transition]]) -> dict[str, float]:
-        """One PPO update on complete or cut-off trajectories; returns CleanRL-style metrics."""
-        cfg = self.config
-        batch: list[tuple[Transition, float, float]] = []
-        for traj in trajectories:
-            if not traj:
-                continue
-            rewards = np.array([t.reward for t in traj])
-            values = np.array([t.value for t in traj])
-            dones = np.array([t.done for t in traj])
-            last_value = 0.0 if traj[-1].done else traj[-1].value
-            adv, ret = compute_gae(rewards, values, dones, last_value, cfg.gamma, cfg.gae_lambda)
-            batch += list(zip(traj, adv, ret, strict=True))
-        if len(batch) < 2:
+    def evaluate(self, samples: list[Sample]) -> tuple[torch.Tensor, ...]:
+        """Log-probabilities of the edits taken, policy entropies and state values, under the
+        current weights (one softmax per sample: each has its own set of legal edits)."""
+        logps, ents = [], []
+        for s in samples:
+            feats = torch.as_tensor(s.state.features, dtype=torch.float32)
+            edits = torch.as_tensor(s.state.edits, dtype=torch.float32)
+            logp_all = torch.log_softmax(self.net.logits(feats, edits), dim=-1)
+            logps.append(logp_all[s.action])
+            ents.append(-(logp_all.exp() * logp_all).sum())
+        states = torch.as_tensor(np.stack([s.state.features for s in samples]), dtype=torch.float32)
+        return torch.stack(logps), torch.stack(ents), self.net.value(states)
+
+    def update(self, trajectories: list[list[Sample]]) -> dict[str, float]:
+        """One PPO update on complete or cut-off trajectories (a cut-off one bootstraps from its
+        last value); returns the update's metrics, empty when there was too little to learn."""
+        lasts = [0.0 if not t or t[-1].done else t[-1].value for t in trajectories]
+        samples, adv, ret = advantages(trajectories, lasts, self.config)
+        if len(samples) < 2:
             return {}
-        advs = torch.tensor([b[1] for b in batch], dtype=torch.float32)
-        advs = (advs - advs.mean()) / (advs.std() + 1e-8)
-        rets = torch.tensor([b[2] for b in batch], dtype=torch.float32)
-        old_logp = torch.tensor([b[0].logprob for b in batch], dtype=torch.float32)
-        states = torch.as_tensor(np.stack([b[0].state for b in batch]), dtype=torch.float32)
-        metrics: dict[str, float] = {}
-        for _ in range(cfg.update_epochs):
-            logps, ents = [], []
-            for i, (t, _, _) in enumerate(batch):
-                logits = self.net.logits(states[i], torch.as_tensor(t.actions, dtype=torch.float32))
-                logp_all = torch.log_softmax(logits, dim=-1)
-                logps.append(logp_all[t.action])
-                ents.append(-(logp_all.exp() * logp_all).sum())
-            logp = torch.stack(logps)
-            entropy = torch.stack(ents).mean()
-            values = self.net.value(states)
-
-            # ---- policy loss: PPO's clipped surrogate
-            ratio = (logp - old_logp).exp()
-            pg_loss = torch.max(
-                -advs * ratio, -advs * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
-            ).mean()
-            # ---- value loss
-            v_loss = 0.5 * ((values - rets) ** 2).mean()
-            # ---- total, with an entropy bonus
-            loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
-
-            self.opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
-            self.opt.step()
-            with torch.no_grad():
-                approx_kl = ((ratio - 1) - (logp - old_logp)).mean()
-            metrics = {"losses/policy": pg_loss.item(), "losses/value": v_loss.item(),
-                       "losses/entropy": entropy.item(), "losses/approx_kl": approx_kl.item()}  # fmt: skip
+        metrics = ppo_update(self.evaluate, self.opt, list(self.net.parameters()), samples, adv,
+                             ret, self.config)  # fmt: skip
         self.updates += 1
         return metrics
 
@@ -188,7 +124,7 @@ class EditAgent:
     @classmethod
     def load(cls, path: str | Path, *, seed: int = 0) -> EditAgent:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        agent = cls(PPOConfig(**state["config"]), seed=seed)
+        agent = cls(EditAgentConfig(**state["config"]), seed=seed)
         agent.net.load_state_dict(state["net"])
         agent.opt.load_state_dict(state["opt"])
         agent.updates = int(state["updates"])

@@ -17,7 +17,7 @@ import math
 import re
 import time
 
-from harlflow.errors import BadInputError
+from harlflow.core.errors import BadInputError
 
 UNLIMITED_TRIALS = 1_000_000  # --time-budget without --trials: the deadline decides
 _DURATION = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>s|sec|m|min|h)?\s*$", re.I)

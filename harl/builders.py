@@ -27,7 +27,7 @@ def build_shared_object(mod, target) -> str:
     """Compile one candidate (MetaSchedule's default build) and export a linked ``.so``.
 
     Runs in a build worker. The directory it creates is removed by MetaSchedule's
-    ``RemoveBuildArtifact`` callback (or by :func:`harl.tuning.measure_random`) after the run.
+    ``RemoveBuildArtifact`` callback (or by :func:`harl.warmup.measure_random`) after the run.
     """
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
@@ -134,3 +134,10 @@ def persistent_builder(**kwargs) -> Iterator:
         yield builder
     finally:
         builder.close()
+
+
+def default_builder(*, link: bool = True):
+    """A :class:`PersistentBuilder` with one worker per core, 60 s per build."""
+    return PersistentBuilder(
+        max_workers=max(1, len(os.sched_getaffinity(0))), timeout_sec=60, link=link
+    )

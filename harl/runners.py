@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from harlflow.errors import BadInputError, TuningError
+from harlflow.core.errors import BadInputError, TuningError, first_line
 
 _SPEC = re.compile(
     r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5}):(?P<key>[\w.\-]+)$"
@@ -64,8 +64,9 @@ def count_servers(spec: RPCSpec, timeout_sec: int = 10) -> int:
     try:
         return _config(spec, timeout_sec).count_num_servers(allow_missing=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TuningError(f"RPC tracker {spec.host}:{spec.port} is unreachable: {first}") from None
+        raise TuningError(
+            f"RPC tracker {spec.host}:{spec.port} is unreachable: {first_line(e)}"
+        ) from None
 
 
 def rpc_runner(spec: RPCSpec | str, *, session_timeout_sec: int = 60):
@@ -113,7 +114,7 @@ def make_runner(rpc: str | None, target: dict | None = None):
     process starts now and must inherit the target's thread count (``use_target_threads``).
     """
     if target is not None:
-        from harl.target import use_target_threads
+        from harlflow.core.targets import use_target_threads
 
         use_target_threads(target)
     if rpc:

@@ -143,3 +143,14 @@ def fallback_trace(task, target: dict[str, Any], seed: int):
     one register-blocked sample (:func:`sample_schedules`), else one random sample."""
     samples = sample_schedules(task, target, 1, seed, micro_kernel=1.0)
     return samples[0].trace if samples else None
+
+
+def unscheduled(task):
+    """The task's kernel as TVM lowers it with no schedule: one thread, no launch of the thread
+    pool. For kernels of a few µs (a transpose, a small reduction) the pool's launch costs more
+    than the parallel work saves, so tiny tasks measure this candidate too."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(task.dispatched[0])
+    sch.get_sblock("root")  # a no-op: MetaSchedule's get_top_k skips records with empty traces
+    return sch

@@ -1,8 +1,11 @@
-"""Operator tuning on TVM MetaSchedule: extract tasks, tune new workloads under a global trial
-budget, give every untuned kernel a sensible fallback schedule, and compile.
+"""The tuning loop: every new task of a model gets a measured warm-up, then the search strategy
+spends what is left of the budget, and every measurement lands in the shared database.
 
-This module is a library: plain inputs (a Relax IRModule, a target dict, a database directory,
-a budget, a seed), plain outputs (:class:`TuneResult`), progress through a callback.
+This module is a library: plain inputs (a prepared Relax IRModule, a target dict, a database
+directory, a budget, a seed), plain outputs (:class:`TuneResult`), progress through a callback.
+The pieces it drives live in their own modules: :mod:`harl.compilation` (tasks, compiling),
+:mod:`harl.database`, :mod:`harl.journal` (resuming), :mod:`harl.warmup`, :mod:`harl.budget`
+and :mod:`harl.strategies` (what searches).
 """
 
 from __future__ import annotations
@@ -10,23 +13,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harl._fast_import import import_tensor_intrinsics
-from harl.sampling import fallback_trace, sample_schedules
-from harl.target import use_target_threads
-from harlflow.errors import BadInputError, TuningError
-from harlflow.locks import file_lock
+from harl.budget import Allowance, BudgetedStrategy, Deadline
+from harl.builders import default_builder
+from harl.compilation import extract_tasks, task_flop
+from harl.database import best_records, count_records, locked, mean_run_secs, open_database
+from harl.journal import RunJournal
+from harl.strategies import Strategy, create_strategy
+from harl.warmup import measure_random
+from harlflow.core.errors import BadInputError, TuningError, first_line
+from harlflow import rl
+from harlflow.core.targets import use_target_threads
 
 log = logging.getLogger("harl.tuning")
 
-FAILED_RUN_SECS = 1e9  # MetaSchedule records failed builds/runs with run_secs 1e10
-STRATEGIES = ("evolutionary", "harl")
+TINY_SHARE = 0.01  # tasks under 1% of the model's weighted FLOPs: two warm-up trials, no search
 
 
 @dataclass
@@ -101,127 +107,6 @@ class TuneResult:
         }
 
 
-# --------------------------------------------------------------------------- preparation
-def prepare(mod):
-    """Inference decompositions, convolutions in NHWC, canonical bindings: the module that is
-    compiled in the end.
-
-    NHWC puts the output channels innermost, so a convolution's micro-kernel vectorises over
-    channels (16 fp32 lanes, multiples of 16 in most layers) and broadcasts inputs; NCHW would
-    vectorise over the image width (7, 14, 28, 56 in ResNet-18). The weights' transposes are
-    constants and fold away; the model keeps its NCHW inputs and outputs.
-    """
-    from tvm import relax
-
-    mod = relax.transform.DecomposeOpsForInference()(mod)
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
-    return relax.transform.CanonicalizeBindings()(mod)
-
-
-def extract_tasks(mod, target: dict[str, Any], *, prepack: bool = True):
-    """MetaSchedule tasks of a prepared module, fused as :func:`compile_module` fuses it (weights
-    marked layout-free when ``prepack``, so schedules may choose their layouts)."""
-    from harl import pipeline
-
-    try:
-        return pipeline.extract_tasks(pipeline.fuse(mod, target, prepack=prepack), target)
-    except Exception as e:
-        raise TuningError(f"task extraction failed: {str(e).strip().splitlines()[-1]}") from None
-
-
-# --------------------------------------------------------------------------- the database
-def open_database(database_dir: str | Path):
-    """The shared JSON tuning database (created if missing).
-
-    A record line cut short by a killed process is dropped first (MetaSchedule would refuse to
-    load the file); callers that share the directory with other processes hold :func:`locked`.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    Path(database_dir).mkdir(parents=True, exist_ok=True)
-    for name in ("database_workload.json", "database_tuning_record.json"):
-        _drop_partial_line(Path(database_dir) / name)
-    return ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Truncate a JSON-lines file after its last complete line (a crash can cut one short)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, 2)
-        if f.read(1) == b"\n":
-            return
-        data = f.seek(0) or f.read()
-        keep = data.rfind(b"\n") + 1
-        f.truncate(keep)
-    log.warning("%s: dropped a partial last record (%d bytes) left by an interrupted run",
-                path, len(data) - keep)  # fmt: skip
-
-
-def locked(database_dir: str | Path):
-    """Exclusive use of a tuning database directory across processes, as a context manager.
-
-    Two runs on one store take turns: one measuring at a time also keeps their timings honest
-    on a shared machine.
-    """
-    return file_lock(Path(database_dir) / ".lock", f"the tuning database {database_dir}")
-
-
-def _same_target(record, target_json: str) -> bool:
-    import json
-
-    return (
-        record.target is not None
-        and json.dumps(_target_key(record.target.export()), sort_keys=True) == target_json
-    )
-
-
-def _target_key(exported: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a target that decide code generation (kind, mcpu, cores, features)."""
-    keep = ("kind", "mcpu", "mtriple", "mattr", "num-cores", "arch", "device")
-    return {
-        k: (list(v) if isinstance(v, (list, tuple)) else v)
-        for k, v in exported.items()
-        if k in keep
-    }
-
-
-def target_json(target: dict[str, Any]) -> str:
-    import json
-
-    import tvm
-
-    return json.dumps(_target_key(tvm.target.Target(target).export()), sort_keys=True)
-
-
-def records_on_target(db, mod, target: dict[str, Any]) -> list:
-    """Every record of a workload on this target, fastest first (failed trials last)."""
-    if not db.has_workload(mod):
-        return []
-    tj = target_json(target)
-    return [r for r in db.get_top_k(db.commit_workload(mod), 1_000_000) if _same_target(r, tj)]
-
-
-def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
-    """The ``k`` best valid records of a workload on this target (empty when none)."""
-    valid = [
-        r for r in records_on_target(db, mod, target)
-        if r.run_secs and mean_run_secs(r.run_secs) < FAILED_RUN_SECS
-    ]  # fmt: skip
-    return valid[:k]
-
-
-def mean_run_secs(run_secs) -> float:
-    """Mean of a MetaSchedule record's or runner result's repeated run times, in seconds."""
-    vals = [float(s) for s in run_secs]
-    return sum(vals) / len(vals)
-
-
-TINY_SHARE = 0.01  # tasks under 1% of the model's weighted FLOPs: two warm-up trials, no search
-MICRO_KERNEL_SHARE = 0.75  # warm-up samples with register-blocked tiles (harl.sampling)
-
-
 def importance(summaries: list[TaskSummary]) -> list[float]:
     """Each task's share of the model's FLOPs (weight × FLOP / Σ), 0 when unknown."""
     work = [s.weight * s.flop if math.isfinite(s.flop) else 0.0 for s in summaries]
@@ -229,142 +114,6 @@ def importance(summaries: list[TaskSummary]) -> list[float]:
     return [w / total if total > 0 else 1.0 / max(1, len(work)) for w in work]
 
 
-def unscheduled(task):
-    """The task's kernel as TVM lowers it with no schedule: one thread, no launch of the thread
-    pool. For kernels of a few µs (a transpose, a small reduction) the pool's launch costs more
-    than the parallel work saves, so tiny tasks measure this candidate too."""
-    from tvm.s_tir import Schedule
-
-    sch = Schedule(task.dispatched[0])
-    sch.get_sblock("root")  # a no-op: MetaSchedule's get_top_k skips records with empty traces
-    return sch
-
-
-def measure_random(jobs, db, target: dict[str, Any], seed: int, builder, runner,
-                   report: Callable[[TaskSummary], None], deadline=None, chunk: int = 8,
-                   tiny: set[str] | None = None) -> int:  # fmt: skip
-    """Measure seeded samples of each task: the warm-up under any search. Returns trials spent.
-
-    ``jobs`` is ``[(task, summary, count)]``, most important first; samples are interleaved
-    across tasks (every task's first sample, then every task's second, ...) and measured in
-    chunks of ``chunk``, so a ``deadline`` that cuts the warm-up short still leaves every big
-    task measured. Most samples have register-blocked tiles (:mod:`harl.sampling`); each
-    result is committed to ``db`` as it arrives (a killed run keeps every finished trial) and
-    reported (``report(summary)`` per trial). Failed builds and runs are recorded as
-    MetaSchedule records them (run_secs 1e10). Tasks named in ``tiny`` also measure their
-    :func:`unscheduled` kernel.
-    """
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    from harl.budget import Deadline
-
-    deadline = deadline or Deadline(None)
-    tgt = tvm.target.Target(target)
-    per_task = []
-    for i, (task, summary, count) in enumerate(jobs):
-        if deadline.expired():
-            break
-        samples = sample_schedules(task, target, count, seed + i, micro_kernel=MICRO_KERNEL_SHARE)
-        if tiny is not None and summary.name in tiny:
-            samples.insert(0, unscheduled(task))
-        per_task.append([(task, summary, sch) for sch in samples])
-    order = [row[k] for k in range(max(map(len, per_task), default=0)) for row in per_task
-             if k < len(row)]  # fmt: skip
-    spent = pos = 0
-    while pos < len(order):
-        batch = order[pos : pos + deadline.affordable(chunk)]
-        if not batch:
-            break
-        pos += len(batch)
-        args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, True) for _, _, sch in batch]
-        built = builder.build([ms.builder.BuilderInput(sch.mod, tgt) for _, _, sch in batch])
-        ok = [k for k, b in enumerate(built) if b.error_msg is None]
-        inputs = [ms.runner.RunnerInput(built[k].artifact_path, _device_type(target), args[k])
-                  for k in ok]  # fmt: skip
-        futures = dict(zip(ok, runner.run(inputs), strict=True))
-        for k, (task, summary, sch) in enumerate(batch):
-            r = futures[k].result() if k in futures else None
-            secs = (
-                [float(x) for x in r.run_secs] if r and r.error_msg is None and r.run_secs else None
-            )
-            mod = task.dispatched[0]
-            db.commit_tuning_record(ms.database.TuningRecord(
-                sch.trace, db.commit_workload(mod), secs or [FAILED_RUN_SECS * 10], tgt, args[k]
-            ))  # fmt: skip
-            summary.trials += 1
-            summary.failed += secs is None
-            if secs is not None:
-                us = mean_run_secs(secs) * 1e6
-                if summary.best_us is None or us < summary.best_us:
-                    summary.best_us = us
-            spent += 1
-            report(summary)
-        for b in built:
-            if b.artifact_path:
-                shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
-    return spent
-
-
-def _device_type(target: dict[str, Any]) -> str:
-    kind = target.get("kind", "llvm")
-    return "cpu" if kind in ("llvm", "c") else kind
-
-
-def compile_database(db, tasks, target: dict[str, Any], seed: int):
-    """An in-memory database with the best record per task for this target, or a fallback.
-
-    Returns ``(database, sources)`` where ``sources[task_name]`` is ``"database"`` or
-    ``"fallback"`` (or ``"default"`` when even the fallback could not be produced).
-    """
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    mem = ms.database.MemoryDatabase(module_equality="structural")
-    tgt = tvm.target.Target(target)
-    sources: dict[str, str] = {}
-    for task in tasks:
-        mod = task.dispatched[0]
-        best = best_records(db, mod, target)
-        if best:
-            rec = best[0]
-            sources[task.task_name] = "database"
-        else:
-            trace = fallback_trace(task, target, seed)
-            if trace is None:
-                sources[task.task_name] = "default"
-                continue
-            rec = ms.database.TuningRecord(
-                trace, mem.commit_workload(mod), [FAILED_RUN_SECS / 10], tgt,
-                ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
-            )  # fmt: skip
-            sources[task.task_name] = "fallback"
-        wl = mem.commit_workload(mod)
-        mem.commit_tuning_record(
-            ms.database.TuningRecord(rec.trace, wl, rec.run_secs, tgt, rec.args_info)
-        )
-    return mem, sources
-
-
-def compile_module(mod, target: dict[str, Any], database, *, prepack: bool = True):
-    """Compile a prepared (un-fused) module with the records of ``database`` applied, the chosen
-    weight layouts folded into the constants when ``prepack`` (:mod:`harl.pipeline`)."""
-    from harl import pipeline
-
-    try:
-        return pipeline.compile_with_database(mod, target, database, prepack=prepack)
-    except Exception as e:
-        raise TuningError(f"compilation failed: {str(e).strip().splitlines()[-1]}") from None
-
-
-def compile_untuned(mod, target: dict[str, Any]):
-    """TVM's default build with no schedules: the baseline tuning has to beat."""
-    import tvm
-
-    return tvm.compile(mod, target=tvm.target.Target(target))
-
-
-# --------------------------------------------------------------------------- tuning
 class _Tracker:
     """Counts trials, keeps each task's best latency and reports progress after every trial."""
 
@@ -425,11 +174,6 @@ def trials_per_round(budget: int, num_tasks: int) -> int:
     return max(8, min(32, budget // max(1, 2 * num_tasks)))
 
 
-# MetaSchedule's evolutionary search evolves 512 schedules for 4 generations every round: ~10 s
-# on 2 cores, more than building and running the round's 8-32 trials. A smaller population
-# starting from the measured best (the register-blocked warm-up) costs a fifth of that;
-# bench/trial_profile.py compares it with the stock settings at equal trials.
-EVOLUTIONARY = {"population_size": 128, "genetic_num_iters": 3}
 SECONDS_PER_TRIAL_GUESS = 0.7  # sizes search rounds under --time-budget before warm-up measured
 
 
@@ -439,7 +183,7 @@ def tune(
     database_dir: str | Path,
     *,
     trials: int,
-    strategy: str = "evolutionary",
+    strategy: str | Strategy | Any = "evolutionary",
     seed: int = 0,
     min_trials_per_task: int = 4,
     time_budget_s: float | None = None,
@@ -454,63 +198,56 @@ def tune(
     Workloads with valid records for this target are not measured again; the budget goes to new
     ones. Each new task first gets ``min_trials_per_task`` measured samples, most of them
     register-blocked (a floor, so trials spent can exceed a small ``trials``); tasks under
-    ``TINY_SHARE`` of the model's FLOPs get one sample plus their :func:`unscheduled` kernel and
-    no search. What remains of ``trials`` goes to
-    the search ``strategy``. ``time_budget_s`` stops tuning at the first batch boundary after
-    that many seconds, whatever is left of ``trials``. ``trials=0`` measures nothing. Every
-    measurement lands in the database.
+    ``TINY_SHARE`` of the model's FLOPs get one sample plus their unscheduled kernel and no
+    search. What remains of ``trials`` goes to the search ``strategy`` (a name in
+    :data:`harl.strategies.STRATEGIES`, a :class:`~harl.strategies.Strategy` or a MetaSchedule
+    ``SearchStrategy``). ``time_budget_s`` stops tuning at the first batch boundary after that
+    many seconds, whatever is left of ``trials``. ``trials=0`` measures nothing. Every
+    measurement lands in the database. A module with no task (every operator a VM builtin)
+    has nothing to tune: the result is empty.
 
-    ``strategy="harl"`` uses HARL's task scheduler and search strategy; its agent starts from
-    ``agent_path`` when that file exists and is saved there afterwards (warm start across runs).
+    A learning strategy's agent starts from ``agent_path`` when that file exists and is saved
+    there afterwards (warm start across runs). ``seed`` seeds the run: what it samples and
+    the agent's initial weights (:func:`harlflow.rl.setup`).
     """
-
     if trials < 0:
         raise BadInputError(f"--trials must be >= 0, got {trials}")
     if min_trials_per_task < 0:
         raise BadInputError(f"min_trials_per_task must be >= 0, got {min_trials_per_task}")
     if time_budget_s is not None and not time_budget_s > 0:
         raise BadInputError(f"--time-budget must be more than 0 seconds, got {time_budget_s}")
-    if strategy not in STRATEGIES:
-        raise BadInputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    rl.setup(seed)  # before the agent's network is built
+    chosen = create_strategy(strategy, seed=seed, agent_path=agent_path)
     import_tensor_intrinsics()
     use_target_threads(target)  # before the runner's worker process starts: it inherits it
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to files
     with locked(database_dir):
-        return _tune(mod, target, database_dir, trials=trials, strategy=strategy, seed=seed,
-                     min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s,
-                     on_progress=on_progress, builder=builder, runner=runner, work_dir=work_dir,
-                     agent_path=agent_path)  # fmt: skip
+        return _tune(
+            mod, target, database_dir, trials=trials, strategy=chosen, seed=seed,
+            min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s,
+            on_progress=on_progress, builder=builder, runner=runner, work_dir=work_dir,
+            agent_path=agent_path,
+        )  # fmt: skip
 
 
-def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_task, time_budget_s,
-          on_progress, builder, runner, work_dir, agent_path) -> TuneResult:  # fmt: skip
+def _tune(mod, target, database_dir, *, trials, strategy: Strategy, seed, min_trials_per_task,
+          time_budget_s, on_progress, builder, runner, work_dir, agent_path) -> TuneResult:  # fmt: skip
     """:func:`tune`'s body, run while holding the database's lock."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from harl.budget import Allowance, BudgetedStrategy, Deadline
     from harl.runners import make_runner
 
     deadline = Deadline(time_budget_s)
     tasks = extract_tasks(mod, target)
+    result = TuneResult(target=target, strategy=strategy.name, budget=trials, trials=0,
+                        seconds=0.0, tasks=[], time_budget_s=time_budget_s)  # fmt: skip
     if not tasks:
-        raise TuningError("the model produced no tuning tasks")
+        log.info("no tuning task: every operator of the model runs as a VM builtin")
+        return result
     db = open_database(database_dir)
-    journal = RunJournal(database_dir, tasks, target, strategy=strategy, budget=trials, seed=seed,
-                         min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s)  # fmt: skip
+    journal = RunJournal(database_dir, tasks, target, strategy=strategy.name, budget=trials,
+                         seed=seed, min_trials_per_task=min_trials_per_task,
+                         time_budget_s=time_budget_s)  # fmt: skip
     interrupted = journal.load() if trials else None
-    summaries, new = [], []
-    for t in tasks:
-        s = TaskSummary(name=t.task_name, weight=float(t.weight), flop=_flop(t))
-        prior = best_records(db, t.dispatched[0], target)
-        if prior:
-            s.best_us = mean_run_secs(prior[0].run_secs) * 1e6
-        if prior and not (interrupted and t.task_name in interrupted["tasks"]):
-            s.schedule = "database"
-        else:  # never measured, or measured by an interrupted run of this same command
-            new.append((t, s))
-        summaries.append(s)
-    result = TuneResult(target=target, strategy=strategy, budget=trials, trials=0, seconds=0.0,
-                        tasks=summaries, time_budget_s=time_budget_s)  # fmt: skip
+    result.tasks, new = _summaries(tasks, db, target, interrupted)
     result.phases["extract_s"] = round(deadline.elapsed(), 2)
     log.info("%d tasks: %d in the database, %d new", len(tasks), len(tasks) - len(new), len(new))
     if trials == 0 or not new:
@@ -524,61 +261,35 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
                  "stopped and are not measured again", result.resumed_trials, trials)  # fmt: skip
     else:
         journal.start([t.task_name for t, _ in new], recorded)
-    share = dict(zip([s.name for s in summaries], importance(summaries), strict=True))
+    share = dict(zip([s.name for s in result.tasks], importance(result.tasks), strict=True))
     new.sort(key=lambda ts: -share[ts[1].name])  # the heaviest kernels first
-    searched = [(t, s) for t, s in new if share[s.name] >= TINY_SHARE]
-    tracker = _Tracker(summaries, trials, result.history, on_progress, deadline)
+    tracker = _Tracker(result.tasks, trials, result.history, on_progress, deadline)
     tracker.trials = result.resumed_trials
     own_builder, own_runner = builder is None, runner is None
     builder = builder or default_builder()
     runner = runner or make_runner(None)
     try:
-        jobs = [(t, s, min_trials_per_task if share[s.name] >= TINY_SHARE else 1)
+        tiny = {s.name for _, s in new if share[s.name] < TINY_SHARE}
+        jobs = [(t, s, 1 if s.name in tiny else min_trials_per_task)
                 for t, s in new if s.best_us is None]  # fmt: skip
         if min_trials_per_task and jobs:
-            tiny = {s.name for _, s in new if share[s.name] < TINY_SHARE}
             measure_random(jobs, db, target, seed, builder, runner, tracker.measured, deadline,
                            tiny=tiny)  # fmt: skip
         result.phases["warm_up_s"] = round(deadline.elapsed() - result.phases["extract_s"], 2)
+        searched = [(t, s) for t, s in new if s.name not in tiny]
         remaining = trials - tracker.trials
-        affordable = remaining
-        if not deadline.unlimited:  # the tracker keeps the run's pace in deadline.per_trial_s
-            pace = deadline.per_trial_s or SECONDS_PER_TRIAL_GUESS
-            affordable = min(remaining, int(deadline.remaining() / pace))
         if searched and remaining > 0 and not deadline.expired():
-            with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
-                logs_dir = str(work_dir or tmp)
-                search, scheduler, agent = _strategy(strategy, seed, agent_path)
-                ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    [t for t, _ in searched], logs_dir,
-                    strategy=BudgetedStrategy(search, Allowance(remaining, deadline)),
-                    seed=seed, num_threads=int(target.get("num-cores", 1)),
-                )  # fmt: skip
-                ms.tune_tasks(
-                    tasks=ctxs,
-                    task_weights=weights,
-                    work_dir=logs_dir,
-                    max_trials_global=remaining,
-                    num_trials_per_iter=trials_per_round(max(1, affordable), len(searched)),
-                    builder=builder,
-                    runner=runner,
-                    database=db,
-                    measure_callbacks=[
-                        *ms.measure_callback.MeasureCallback.create("default"),
-                        tracker.callback([s for _, s in searched]),
-                    ],
-                    task_scheduler=scheduler,
-                )
-                if agent is not None:
-                    result.agent_metrics = list(search.shared.metrics)
-                    if agent_path:
-                        agent.save(agent_path)
+            _search(strategy, searched, target, db, builder, runner, tracker, deadline,
+                    remaining=remaining, seed=seed, work_dir=work_dir)  # fmt: skip
+            result.agent_metrics = list(strategy.metrics)
+            if strategy.agent is not None and agent_path:
+                strategy.agent.save(agent_path)
         result.phases["search_s"] = round(
             deadline.elapsed() - result.phases["extract_s"] - result.phases["warm_up_s"], 2
         )
     except Exception as e:
         log.debug("tuning failed", exc_info=True)  # the whole traceback, for whoever debugs
-        raise TuningError(f"tuning failed: {str(e).strip().splitlines()[-1]}") from e
+        raise TuningError(f"tuning failed: {first_line(e)}") from e
     finally:
         if own_builder:
             builder.close()  # no build worker outlives the run
@@ -593,54 +304,58 @@ def _tune(mod, target, database_dir, *, trials, strategy, seed, min_trials_per_t
     return result
 
 
-# --------------------------------------------------------------------------- resuming
-def count_records(db, tasks, target: dict[str, Any]) -> int:
-    """Records (valid or failed) of these tasks' workloads on this target: one per trial."""
-    return sum(len(records_on_target(db, t.dispatched[0], target)) for t in tasks)
+def _summaries(tasks, db, target, interrupted) -> tuple[list[TaskSummary], list]:
+    """Every task's summary (its best latency so far from the database), and the ``(task,
+    summary)`` pairs to tune: never measured, or measured by an interrupted run of this
+    same command."""
+    summaries, new = [], []
+    for t in tasks:
+        s = TaskSummary(name=t.task_name, weight=float(t.weight), flop=task_flop(t))
+        prior = best_records(db, t.dispatched[0], target)
+        if prior:
+            s.best_us = mean_run_secs(prior[0].run_secs) * 1e6
+        if prior and not (interrupted and t.task_name in interrupted["tasks"]):
+            s.schedule = "database"
+        else:
+            new.append((t, s))
+        summaries.append(s)
+    return summaries, new
 
 
-class RunJournal:
-    """Marks a tuning run in progress, so the same command after a crash (``kill -9``) resumes.
+def _search(strategy: Strategy, searched, target, db, builder, runner, tracker, deadline, *,
+            remaining: int, seed: int, work_dir) -> None:  # fmt: skip
+    """MetaSchedule's ``tune_tasks`` over the searched tasks with ``strategy``, held to
+    ``remaining`` trials and the deadline (:class:`~harl.budget.BudgetedStrategy`)."""
+    import tempfile
 
-    Written once when a run starts (the tasks it tunes and the database's record count for
-    them) and removed when it ends. The database itself says how many trials were measured
-    since: those count against the budget and are not measured again.
-    """
+    from tvm.s_tir import meta_schedule as ms
 
-    def __init__(self, database_dir: str | Path, tasks, target: dict[str, Any], **settings):
-        import hashlib
-        import json
-
-        def digest(text: str) -> str:
-            return hashlib.sha256(text.encode()).hexdigest()
-
-        key = json.dumps({
-            "tasks": [[t.task_name, digest(t.dispatched[0].script())] for t in tasks],
-            "target": target_json(target), **settings,
-        }, sort_keys=True)  # fmt: skip
-        self.path = (
-            Path(database_dir) / "runs" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    affordable = remaining
+    if not deadline.unlimited:  # the tracker keeps the run's pace in deadline.per_trial_s
+        pace = deadline.per_trial_s or SECONDS_PER_TRIAL_GUESS
+        affordable = min(remaining, int(deadline.remaining() / pace))
+    with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
+        logs_dir = str(work_dir or tmp)
+        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [t for t, _ in searched], logs_dir,
+            strategy=BudgetedStrategy(strategy.search, Allowance(remaining, deadline)),
+            seed=seed, num_threads=int(target.get("num-cores", 1)),
+        )  # fmt: skip
+        ms.tune_tasks(
+            tasks=ctxs,
+            task_weights=weights,
+            work_dir=logs_dir,
+            max_trials_global=remaining,
+            num_trials_per_iter=trials_per_round(max(1, affordable), len(searched)),
+            builder=builder,
+            runner=runner,
+            database=db,
+            measure_callbacks=[
+                *ms.measure_callback.MeasureCallback.create("default"),
+                tracker.callback([s for _, s in searched]),
+            ],
+            task_scheduler=strategy.task_scheduler,
         )
-
-    def load(self) -> dict[str, Any] | None:
-        import json
-
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def start(self, task_names: list[str], records: int) -> None:
-        import json
-        import os
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"tasks": task_names, "records": records}))
-        tmp.replace(self.path)
-
-    def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -660,40 +375,3 @@ def _named_handlers_only() -> Iterator[None]:
     finally:
         for h in unnamed:
             logger.addHandler(h)
-
-
-def _strategy(name: str, seed: int, agent_path: str | Path | None):
-    """(search strategy, task scheduler, agent) for a strategy name; the agent only for HARL."""
-    if name == "evolutionary":
-        from tvm.s_tir import meta_schedule as ms
-
-        return ms.search_strategy.EvolutionarySearch(**EVOLUTIONARY), "gradient", None
-    from harl.agent import EditAgent
-    from harl.scheduler import HARLTaskScheduler
-    from harl.strategy import HARLSearchStrategy
-
-    if agent_path and Path(agent_path).is_file():
-        agent = EditAgent.load(agent_path, seed=seed)
-        log.info("HARL agent warm-started from %s (%d updates)", agent_path, agent.updates)
-    else:
-        agent = EditAgent(seed=seed)
-    return HARLSearchStrategy(agent=agent, seed=seed), HARLTaskScheduler(seed=seed), agent
-
-
-def default_builder(*, link: bool = True):
-    """A :class:`~harl.builders.PersistentBuilder` with one worker per core, 60 s per build."""
-    import os
-
-    from harl.builders import PersistentBuilder
-
-    return PersistentBuilder(max_workers=max(1, len(os.sched_getaffinity(0))), timeout_sec=60,
-                             link=link)  # fmt: skip
-
-
-def _flop(task) -> float:
-    try:
-        from tvm.s_tir.analysis import estimate_tir_flops
-
-        return float(estimate_tir_flops(task.dispatched[0]))
-    except Exception:
-        return math.nan

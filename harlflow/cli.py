@@ -1,6 +1,6 @@
 """``harlflow``: optimize a model, pull an artifact, run an artifact.
 
-Every user error becomes one line on stderr and a non-zero exit (see ``harlflow.errors``).
+Every user error becomes one line on stderr and a non-zero exit (see ``harlflow.core.errors``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from harlflow.errors import BadInputError, HarlflowError
+from harlflow.core.errors import BadInputError, HarlflowError
 
 EXAMPLES = "harlflow.examples:{tiny_mlp,small_cnn,resnet18,bert_encoder}"
 DEFAULT_TRIALS = 64
@@ -21,7 +21,7 @@ DEFAULT_TRIALS = 64
 
 def _prefect_env() -> None:
     """Prefect's home under HARLFLOW_HOME, no analytics; set before Prefect is imported."""
-    from harlflow import config
+    from harlflow.core import config
 
     os.environ.setdefault("PREFECT_HOME", str(config.home() / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its sqlite lives there
@@ -40,7 +40,7 @@ def _start_prefect() -> None:
         return
     from prefect.client.orchestration import get_client
 
-    from harlflow.locks import file_lock
+    from harlflow.core.locks import file_lock
 
     with file_lock(Path(os.environ["PREFECT_HOME"]) / ".start.lock", "Prefect's database"):
         with get_client(sync_client=True) as client:
@@ -94,7 +94,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
 def _check_run_options(a: argparse.Namespace) -> dict:
     """Validate the options shared by optimize/retune/serve; returns the resolved target."""
     from harl.budget import UNLIMITED_TRIALS, parse_duration
-    from harl.target import resolve_target
+    from harlflow.core.targets import resolve_target
 
     target = resolve_target(a.target)
     a.time_budget_s = parse_duration(a.time_budget) if a.time_budget is not None else None
@@ -136,8 +136,8 @@ def _check_home() -> None:
     """The artifact directory must be writable: fail in seconds, with one line, before any work."""
     import tempfile
 
-    from harlflow import config
-    from harlflow.errors import StoreError
+    from harlflow.core import config
+    from harlflow.core.errors import StoreError
 
     home = config.home()
     try:
@@ -156,8 +156,8 @@ def _check_mlflow() -> None:
 
 
 def _optimize(a: argparse.Namespace) -> dict:
-    from harlflow.config import import_cache_dir, validate_name
-    from harlflow.signature import parse_input_spec
+    from harlflow.core.config import import_cache_dir, validate_name
+    from harlflow.core.signature import parse_input_spec
     from tasks.importing import default_name, import_model
 
     # Check everything, the model and the stores included, before Prefect starts: bad input
@@ -181,7 +181,7 @@ def _optimize(a: argparse.Namespace) -> dict:
 
 
 def cmd_retune(a: argparse.Namespace) -> int:
-    from harlflow.config import sources_cache_dir
+    from harlflow.core.config import sources_cache_dir
     from tasks.sources import list_models
 
     _check_run_options(a)
@@ -204,7 +204,7 @@ def cmd_retune(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     """Register ``retune`` with a cron schedule on the Prefect server and run its flow runs."""
-    from harlflow.errors import StoreError
+    from harlflow.core.errors import StoreError
 
     api = os.environ.get("PREFECT_API_URL")
     if not api:
@@ -244,7 +244,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_rewrite_train(a: argparse.Namespace) -> int:
-    from harlflow.config import import_cache_dir, xrlflow_agent_path
+    from harlflow import rl
+    from harlflow.core.config import import_cache_dir, xrlflow_agent_path
     from tasks.importing import default_name, import_model
     from xrlflow import agent as A
     from xrlflow import ir
@@ -259,11 +260,12 @@ def cmd_rewrite_train(a: argparse.Namespace) -> int:
         graphs[default_name(m)] = ir.normalize(ir.check(ir.load(imported.onnx_path)))
     out = Path(a.out) if a.out else xrlflow_agent_path()
     env = RewriteEnv(graphs, OrtOracle(), max_steps=a.max_steps)
+    rl.setup(a.seed)
     agent = A.XRLflowAgent(seed=a.seed)
 
     def progress(i: int, m: dict) -> None:
-        print(f"iteration {i + 1}/{a.iterations}: mean return {m['mean_return']:+.4f}, "
-              f"best gain {m['mean_best_gain']:+.2%}, policy loss {m['policy_loss']:+.4f}", flush=True)  # fmt: skip
+        print(f"iteration {i + 1}/{a.iterations}: mean return {m['charts/mean_return']:+.4f}, "
+              f"best gain {m['charts/mean_best_gain']:+.2%}, policy loss {m['losses/policy']:+.4f}", flush=True)  # fmt: skip
 
     A.train(
         env,
@@ -305,7 +307,7 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
-    from harlflow import pull
+    from tasks import pulling as pull
 
     if bool(a.ref) == bool(a.from_):
         raise BadInputError("give either NAME[@alias|:version] or --from s3://bucket/prefix/...")
@@ -343,7 +345,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     import numpy as np
 
     from harlflow import runtime
-    from harlflow.pull import verify_directory
+    from tasks.pulling import verify_directory
 
     verify_directory(Path(a.artifact))
     model = runtime.load(a.artifact)

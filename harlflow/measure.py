@@ -15,10 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-# |got - want| <= atol + rtol * |want| elementwise, per dtype (integers and bools: exact).
-# Tuned schedules reorder float reductions, so float results differ in the last bits.
-TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-6), "float16": (1e-2, 1e-2)}
-
+from harlflow.core.outputs import compare, load_reference
 
 def _time(fn: Callable[[], object], repeats: int, max_seconds: float) -> dict:
     fn()  # warm-up: first-run allocation, lazy initialisation, page faults
@@ -35,18 +32,12 @@ def _time(fn: Callable[[], object], repeats: int, max_seconds: float) -> dict:
     }
 
 
-def _reference(path: str):
-    from tasks.importing import load_reference
-
-    return load_reference(path)
-
-
 def tvm_runner(lib_dir: str, reference: str):
     """A closure running an artifact directory on the reference inputs (TVM tensors prepared)."""
     from harlflow.runtime import load
 
     model = load(lib_dir)
-    ins, _ = _reference(reference)
+    ins, _ = load_reference(reference)
     tensors = model._arguments((), ins)
     return lambda: model.run_tvm(tensors)
 
@@ -54,7 +45,7 @@ def tvm_runner(lib_dir: str, reference: str):
 def ort_runner(onnx_path: str, reference: str):
     import onnxruntime as ort
 
-    ins, _ = _reference(reference)
+    ins, _ = load_reference(reference)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
@@ -64,16 +55,16 @@ def ort_runner(onnx_path: str, reference: str):
 def torch_runner(source: str, kind: str, checkpoint: str | None, reference: str):
     import torch
 
-    from tasks.importing import _load_factory
+    from tasks.importing import load_factory
 
-    ins, _ = _reference(reference)
+    ins, _ = load_reference(reference)
     if kind == "pt2":
         from tasks.importing import check_pt2_trusted
 
         check_pt2_trusted(source)
         net = torch.export.load(source).module()
     else:
-        net = _load_factory(source, checkpoint)
+        net = load_factory(source, checkpoint)
     args = [torch.from_numpy(v) for v in ins.values()]
 
     def run():
@@ -94,7 +85,7 @@ def profile(lib_dir: str, reference: str, runs: int = 20) -> dict:
     from harlflow.runtime import load
 
     model = load(lib_dir)
-    ins, _ = _reference(reference)
+    ins, _ = load_reference(reference)
     tensors = model._arguments((), ins)
     plain = _time(lambda: model.run_tvm(tensors), repeats=runs, max_seconds=5.0)["median_ms"]
     totals: dict[str, float] = {}
@@ -130,33 +121,10 @@ def verify(lib_dir: str, reference: str) -> dict:
     from harlflow.runtime import load
 
     model = load(lib_dir)
-    ins, expected = _reference(reference)
+    ins, expected = load_reference(reference)
     got = model(**ins)
     got = [got] if isinstance(got, np.ndarray) else got
     return compare(model.outputs, got, expected)
-
-
-def compare(specs, got: list[np.ndarray], expected: dict[str, np.ndarray]) -> dict:
-    """Per-output report of ``got`` against the reference: shape, max abs/rel error, and whether
-    it is within the dtype's tolerance (integers: exact)."""
-    report = {}
-    for spec, g in zip(specs, got, strict=True):
-        e = expected[spec.name]
-        if g.shape != e.shape:
-            report[spec.name] = {"shape_mismatch": [list(g.shape), list(e.shape)]}
-            continue
-        diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
-        rel = diff / np.maximum(np.abs(e.astype(np.float64)), 1e-6)
-        atol, rtol = TOLERANCES.get(spec.dtype, (0.0, 0.0))
-        report[spec.name] = {
-            "dtype": spec.dtype,
-            "atol": atol,
-            "rtol": rtol,
-            "within_tolerance": bool(np.allclose(g, e, rtol=rtol, atol=atol, equal_nan=True)),
-            "max_abs": float(diff.max(initial=0.0)),
-            "max_rel": float(rel.max(initial=0.0)),
-        }
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from harlflow.errors import BadInputError, StoreError
-from harlflow.signature import TensorSpec
+from harlflow.core.errors import BadInputError, StoreError
+from harlflow.core.signature import TensorSpec
+from harlflow.core.targets import use_target_threads
 
 
 class CompiledModel:
@@ -28,7 +29,7 @@ class CompiledModel:
             raise StoreError(f"{self.directory} is not a harlflow artifact (no manifest.json)")
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         self.inputs = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]
-        _use_target_threads(self.manifest["target"])
+        use_target_threads(self.manifest["target"])
         self.outputs = [TensorSpec.from_dict(d) for d in self.manifest["outputs"]]
         self._device = (
             tvm.cpu()
@@ -71,19 +72,6 @@ class CompiledModel:
         outs = [result] if hasattr(result, "numpy") else list(result)
         arrays = [o.numpy() for o in outs]
         return arrays[0] if len(arrays) == 1 else arrays
-
-
-def _use_target_threads(target: dict[str, Any]) -> None:
-    """Run on the cores the artifact was tuned for, unless ``TVM_NUM_THREADS`` says otherwise.
-
-    TVM sizes its thread pool from ``TVM_NUM_THREADS`` when the pool first starts; left alone on
-    a 2-vCPU machine it used one thread and a tuned convolution ran 2× slower. Set it yourself
-    before loading to run with another count.
-    """
-    import os
-
-    if target.get("kind", "llvm") == "llvm" and target.get("num-cores"):
-        os.environ.setdefault("TVM_NUM_THREADS", str(int(target["num-cores"])))
 
 
 def load(directory: str | Path) -> CompiledModel:

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from harlflow.errors import ModelImportError
-from harlflow.hashing import sha256_bytes, sha256_file
-from harlflow.signature import TensorSpec, example_inputs
+from harlflow.core.errors import ModelImportError, first_line
+from harlflow.core.hashing import sha256_bytes, sha256_file
+from harlflow.core.outputs import load_reference
+from harlflow.core.signature import TensorSpec, example_inputs
 
 MIN_OPSET = 17
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -68,14 +69,6 @@ class ImportedModel:
     def reference(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The seeded reference inputs and onnxruntime's outputs for them."""
         return load_reference(self.reference_path)
-
-
-def load_reference(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Read a ``reference.npz`` (keys ``input/<name>`` and ``output/<name>``)."""
-    with np.load(path) as data:
-        ins = {k[len("input/") :]: data[k] for k in data.files if k.startswith("input/")}
-        outs = {k[len("output/") :]: data[k] for k in data.files if k.startswith("output/")}
-    return ins, outs
 
 
 # --------------------------------------------------------------------------- source detection
@@ -134,7 +127,9 @@ def import_key(
 
 
 # --------------------------------------------------------------------------- PyTorch sources
-def _load_factory(model: str, checkpoint: str | None):
+def load_factory(model: str, checkpoint: str | None):
+    """The network ``package.module:function`` builds, with ``checkpoint``'s state dict loaded
+    (``weights_only``: never unpickles code), in eval mode."""
     import torch
 
     module_name, fn_name = model.split(":")
@@ -157,9 +152,8 @@ def _load_factory(model: str, checkpoint: str | None):
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
             raise ModelImportError(
-                f"checkpoint {checkpoint} does not fit {model}: {first}"
+                f"checkpoint {checkpoint} does not fit {model}: {first_line(e)}"
             ) from None
     return net.eval()
 
@@ -213,8 +207,7 @@ def _torch_to_onnx(net, specs: list[TensorSpec], dest: Path, model: str) -> None
             dynamo=False,
         )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelImportError(f"cannot export {model} to ONNX: {first}") from None
+        raise ModelImportError(f"cannot export {model} to ONNX: {first_line(e)}") from None
 
 
 def _frozen(module):
@@ -291,7 +284,7 @@ def _pytorch_source(model: str, kind: str, checkpoint: str | None,
         specs = _pt2_specs(ep, model, given)
         net = _frozen(ep.module())
     else:
-        net = _load_factory(model, checkpoint)
+        net = load_factory(model, checkpoint)
         declared = getattr(net, "harlflow_inputs", None)
         if given:
             specs = list(given.values())
@@ -423,8 +416,7 @@ def to_relax(onnx_path: str | Path, inputs: list[TensorSpec]):
             dtype_dict={s.name: s.dtype for s in inputs},
         )
     except Exception as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ModelImportError(f"{onnx_path}: TVM's ONNX importer failed: {first}") from None
+        raise ModelImportError(f"{onnx_path}: TVM's ONNX importer failed: {first_line(e)}") from None
 
 
 def _reference(proto_path: Path, inputs: list[TensorSpec], seed: int, source: str):
@@ -556,7 +548,7 @@ def import_task():
     """
     from prefect import task
 
-    from harlflow import config
+    from harlflow.core import config
 
     @task(name="import", cache_key_fn=_import_cache_key, persist_result=True,
           result_storage=config.home() / "prefect" / "results")  # fmt: skip

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from harl import tuning
-from harlflow.config import validate_name
-from harlflow.errors import StoreError, TuningError, VerificationError
-from harlflow.hashing import sha256_tree
+from harl import compilation, database
+from harlflow.core.config import validate_name
+from harlflow.core.errors import StoreError, TuningError, VerificationError, first_line
+from harlflow.core.hashing import sha256_tree
+from harlflow.core.outputs import mismatches
 from tasks.importing import ImportedModel, to_relax
 
 MANIFEST_VERSION = 1
@@ -63,21 +64,10 @@ def run_worker(args: list[str], timeout: float = 900) -> dict:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise TuningError(f"measurement worker failed ({' '.join(args[:1])}): {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def check_outputs(report: dict[str, dict]) -> list[str]:
-    """Outputs outside their dtype's tolerance, as readable lines (empty: all match)."""
-    bad = []
-    for name, r in report.items():
-        if "shape_mismatch" in r:
-            bad.append(f"{name}: shape {r['shape_mismatch'][0]} != {r['shape_mismatch'][1]}")
-            continue
-        if not r["within_tolerance"]:
-            bad.append(
-                f"{name}: max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}"
-            )
-    return bad
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        raise TuningError(f"measurement worker ({' '.join(args[:1])}) printed nothing")
+    return json.loads(lines[-1])
 
 
 def _export_tuning_db(db, tasks, target: dict[str, Any], dest: Path) -> int:
@@ -89,7 +79,7 @@ def _export_tuning_db(db, tasks, target: dict[str, Any], dest: Path) -> int:
     n = 0
     for task in tasks:
         mod = task.dispatched[0]
-        records = tuning.best_records(db, mod, target, k=10_000)
+        records = database.best_records(db, mod, target, k=10_000)
         if not records:
             continue
         wl = out.commit_workload(mod)
@@ -139,11 +129,11 @@ def package(
 ) -> Artifact:
     """Compile, export, verify and measure; the artifact appears only if it verified."""
     name = validate_name(imported.name)
-    mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
-    tasks = tuning.extract_tasks(mod, target)
-    with tuning.locked(database_dir):  # never read a record line another run is writing
-        db = tuning.open_database(database_dir)
-    compile_db, sources = tuning.compile_database(db, tasks, target, seed)
+    mod = compilation.prepare(to_relax(imported.onnx_path, imported.inputs))
+    tasks = compilation.extract_tasks(mod, target)
+    with database.locked(database_dir):  # never read a record line another run is writing
+        db = database.open_database(database_dir)
+    compile_db, sources = compilation.compile_database(db, tasks, target, seed)
     parent = Path(home) / name
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +145,7 @@ def package(
     try:
         log(f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned and "
             f"{sum(v != 'database' for v in sources.values())} fallback kernels")  # fmt: skip
-        export_library(tuning.compile_module(mod, target, compile_db), tmp / "model.so")
+        export_library(compilation.compile_module(mod, target, compile_db), tmp / "model.so")
         shutil.copy(imported.reference_path, tmp / "reference.npz")
         n_records = _export_tuning_db(db, tasks, target, tmp / "tuning_db")
         manifest: dict[str, Any] = {
@@ -181,7 +171,7 @@ def package(
         report = run_worker(
             ["verify", "--path", str(tmp), "--reference", str(tmp / "reference.npz")]
         )
-        bad = check_outputs(report)
+        bad = mismatches(report)
         if bad:
             raise VerificationError(
                 f"{name}: compiled outputs differ from the reference, not packaged: {'; '.join(bad)}"
@@ -202,7 +192,7 @@ def package(
         return Artifact(name=name, version=final.name, directory=str(final), manifest=manifest)
     except Exception as e:
         if _disk_failure(e):
-            raise StoreError(f"writing the artifact under {parent} failed ({_first_line(e)}): "
+            raise StoreError(f"writing the artifact under {parent} failed ({_disk_line(e)}): "
                              "nothing was written") from None  # fmt: skip
         raise
     finally:
@@ -284,9 +274,10 @@ def _disk_failure(e: BaseException) -> bool:
     return any(m in str(e) for m in _DISK_FULL)
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if any(m in ln for m in _DISK_FULL)]
-    return (lines or str(e).strip().splitlines() or [type(e).__name__])[0].strip()[:300]
+def _disk_line(e: BaseException) -> str:
+    """The line of ``e``'s message that says the disk is full, else its :func:`first_line`."""
+    lines = [ln.strip() for ln in str(e).splitlines() if any(m in ln for m in _DISK_FULL)]
+    return lines[0][:300] if lines else first_line(e)
 
 
 def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, log) -> dict:
@@ -298,7 +289,7 @@ def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, 
     log("measuring the untuned TVM build")
     untuned = scratch / "untuned"
     untuned.mkdir()
-    export_library(tuning.compile_untuned(mod, target), untuned / "model.so")
+    export_library(compilation.compile_untuned(mod, target), untuned / "model.so")
     shutil.copy(artifact / "manifest.json", untuned / "manifest.json")
     lat["tvm_untuned"] = run_worker(
         ["tvm", "--path", str(untuned), "--reference", ref, "--repeats", "10", *limits]

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from harlflow.errors import BadInputError, RegressionError, StoreError
-from harlflow.hashing import sha256_file
+from harlflow.core.errors import BadInputError, RegressionError, StoreError
+from harlflow.core.hashing import sha256_file
 from tasks import tracking
 from tasks.packaging import Artifact
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harlflow.errors import BadInputError, VerificationError
-from harlflow.measure import compare
+from harlflow import rl
+from harlflow.core.errors import BadInputError, VerificationError
+from harlflow.core.outputs import compare, mismatches
 from tasks.importing import ImportedModel
 
 METHODS = ("none", "greedy", "xrlflow")
@@ -48,6 +49,7 @@ def rewrite_model(imported: ImportedModel, method: str, *, work_dir: str | Path,
     from xrlflow import ir, search
     from xrlflow.cost import OrtOracle
 
+    rl.setup(seed)  # the agent's initial weights; one torch thread for small graphs
     t0 = time.monotonic()
     original = ir.check(ir.load(imported.onnx_path))
     g = ir.normalize(original)
@@ -86,8 +88,8 @@ def _agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
 
     def progress(i: int, m: dict) -> None:
         curve.append(m)
-        log(f"rewrite: PPO iteration {i + 1}/{iterations} | mean return {m['mean_return']:+.4f} | "
-            f"best gain {m['mean_best_gain']:+.2%}")  # fmt: skip
+        log(f"rewrite: PPO iteration {i + 1}/{iterations} | mean return {m['charts/mean_return']:+.4f} | "
+            f"best gain {m['charts/mean_best_gain']:+.2%}")  # fmt: skip
 
     A.train(env, agent, iterations=iterations, episodes_per_iter=2, callback=progress, seed=seed)
     if agent_path:
@@ -99,12 +101,11 @@ def _write(
     imported: ImportedModel, g, work_dir: str | Path, summary: dict
 ) -> tuple[ImportedModel, str]:
     """Verify the rewritten graph against the original reference, then write it atomically."""
-    from tasks.packaging import check_outputs
     from xrlflow import ir
     from xrlflow.verify import session
 
     inputs, expected = imported.reference()
-    bad = check_outputs(compare(imported.outputs, session(g).run(None, inputs), expected))
+    bad = mismatches(compare(imported.outputs, session(g).run(None, inputs), expected))
     if bad:
         raise VerificationError(f"{imported.name}: the rewritten graph differs from the original "
                                 f"model's reference, the rewrite is refused: {'; '.join(bad)}")  # fmt: skip
@@ -149,6 +150,6 @@ def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:
     })  # fmt: skip
     c.log_dict(run_id, s, "rewrite.json")
     for i, m in enumerate(out.learning_curve):
-        tracking.log_metrics(c, run_id, {f"xrlflow/{k}": v for k, v in m.items()}, step=i)
+        tracking.log_metrics(c, run_id, m, step=i)
     if out.rewritten_onnx:
         c.log_artifact(run_id, out.rewritten_onnx, "rewritten")

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harlflow.config import validate_name
-from harlflow.errors import BadInputError, StoreError
-from harlflow.hashing import sha256_file
+from harlflow.core.config import validate_name
+from harlflow.core.errors import BadInputError, StoreError
+from harlflow.core.hashing import sha256_file
 
 MODEL_SUFFIXES = (".onnx", ".pt2")
 

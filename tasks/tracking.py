@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harlflow import config
-from harlflow.errors import StoreError
-from harlflow.locks import file_lock
+from harlflow.core import config
+from harlflow.core.errors import StoreError, first_line
+from harlflow.core.locks import file_lock
 
 EXPERIMENT = "harlflow"
 HOST, PID = "harlflow.host", "harlflow.pid"  # who runs a run, to close it if that process died
@@ -75,7 +75,7 @@ class StoreClient:
                 if e.error_code in _ANSWERS:
                     raise
                 raise StoreError(
-                    f"MLflow store {self.uri}: {name} failed: {_first_line(e)}"
+                    f"MLflow store {self.uri}: {name} failed: {first_line(e)}"
                 ) from None
             except Exception as e:
                 if not isinstance(e, OSError) and not type(e).__module__.startswith(
@@ -83,15 +83,10 @@ class StoreClient:
                 ):
                     raise  # a bug, not the store: keep its traceback
                 raise StoreError(
-                    f"MLflow store {self.uri}: {name} failed: {_first_line(e)}"
+                    f"MLflow store {self.uri}: {name} failed: {first_line(e)}"
                 ) from None
 
         return call
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def experiment_id(c, name: str = EXPERIMENT) -> str:
@@ -110,7 +105,7 @@ def experiment_id(c, name: str = EXPERIMENT) -> str:
     except Exception as e:
         raise StoreError(
             f"MLflow tracking store {config.mlflow_tracking_uri()} is unreachable: "
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            f"{type(e).__name__}: {first_line(e)}"
         ) from None
 
 

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harl import tuning
+from harl import tuning, compilation
 from harl.budget import UNLIMITED_TRIALS, format_duration
 from harl.runners import make_runner
 from harl.tuning import Progress, TuneResult
@@ -30,7 +30,7 @@ def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir:
         last[0] = p.elapsed_s
         log(progress_line(p, ort_ms))
 
-    mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
+    mod = compilation.prepare(to_relax(imported.onnx_path, imported.inputs))
     runner = make_runner(rpc, target)
     try:
         result = tuning.tune(mod, target, database_dir, trials=trials, strategy=strategy,

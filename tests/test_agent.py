@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harl.agent import ACTION_DIM, STATE_DIM, EditAgent, PPOConfig, Transition, compute_gae
+from harl.agent import ACTION_DIM, STATE_DIM, EditAgent, EditAgentConfig, EditState
+from harlflow.rl import Sample, compute_gae, setup
 
 
 def test_gae_known_answer():
@@ -27,12 +28,13 @@ def _bandit_episode(agent: EditAgent, rng, greedy=False):
     state[good] = 1.0
     actions = np.zeros((n, ACTION_DIM), np.float32)
     actions[np.arange(n), np.arange(n)] = 1.0
-    a, logp, v = agent.act(state, actions, greedy=greedy)
-    return Transition(state, actions, a, logp, v, float(a == good), True)
+    a, logp, v = agent.act(EditState(state, actions), greedy=greedy)
+    return Sample(EditState(state, actions), a, logp, v, float(a == good), True)
 
 
 def test_ppo_reaches_the_best_of_a_known_task():
-    agent = EditAgent(PPOConfig(lr=3e-3), seed=0)
+    setup(0)
+    agent = EditAgent(EditAgentConfig(lr=3e-3), seed=0)
     rng = np.random.default_rng(0)
     before = np.mean([_bandit_episode(agent, rng, greedy=True).reward for _ in range(200)])
     for _ in range(60):
@@ -57,4 +59,5 @@ def test_save_load_round_trip_and_seeding(tmp_path):
         EditAgent.load(tmp_path / "agent.pt", seed=11),
         EditAgent.load(tmp_path / "agent.pt", seed=11),
     )
-    assert [c.act(s, acts)[0] for _ in range(20)] == [d.act(s, acts)[0] for _ in range(20)]
+    state = EditState(s, acts)
+    assert [c.act(state)[0] for _ in range(20)] == [d.act(state)[0] for _ in range(20)]

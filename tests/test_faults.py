@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from services import BIN, free_port, harlflow, kill_tree, start_mlflow_server
 
-from harlflow.pull import verify_directory
+from tasks.pulling import verify_directory
 
 pytestmark = pytest.mark.slow
 QUICK = ["--rewrite", "none", "--no-measure", "--ci"]
@@ -203,11 +203,11 @@ def test_unwritable_artifact_directory_is_one_line_before_any_work(env, model, t
 
 _PACKAGE_WITH_FULL_DISK = """
 import resource, sys
-from harl.target import resolve_target
-from harlflow import config
+from harlflow.core.targets import resolve_target
+from harlflow.core import config
 from tasks.importing import import_model
 from tasks.packaging import package
-from harlflow.errors import HarlflowError
+from harlflow.core.errors import HarlflowError
 
 m = import_model(sys.argv[1], cache_dir=config.import_cache_dir(), name="fulldisk")
 limit = int(sys.argv[2])
@@ -263,9 +263,9 @@ def test_two_runs_at_once_on_one_store(env, tmp_path):
     for s in summaries:
         verify_directory(Path(s["artifact"]))
     assert all(json.loads(line) for line in record_lines(env))
-    from harl import tuning
+    from harl import tuning, database
 
-    tuning.open_database(Path(env["HARLFLOW_HOME"]) / "tuning_db")  # loads
+    database.open_database(Path(env["HARLFLOW_HOME"]) / "tuning_db")  # loads
     from mlflow import MlflowClient
 
     c = MlflowClient(tracking_uri=f"sqlite:///{env['HARLFLOW_HOME']}/mlflow.db")

@@ -13,9 +13,9 @@ import pytest
 
 from harlflow import runtime
 from harlflow.cli import main
-from harlflow.errors import BadInputError, IntegrityError, StoreError
-from harlflow.hashing import sha256_file
-from harlflow.pull import pull_mlflow, pull_s3, verify_directory
+from harlflow.core.errors import BadInputError, IntegrityError, StoreError
+from harlflow.core.hashing import sha256_file
+from tasks.pulling import pull_mlflow, pull_s3, verify_directory
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_flow_publishes_to_mlflow_registry_and_s3(first_run):
     parent = c.get_run(s["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     # the embedded store keeps its run artifacts under the home, not in the working directory
-    from harlflow.config import mlflow_artifact_root
+    from harlflow.core.config import mlflow_artifact_root
 
     assert parent.info.artifact_uri.startswith(mlflow_artifact_root())
     assert parent.data.params["budget"] == "6" and parent.data.params["strategy"] == "evolutionary"
@@ -187,9 +187,9 @@ def test_cli_time_budget_stops_tuning_and_packages(first_run, tmp_path, capsys):
 
 
 def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
-    from harl.target import resolve_target
-    from harlflow.config import tuning_db_dir
-    from harlflow.errors import VerificationError
+    from harlflow.core.targets import resolve_target
+    from harlflow.core.config import tuning_db_dir
+    from harlflow.core.errors import VerificationError
     from tasks.importing import import_model
     from tasks.packaging import package
 
@@ -237,7 +237,7 @@ def _redundant_model(path: Path) -> Path:
 def test_xrlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
     """--rewrite xrlflow: an agent is trained (none saved yet), the rewritten graph is tuned and
     packaged, and the artifact is verified against the ORIGINAL model's reference outputs."""
-    from harlflow.config import xrlflow_agent_path
+    from harlflow.core.config import xrlflow_agent_path
 
     model = _redundant_model(tmp_path / "redundant.onnx")
     assert not xrlflow_agent_path().exists()
@@ -256,7 +256,7 @@ def test_xrlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
     assert rw.data.params["rewrite"] == "xrlflow" and m["rewrite/substitutions"] >= 1
     assert m["rewrite/latency_after_ms"] <= m["rewrite/latency_before_ms"]  # never slower
     assert (
-        len(c.get_metric_history(rw.info.run_id, "xrlflow/mean_return")) == 10
+        len(c.get_metric_history(rw.info.run_id, "charts/mean_return")) == 10
     )  # the learning curve
     rewritten = [f.path for f in c.list_artifacts(rw.info.run_id, "rewritten")]
     assert rewritten == ["rewritten/model.onnx"]

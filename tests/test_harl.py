@@ -9,9 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from harl import edits as E
-from harl import tuning
-from harl.target import resolve_target
-from harlflow.signature import TensorSpec
+from harlflow import rl
+from harl import compilation, sampling, builders
+from harlflow.core.targets import resolve_target
+from harlflow.core.signature import TensorSpec
 from tasks.importing import to_relax
 
 
@@ -30,9 +31,9 @@ def _matmul_onnx(path, n=64):
 @pytest.fixture(scope="module")
 def matmul(tmp_path_factory):
     path = _matmul_onnx(tmp_path_factory.mktemp("mm") / "mm.onnx")
-    mod = tuning.prepare(to_relax(path, [TensorSpec("x", (64, 64), "float32")]))
+    mod = compilation.prepare(to_relax(path, [TensorSpec("x", (64, 64), "float32")]))
     target = resolve_target("cpu")
-    task = next(t for t in tuning.extract_tasks(mod, target) if "matmul" in t.task_name)
+    task = next(t for t in compilation.extract_tasks(mod, target) if "matmul" in t.task_name)
     return mod, target, task
 
 
@@ -52,14 +53,14 @@ def _context(task, target, strategy):
 def test_harl_through_ms_tune_tasks(matmul, tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
-    from harl.scheduler import HARLTaskScheduler
-    from harl.strategy import HARLSearchStrategy
+    from harl.task_scheduler import HARLTaskScheduler
+    from harl.search_strategy import HARLSearchStrategy
 
     _, target, task = matmul
     ctx = _context(task, target, HARLSearchStrategy(seed=0))
     db = ms.database.MemoryDatabase()
     ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(tmp_path), max_trials_global=12,
-                  num_trials_per_iter=4, builder=tuning.default_builder(), database=db,
+                  num_trials_per_iter=4, builder=builders.default_builder(), database=db,
                   task_scheduler=HARLTaskScheduler(seed=0))  # fmt: skip
     records = db.get_all_tuning_records()
     assert 4 <= len(records) <= 12
@@ -91,7 +92,7 @@ def test_edits_give_valid_schedules(matmul):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 64)).astype("float32")
     valid = 0
-    for sch in tuning.sample_schedules(task, target, 3, seed=0):
+    for sch in sampling.sample_schedules(task, target, 3, seed=0):
         trace = sch.trace
         legal = E.legal_edits(trace)
         assert legal, "a matmul sketch has tile decisions to edit"
@@ -123,11 +124,12 @@ def _decision(trace, position: int, like):
 def test_same_seed_same_decisions(matmul):
     from tvm.s_tir import meta_schedule as ms
 
-    from harl.strategy import HARLSearchStrategy
+    from harl.search_strategy import HARLSearchStrategy
 
     _, target, task = matmul
 
     def first_round(seed: int) -> list[str]:
+        rl.setup(seed)  # the run's seed: the agent's initial weights
         ctx = _context(task, target, HARLSearchStrategy(seed=seed))
         spaces = ctx.space_generator.generate_design_space(ctx.mod)
         ctx.search_strategy.pre_tuning(16, 4, spaces, ms.database.MemoryDatabase(),

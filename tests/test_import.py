@@ -12,8 +12,8 @@ import torch
 from onnx import TensorProto, helper
 
 from harlflow.cli import main
-from harlflow.errors import ModelImportError
-from harlflow.signature import TensorSpec, parse_input_spec
+from harlflow.core.errors import ModelImportError
+from harlflow.core.signature import TensorSpec, parse_input_spec
 from tasks.importing import import_model
 
 

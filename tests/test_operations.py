@@ -28,7 +28,7 @@ from services import (
     start_rpc,
 )
 
-from harlflow.hashing import sha256_file
+from harlflow.core.hashing import sha256_file
 
 pytestmark = pytest.mark.slow
 FAST = ["--trials", "4", "--min-trials-per-task", "2", "--rewrite", "none", "--no-measure"]

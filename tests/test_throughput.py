@@ -14,12 +14,12 @@ import psutil
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from harl import pipeline, tuning
+from harl import tuning, compilation, database
 from harl.budget import UNLIMITED_TRIALS, Deadline, format_duration, parse_duration
 from harl.builders import PersistentBuilder
 from harl.sampling import sample_schedules
-from harl.target import resolve_target
-from harlflow.errors import BadInputError
+from harlflow.core.targets import resolve_target
+from harlflow.core.errors import BadInputError
 from tasks.importing import import_model, to_relax
 
 
@@ -43,10 +43,10 @@ def _conv_onnx(path):
 def conv(tmp_path_factory):
     work = tmp_path_factory.mktemp("conv")
     imported = import_model(str(_conv_onnx(work / "conv.onnx")), cache_dir=work / "cache")
-    mod = tuning.prepare(to_relax(imported.onnx_path, imported.inputs))
+    mod = compilation.prepare(to_relax(imported.onnx_path, imported.inputs))
     target = resolve_target("cpu")
-    tasks = tuning.extract_tasks(mod, target)
-    task = max(tasks, key=tuning._flop)
+    tasks = compilation.extract_tasks(mod, target)
+    task = max(tasks, key=compilation.task_flop)
     return imported, mod, target, task
 
 
@@ -150,9 +150,9 @@ def test_time_budget_stops_tuning_keeps_every_trial_and_leaves_no_process(conv, 
     assert result.summary()["time_budget_s"] == 12
     assert len(result.history) == result.trials  # progress after every measured trial
     assert all(p.remaining_s is not None for p in result.history)
-    db = tuning.open_database(tmp_path / "db")
-    tasks = tuning.extract_tasks(mod, target)
-    assert tuning.count_records(db, tasks, target) == result.trials  # every trial was kept
+    db = database.open_database(tmp_path / "db")
+    tasks = compilation.extract_tasks(mod, target)
+    assert database.count_records(db, tasks, target) == result.trials  # every trial was kept
     time.sleep(1)
     left = [p for p in psutil.Process().children(recursive=True)
             if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
@@ -166,8 +166,8 @@ def test_a_trial_budget_is_spent_exactly(conv, tmp_path):
     _, mod, target, _ = conv
     result = tuning.tune(mod, target, tmp_path / "db", trials=13, min_trials_per_task=2)
     assert result.trials == 13
-    db = tuning.open_database(tmp_path / "db")
-    assert tuning.count_records(db, tuning.extract_tasks(mod, target), target) == 13
+    db = database.open_database(tmp_path / "db")
+    assert database.count_records(db, compilation.extract_tasks(mod, target), target) == 13
 
 
 @pytest.mark.slow
@@ -175,7 +175,7 @@ def test_prepacked_conv_artifact_verifies_through_the_runtime(conv, tmp_path):
     import tvm
 
     from harlflow import runtime
-    from tasks.importing import load_reference
+    from harlflow.core.outputs import load_reference
     from tasks.packaging import package
 
     imported, mod, target, _ = conv
@@ -184,9 +184,9 @@ def test_prepacked_conv_artifact_verifies_through_the_runtime(conv, tmp_path):
     assert result.trials >= 4
 
     # the tuned convolution reads its weight in a blocked layout that was folded at compile time
-    db = tuning.open_database(db_dir)
-    compiled_db, _ = tuning.compile_database(db, tuning.extract_tasks(mod, target), target, 0)
-    scheduled = pipeline.apply_database(mod, target, compiled_db)
+    db = database.open_database(db_dir)
+    compiled_db, _ = compilation.compile_database(db, compilation.extract_tasks(mod, target), target, 0)
+    scheduled = compilation.apply_database(mod, target, compiled_db)
     main = scheduled["main"]
     assert len(main.params) == 1  # the model's input only: no transform_params for users
     calls = [b.value for blk in main.body.blocks for b in blk.bindings]

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from harl import tuning
-from harl.target import resolve_target
-from harlflow.errors import BadInputError
-from harlflow.signature import TensorSpec
+from harl import tuning, compilation, database, sampling
+from harlflow.core.targets import resolve_target
+from harlflow.core.errors import BadInputError
+from harlflow.core.signature import TensorSpec
 from tasks.importing import to_relax
 
 
@@ -25,9 +25,9 @@ def matmul_tasks(tmp_path_factory):
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm", [x], [y], [w])
     path = tmp_path_factory.mktemp("mm") / "mm.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    mod = tuning.prepare(to_relax(path, [TensorSpec("x", (64, 64), "float32")]))
+    mod = compilation.prepare(to_relax(path, [TensorSpec("x", (64, 64), "float32")]))
     target = resolve_target("cpu")
-    return mod, target, tuning.extract_tasks(mod, target)
+    return mod, target, compilation.extract_tasks(mod, target)
 
 
 def test_target_shorthands_and_errors():
@@ -36,7 +36,9 @@ def test_target_shorthands_and_errors():
     assert resolve_target(None) == host
     assert resolve_target('{"kind": "llvm", "mcpu": "znver5"}')["num-cores"] == host["num-cores"]
     for bad, msg in [("llvm -mcpu=znver5", "unknown target"), ("{nope", "not valid JSON"),
-                     ('{"kind": "no-such-kind"}', "invalid TVM target")]:  # fmt: skip
+                     ('{"kind": "no-such-kind"}', "invalid TVM target"),
+                     ('{"kind": "cuda"}', "unsupported --target kind 'cuda'"),
+                     ('{"kind": "c"}', "CPU .llvm. targets only")]:  # fmt: skip
         with pytest.raises(BadInputError, match=msg):
             resolve_target(bad)
 
@@ -44,9 +46,9 @@ def test_target_shorthands_and_errors():
 def test_samples_are_valid_and_seeded(matmul_tasks):
     _, target, tasks = matmul_tasks
     task = next(t for t in tasks if "matmul" in t.task_name)
-    a = tuning.sample_schedules(task, target, 4, seed=1)
-    b = tuning.sample_schedules(task, target, 4, seed=1)
-    c = tuning.sample_schedules(task, target, 4, seed=2)
+    a = sampling.sample_schedules(task, target, 4, seed=1)
+    b = sampling.sample_schedules(task, target, 4, seed=1)
+    c = sampling.sample_schedules(task, target, 4, seed=2)
     assert len(a) == 4
     assert [str(s.trace) for s in a] == [str(s.trace) for s in b]
     assert [str(s.trace) for s in a] != [str(s.trace) for s in c]
@@ -71,19 +73,19 @@ def test_records_are_per_target(matmul_tasks, tmp_path):
 
     _, target, tasks = matmul_tasks
     task = tasks[0]
-    db = tuning.open_database(tmp_path / "db")
-    sch = tuning.sample_schedules(task, target, 1, seed=0)[0]
+    db = database.open_database(tmp_path / "db")
+    sch = sampling.sample_schedules(task, target, 1, seed=0)[0]
     mod = task.dispatched[0]
     db.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, db.commit_workload(mod), [1e-5], tvm.target.Target(target),
         ms.arg_info.ArgInfo.from_prim_func(mod["main"])))  # fmt: skip
-    assert len(tuning.best_records(db, mod, target)) == 1
+    assert len(database.best_records(db, mod, target)) == 1
     other = {**target, "mcpu": "skylake-avx512" if target["mcpu"] != "skylake-avx512" else "znver4"}
-    assert tuning.best_records(db, mod, other) == []
+    assert database.best_records(db, mod, other) == []
     # the compile database falls back for the other target and uses the record for this one
-    _, sources = tuning.compile_database(db, [task], target, seed=0)
+    _, sources = compilation.compile_database(db, [task], target, seed=0)
     assert sources == {task.task_name: "database"}
-    _, sources = tuning.compile_database(db, [task], other, seed=0)
+    _, sources = compilation.compile_database(db, [task], other, seed=0)
     assert sources == {task.task_name: "fallback"}
 
 
@@ -104,9 +106,9 @@ def test_warmup_records_replay_and_search_continues_from_them(matmul_tasks, tmp_
                       on_progress=progress.append)  # fmt: skip
     assert res.trials >= 8 and progress and progress[-1].trials == res.trials
     assert all(t.schedule == "tuned" and t.best_us > 0 for t in res.tasks)
-    db = tuning.open_database(tmp_path / "db")
+    db = database.open_database(tmp_path / "db")
     for task in tasks:
-        records = tuning.best_records(db, task.dispatched[0], target, k=100)
+        records = database.best_records(db, task.dispatched[0], target, k=100)
         assert records
         for r in records:
             assert "EnterPostproc" in [i.kind.name for i in r.trace.insts]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from harlflow import rl
 from xrlflow import agent as A
 from xrlflow import ir, search
 from xrlflow import rules as R
@@ -101,10 +102,11 @@ def test_greedy_misses_what_backtracking_and_ppo_find(fire):
     assert "enlarge_conv_kernel" in [s.rule for s in bt.steps]
 
     env = RewriteEnv({"fire": g}, ORACLE, max_steps=6, measure_every=3)
+    rl.setup(0)
     agent = A.XRLflowAgent(seed=0)
     curve = []
     A.train(env, agent, iterations=40, episodes_per_iter=4, callback=lambda i, m: curve.append(m))
-    assert len(curve) == 40 and all(np.isfinite(m["policy_loss"]) for m in curve)
+    assert len(curve) == 40 and all(np.isfinite(m["losses/policy"]) for m in curve)
     found = search.xrlflow(g, agent, ORACLE, rollouts=0, max_steps=6)  # the greedy policy only
     assert found.latency_after == pytest.approx(best), found.summary()
     assert max_mismatch(g, found.graph) is None

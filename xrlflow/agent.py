@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harl.agent import compute_gae
+from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
 from xrlflow import rules as R
 from xrlflow.cost import CostOracle
 from xrlflow.ir import Graph
@@ -138,18 +138,15 @@ class GATLayer(nn.Module):
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(PPOConfig):
+    """The X-RLflow agent's network and PPO settings (PPO's defaults from the X-RLflow paper)."""
+
     hidden: int = 64
+    """width of the node embeddings"""
     layers: int = 5
     """GAT message-passing steps"""
     lr: float = 5e-4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_coef: float = 0.2
-    update_epochs: int = 4
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
+    """Adam learning rate"""
     reward_scale: float = 10.0
     """rewards are relative improvements (~0.01); scaled for the critic"""
 
@@ -204,17 +201,13 @@ class State(NamedTuple):
     rule_ids: tuple[int, ...]
 
 
-class Transition(NamedTuple):
-    state: State
-    action: int
-    logprob: float
-    value: float
-    reward: float
-    done: bool
-
-
 class XRLflowAgent:
-    """Policy + PPO. ``act`` picks an action for an env observation; ``update`` trains."""
+    """Policy + PPO. ``act`` picks an action for an env observation; ``update`` trains.
+
+    Its own generator samples the actions; the network's initial weights come from torch's
+    global RNG, which the run seeds once, with torch's thread count
+    (:func:`harlflow.rl.setup`).
+    """
 
     def __init__(
         self, cfg: AgentConfig | None = None, rules: list[R.Rule] | None = None, seed: int = 0
@@ -222,10 +215,6 @@ class XRLflowAgent:
         self.cfg = cfg or AgentConfig()
         self.rule_names = [r.name for r in (rules or R.RULES)]
         self._rule_index = {n: i for i, n in enumerate(self.rule_names)}
-        # the graphs are small: extra intra-op threads only spin against each other (measured:
-        # 20x slower index_add on a busy 2-core machine)
-        torch.set_num_threads(1)
-        torch.manual_seed(seed)
         self.net = GraphPolicy(self.cfg, len(self.rule_names))
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
         self.gen = torch.Generator().manual_seed(seed)
@@ -241,69 +230,47 @@ class XRLflowAgent:
             return self._feat_cache[key]
 
         cands = obs["candidates"]
-        return State(feat(obs["graph"]), tuple(feat(c.graph) for c in cands),
-                     tuple(self._rule_index.get(c.rule, 0) for c in cands))  # fmt: skip
+        return State(
+            feat(obs["graph"]),
+            tuple(feat(c.graph) for c in cands),
+            tuple(self._rule_id(c.rule) for c in cands),
+        )
+
+    def _rule_id(self, rule: str) -> int:
+        if rule not in self._rule_index:
+            raise ValueError(
+                f"rule {rule!r} is not in this agent's rule library ({len(self.rule_names)} "
+                "rules): build the environment with the agent's rules, or retrain the agent"
+            )
+        return self._rule_index[rule]
 
     @torch.no_grad()
     def act(self, state: State, greedy: bool = False) -> tuple[int, float, float]:
         logits, value = self.net([state])
         dist = torch.distributions.Categorical(logits=logits[0])
-        a = (
-            int(torch.argmax(logits[0]))
-            if greedy
-            else int(torch.multinomial(dist.probs, 1, generator=self.gen))
-        )
+        if greedy:
+            a = int(torch.argmax(logits[0]))
+        else:
+            a = int(torch.multinomial(dist.probs, 1, generator=self.gen))
         return a, float(dist.log_prob(torch.tensor(a))), float(value[0])
 
-    def update(
-        self, episodes: list[list[Transition]], last_values: list[float]
-    ) -> dict[str, float]:
-        cfg = self.cfg
-        flat, advs, rets = [], [], []
-        for ep, last in zip(episodes, last_values, strict=True):
-            if not ep:
-                continue
-            r = np.array([t.reward * cfg.reward_scale for t in ep])
-            v = np.array([t.value for t in ep])
-            d = np.array([t.done for t in ep])
-            a, ret = compute_gae(r, v, d, last, cfg.gamma, cfg.gae_lambda)
-            flat += ep
-            advs.append(a)
-            rets.append(ret)
-        if not flat:
+    def evaluate(self, samples: list[Sample]) -> tuple[torch.Tensor, ...]:
+        """Log-probabilities of the actions taken, policy entropies and state values, under the
+        current weights."""
+        logits, values = self.net([s.state for s in samples])
+        logp = torch.stack(
+            [torch.log_softmax(lg, 0)[s.action] for lg, s in zip(logits, samples, strict=True)]
+        )
+        ent = torch.stack([torch.distributions.Categorical(logits=lg).entropy() for lg in logits])
+        return logp, ent, values
+
+    def update(self, episodes: list[list[Sample]], last_values: list[float]) -> dict[str, float]:
+        """One PPO update on whole or cut-off episodes (``last_values`` bootstrap the latter)."""
+        samples, adv, ret = advantages(episodes, last_values, self.cfg, self.cfg.reward_scale)
+        if not samples:
             return {}
-        adv = torch.tensor(np.concatenate(advs), dtype=torch.float32)
-        ret = torch.tensor(np.concatenate(rets), dtype=torch.float32)
-        if len(adv) > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        old_logp = torch.tensor([t.logprob for t in flat])
-        actions = torch.tensor([t.action for t in flat])
-        stats = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0}
-        for _ in range(cfg.update_epochs):
-            logits, values = self.net([t.state for t in flat])
-            logp = torch.stack(
-                [torch.log_softmax(lg, 0)[a] for lg, a in zip(logits, actions, strict=True)]
-            )
-            ent = torch.stack(
-                [torch.distributions.Categorical(logits=lg).entropy() for lg in logits]
-            )
-            ratio = torch.exp(logp - old_logp)
-            pg = torch.max(
-                -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)
-            ).mean()
-            vl = 0.5 * ((values - ret) ** 2).mean()
-            loss = pg + cfg.vf_coef * vl - cfg.ent_coef * ent.mean()
-            self.opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
-            self.opt.step()
-            stats["policy_loss"] += float(pg.detach()) / cfg.update_epochs
-            stats["value_loss"] += float(vl.detach()) / cfg.update_epochs
-            stats["entropy"] += float(ent.mean().detach()) / cfg.update_epochs
-            stats["clip_frac"] += (
-                float(((ratio - 1).abs() > cfg.clip_coef).float().mean()) / cfg.update_epochs
-            )
-        return stats
+        return ppo_update(self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret,
+                          self.cfg)  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
@@ -332,16 +299,16 @@ class XRLflowAgent:
 
 
 def run_episode(env, agent: XRLflowAgent, model: str | None = None, greedy: bool = False,
-                seed: int | None = None) -> tuple[list[Transition], float, dict]:  # fmt: skip
+                seed: int | None = None) -> tuple[list[Sample], float, dict]:  # fmt: skip
     """One episode; returns (transitions, bootstrap value of the last state, last info)."""
     obs, info = env.reset(seed=seed, options={"model": model} if model else None)
     base = env.oracle.estimate(env.graphs[info["model"]])
-    traj: list[Transition] = []
+    traj: list[Sample] = []
     while True:
         s = agent.state(obs, env.oracle, base)
         a, logp, v = agent.act(s, greedy=greedy)
         obs, r, term, trunc, info = env.step(a)
-        traj.append(Transition(s, a, logp, v, r, term))
+        traj.append(Sample(s, a, logp, v, r, term))
         if term or trunc:
             last = 0.0 if term else agent.act(agent.state(obs, env.oracle, base))[2]
             return traj, last, info
@@ -361,9 +328,9 @@ def train(env, agent: XRLflowAgent, iterations: int = 20, episodes_per_iter: int
             returns.append(sum(t.reward for t in traj))
             gains.append(1 - info["best"][0] / info["start_latency"])
         metrics = agent.update(eps, lasts) | {
-            "mean_return": float(np.mean(returns)),
-            "mean_best_gain": float(np.mean(gains)),
-            "mean_steps": float(np.mean([len(e) for e in eps])),
+            "charts/mean_return": float(np.mean(returns)),
+            "charts/mean_best_gain": float(np.mean(gains)),
+            "charts/mean_steps": float(np.mean([len(e) for e in eps])),
         }
         history.append(metrics)
         if callback:

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from harlflow.errors import BadInputError
+from harlflow.core.errors import BadInputError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

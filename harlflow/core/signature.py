@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harlflow.errors import BadInputError
+from harlflow.core.errors import BadInputError
 
 SUPPORTED_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 _SPEC = re.compile(r"^(?P<name>[^:]+):(?P<shape>\d+(?:x\d+)*|scalar):(?P<dtype>\w+)$")

@@ -51,3 +51,16 @@ class RegressionError(HarlflowError):
 
 class IntegrityError(StoreError):
     """A file's sha256 does not match its manifest entry."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The line of an exception's message that says what went wrong; never empty, never raises.
+
+    Most messages lead with it. A message that carries a traceback (``Traceback ...`` first, as
+    some of TVM's do) ends with it. An empty message gives the exception's type name.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line[:limit]

@@ -33,14 +33,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from harl import edits as E
-from harl.agent import STATE_DIM, EditAgent, Transition
+from harl.agent import STATE_DIM, EditAgent, EditState
 from harl.schedules import replay
-from harl.tuning import mean_run_secs
+from harlflow.rl import Sample
+from harl.database import FAILED_RUN_SECS, mean_run_secs
 
 
 @dataclass
@@ -78,6 +79,17 @@ class _Sketch:
     measured: int = 0
     best_gflops: float = 0.0
     picks: int = 0
+
+
+class _Proposal(NamedTuple):
+    """One trajectory's edit at one step, before the cost model scores the result."""
+
+    trajectory: dict[str, Any]
+    state: EditState
+    action: int
+    logprob: float
+    value: float
+    schedule: Any  # the edited schedule, None when the postprocessors rejected it
 
 
 @dataclass
@@ -136,7 +148,6 @@ def _make_strategy_class():
             self.best: list[tuple[float, Any]] = []  # (run seconds, trace), best first
             self.best_secs = math.inf
             self.stale_rounds = 0
-            self.round = 0
             self.pending: list[tuple[int, int]] = []  # (hash, sketch) of candidates in flight
             self.cfg = ExplorationConfig(**self.cfg.__dict__)  # this task's adaptive copy
             if database is not None and database.has_workload(self.mod):
@@ -146,7 +157,7 @@ def _make_strategy_class():
                     if sch is None:
                         continue
                     self.measured.add(self._hash(sch))
-                    if secs < 1e9:
+                    if secs < FAILED_RUN_SECS:
                         self.best.append((secs, r.trace))
                         self._credit(self._sketch_of(r.trace), secs)
                 self.best.sort(key=lambda x: x[0])
@@ -171,7 +182,6 @@ def _make_strategy_class():
             return [self._candidate(sch) for _, _, sch in picks]
 
         def notify_runner_results(self, measure_candidates, results) -> None:
-            self.round += 1
             self.trials += len(results)
             improved = False
             for (h, k), cand, res in zip(self.pending, measure_candidates, results, strict=True):
@@ -210,35 +220,34 @@ def _make_strategy_class():
                 active = [t for t in live if t["idle"] < cfg.patience]
                 if not active:
                     break
-                proposals = []
+                proposals: list[_Proposal] = []
                 for t in active:
                     trace = t["sch"].trace
                     legal = E.legal_edits(trace)
                     if not legal:
                         t["idle"] = cfg.patience
                         continue
-                    state = self._state(t, step)
-                    feats = E.edit_features(trace, legal)
-                    a, logp, value = agent.act(state, feats)
+                    state = EditState(self._state(t, step), E.edit_features(trace, legal))
+                    a, logp, value = agent.act(state)
                     new = E.apply_edit(self.mod, trace, legal[a], self.postprocs, self._seed())
-                    proposals.append((t, state, feats, a, logp, value, new))
-                valid = [p for p in proposals if p[6] is not None]
-                new_scores = self._predict([p[6] for p in valid]) if valid else []
-                it = iter(new_scores)
-                for t, state, feats, a, logp, value, new in proposals:
-                    if new is None:
+                    proposals.append(_Proposal(t, state, a, logp, value, new))
+                valid = [p.schedule for p in proposals if p.schedule is not None]
+                scores = iter(self._predict(valid) if valid else [])
+                for p in proposals:
+                    t = p.trajectory
+                    if p.schedule is None:
                         reward = -cfg.invalid_penalty
                     else:
-                        score = next(it)
+                        score = next(scores)
                         reward = score - t["score"]
-                        t["sch"], t["score"] = new, score
-                        pool.setdefault(self._hash(new), (score, t["k"], new))
+                        t["sch"], t["score"] = p.schedule, score
+                        pool.setdefault(self._hash(p.schedule), (score, t["k"], p.schedule))
                     if t["score"] > t["best"] + 1e-6:
                         t["best"], t["idle"] = t["score"], 0
                     else:
                         t["idle"] += 1
                     done = t["idle"] >= cfg.patience or step == cfg.steps - 1
-                    t["traj"].append(Transition(state, feats, a, logp, value, reward, done))
+                    t["traj"].append(Sample(p.state, p.action, p.logprob, p.value, reward, done))
             for t in live:
                 if t["idle"] == 0 and t["traj"]:
                     still_improving += 1

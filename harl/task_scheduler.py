@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from harl.tuning import mean_run_secs
+from harl.database import mean_run_secs
 
 
 @functools.cache
@@ -39,7 +39,6 @@ def _make_scheduler_class():
             self.rewards: list[list[float]] = []
             self.rounds: list[int] = []
             self.last: int | None = None
-            self.log: list[tuple[int, float]] = []  # (task, reward) per round, for reports
 
         def next_task_id(self) -> int:
             outer = self._outer()
@@ -102,7 +101,6 @@ def _make_scheduler_class():
             )
             reward = gain / max(1, len(results))
             self.rewards[i].append(reward)
-            self.log.append((i, reward))
             recent = self.rewards[i][-self.patience :]
             if len(self.rewards[i]) > self.patience and all(r <= 1e-6 for r in recent):
                 self._outer().terminate_task(i)

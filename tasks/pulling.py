@@ -15,8 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from harlflow.errors import BadInputError, IntegrityError, StoreError
-from harlflow.hashing import sha256_file
+from harlflow.core.errors import BadInputError, IntegrityError, StoreError, first_line
+from harlflow.core.hashing import sha256_file
 
 _REF = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*?)(?:@(?P<alias>[\w-]+)|:(?P<version>\d+))?$"
@@ -68,7 +68,7 @@ def _staging(dest: Path, source: str) -> Iterator[Path]:
     except (StoreError, BadInputError):
         raise
     except Exception as e:
-        raise StoreError(f"downloading {source} failed: {_first_line(e)}") from None
+        raise StoreError(f"downloading {source} failed: {type(e).__name__}: {first_line(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -100,7 +100,7 @@ def pull_mlflow(ref: str, dest: str | Path) -> Path:
         raise
     except Exception as e:
         raise StoreError(
-            f"cannot resolve {ref!r} in the MLflow registry: {_first_line(e)}"
+            f"cannot resolve {ref!r} in the MLflow registry: {type(e).__name__}: {first_line(e)}"
         ) from None
     dest = Path(dest).resolve()
     with _staging(dest, repr(ref)) as tmp:
@@ -142,6 +142,3 @@ def pull_s3(uri: str, dest: str | Path) -> Path:
         return _place(tmp, dest)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
