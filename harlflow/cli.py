@@ -15,7 +15,13 @@ from pathlib import Path
 
 from harlflow.core.errors import BadInputError, HarlflowError
 
-EXAMPLES = "harlflow.examples:{tiny_mlp,small_cnn,resnet18,bert_encoder}"
+# the bundled models of harlflow.examples (a test keeps this in step with it; importing it here
+# would import PyTorch for every command)
+EXAMPLE_NAMES = (
+    "tiny_mlp", "small_cnn", "resnet18", "bert_encoder", "vit_small", "inception_small",
+    "squeezenet_small",
+)  # fmt: skip
+EXAMPLES = "harlflow.examples:{" + ",".join(EXAMPLE_NAMES) + "}"
 DEFAULT_TRIALS = 64
 
 
@@ -367,6 +373,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(a: argparse.Namespace) -> int:
+    """The rewrite rules X-RLflow and greedy rewriting choose from, with what each does."""
+    from xrlflow.rules import RULES
+
+    width = max(len(r.name) for r in RULES)
+    for i, r in enumerate(RULES, 1):
+        print(f"{i:2d} {r.name:{width}s} {r.category:9s} {r.doc}")
+    return 0
+
+
 def cmd_export_example(a: argparse.Namespace) -> int:
     """Write one of the bundled example models as an ONNX file (to try the ONNX path)."""
     from harlflow.examples import EXAMPLES as FACTORIES
@@ -450,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sv)
     sv.set_defaults(func=cmd_serve)
 
+    rl_ = sub.add_parser("rules", help="list the graph rewrite rules, in the library's order")
+    rl_.set_defaults(func=cmd_rules)
+
     t = sub.add_parser("rewrite-train", help="train the X-RLflow rewrite agent on a set of models")
     t.add_argument("models", nargs="+", help="models as for optimize (ONNX, .pt2, module:function)")
     t.add_argument("--iterations", type=int, default=30, help="PPO iterations (default 30)")
@@ -479,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("export-example", help="write a bundled example model as ONNX")
-    e.add_argument("example", help="tiny_mlp, small_cnn, resnet18 or bert_encoder")
+    e.add_argument("example", choices=EXAMPLE_NAMES, help="one of the bundled example models")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export_example)
     return p

@@ -3,6 +3,8 @@ check, and onnxruntime computes the same outputs as on the original; plus the IR
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -55,3 +57,37 @@ def test_ir_round_trip_is_lossless(tmp_path, example):
         assert a.attribute == b.attribute and list(a.input) == list(b.input)
     assert back.opset_import == original.opset_import and back.ir_version == original.ir_version
     assert max_mismatch(g, ir.from_onnx(back), rtol=0, atol=0) is None
+
+
+def test_every_rule_has_its_one_line_doc_and_the_cli_lists_them(capsys):
+    from harlflow.cli import main
+
+    for r in rules.RULES:
+        assert r.doc and "\n" not in r.doc and len(r.doc) <= 100, r.name
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    listed = [line.split()[1] for line in out if line.split()[0].isdigit()]
+    assert listed == [r.name for r in rules.RULES]  # the library's order, which agents record
+    assert any(rules.RULES[5].doc in line for line in out)
+
+
+def test_the_cli_names_every_bundled_example():
+    from harlflow import cli, examples
+
+    assert list(cli.EXAMPLE_NAMES) == list(examples.EXAMPLES)
+
+
+def test_a_bug_in_a_rule_is_an_error_not_a_non_match():
+    def broken(m: rules.Match, n):
+        yield from ()
+        raise KeyError("perm")  # e.g. reading an attribute the node does not have
+
+    def no_fit(m: rules.Match, n):
+        yield from ()
+        np.ones(3) + np.ones(4)  # shapes that do not broadcast: this instance does not fit
+
+    base = rules.BY_NAME["relu_idempotent"]
+    g = ir.check(ir.from_onnx(base.example(np.random.default_rng(0))))
+    assert rules.candidates(g, [dataclasses.replace(base, rewrite=no_fit)]) == []
+    with pytest.raises(rules.RuleError, match="rule 'relu_idempotent' failed at node .*KeyError"):
+        rules.candidates(g, [dataclasses.replace(base, rewrite=broken)])
