@@ -15,6 +15,7 @@ fusion passes, so the kernels they see are structurally equal and database recor
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from harl.database import FAILED_RUN_SECS, best_records
@@ -33,9 +34,18 @@ def prepare(mod):
     """
     from tvm import relax
 
-    mod = relax.transform.DecomposeOpsForInference()(mod)
-    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
-    return relax.transform.CanonicalizeBindings()(mod)
+    try:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        try:
+            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+        except Exception as e:  # a layout choice, not a requirement: NCHW still compiles
+            logging.getLogger("harl.compilation").warning(
+                "convolutions stay in NCHW: TVM's ConvertLayout failed on this model (%s)",
+                first_line(e),
+            )
+        return relax.transform.CanonicalizeBindings()(mod)
+    except Exception as e:
+        raise TuningError(f"preparing the model for TVM failed: {first_line(e)}") from None
 
 
 def _fusion_passes(target, prepack: bool) -> list:

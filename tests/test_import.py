@@ -98,14 +98,18 @@ def _bad_inputs(tmp_path: Path, tiny_onnx: Path) -> dict[str, tuple[list[str], s
                            "will not unpickle"),
         "bad input spec": ([str(tiny_onnx), "--input", "x:1xfoo:float32"], "expected NAME:DIMS:DTYPE"),
         "bad target": ([str(tiny_onnx), "--target", "llvm -mcpu=znver5"], "unknown target"),
+        "cuda target": ([str(tiny_onnx), "--target", '{"kind": "cuda"}'],
+                        "unsupported --target kind 'cuda'"),
         "bad name": ([str(tiny_onnx), "--name", "../escape"], "invalid model name"),
         "bad time budget": ([str(tiny_onnx), "--time-budget", "20x"], "invalid --time-budget '20x'"),
         "zero time budget": ([str(tiny_onnx), "--time-budget", "0m"], "more than 0 seconds"),
     }  # fmt: skip
 
 
-def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, tiny_onnx, capsys, session_home):
-    before = sorted(p.name for p in session_home.iterdir()) if session_home.exists() else []
+def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, tiny_onnx, capsys, monkeypatch):
+    home = tmp_path / "home"  # a home of its own: earlier tests' stores cannot hide a write
+    monkeypatch.setenv("HARLFLOW_HOME", str(home))
+    before: list[str] = []
     for label, (args, message) in _bad_inputs(tmp_path, tiny_onnx).items():
         code = main(["optimize", *args, "--trials", "0"])
         err = capsys.readouterr().err.strip()
@@ -113,7 +117,10 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, tiny_onnx, ca
         assert "budget" not in label or code == 2, (label, code)
         assert len(err.splitlines()) == 1 and err.startswith("harlflow: error:"), (label, err)
         assert message in err, (label, err)
-    after = sorted(p.name for p in session_home.iterdir()) if session_home.exists() else []
+    with pytest.raises(SystemExit) as exit_:  # argparse's choices: refused before any work
+        main(["optimize", str(tiny_onnx), "--strategy", "foo"])
+    assert exit_.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
+    after = sorted(p.name for p in home.iterdir()) if home.exists() else []
     assert set(after) - set(before) <= {"cache"}, after  # no MLflow db, no artifacts, no Prefect
     for store in ("mlflow.db", "mlruns", "tuning_db"):
         assert store not in set(after) - set(before)

@@ -115,3 +115,28 @@ def test_warmup_records_replay_and_search_continues_from_them(matmul_tasks, tmp_
     # a second call finds every workload measured: nothing is measured again
     again = tuning.tune(mod, target, tmp_path / "db", trials=8, min_trials_per_task=2)
     assert again.trials == 0 and all(t.schedule == "database" for t in again.tasks)
+
+
+def test_a_model_with_no_tuning_task_is_packaged_with_what_tvm_compiles(tmp_path):
+    """Only a ``Unique``: TVM runs it as a VM builtin, so there is no kernel to tune."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tasks.importing import import_model
+    from tasks.packaging import package
+    from tasks.tuning import tune_model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
+    node = helper.make_node("Unique", ["x"], ["y"], sorted=1)
+    graph = helper.make_graph([node], "unique", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "unique.onnx")  # fmt: skip
+    m = import_model(str(tmp_path / "unique.onnx"), cache_dir=tmp_path / "cache")
+    target = resolve_target("cpu")
+    result = tune_model(m, target, database_dir=tmp_path / "db", trials=8, strategy="evolutionary",
+                        seed=0, min_trials_per_task=1, log=lambda *_: None)  # fmt: skip
+    assert result.tasks == [] and result.trials == 0
+    art = package(m, target, database_dir=tmp_path / "db", home=tmp_path / "home",
+                  tune_summary=result.summary(), measure=False, log=lambda *_: None)  # fmt: skip
+    assert all(r["within_tolerance"] for r in art.manifest["verification"].values())
