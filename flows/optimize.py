@@ -1,17 +1,17 @@
 """The ``optimize`` flow: import → rewrite → tune → verify + package → publish, one MLflow run
-per stage.
+per stage under one parent run.
 
-The flow orchestrates and logs; each stage's logic lives in ``tasks/``.
+The flow orchestrates: each stage's logic and its MLflow logging live in ``tasks/``.
 """
 
-import dataclasses
+from __future__ import annotations
+
 import json
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from harl.budget import format_duration
-from harlflow.core.targets import resolve_target
+from flows.settings import RunSettings
 from harlflow.core.config import (
     harl_agent_path,
     home,
@@ -24,8 +24,8 @@ from harlflow.core.signature import TensorSpec
 from tasks import tracking
 from tasks.importing import default_name, import_task, log_import
 from tasks.packaging import log_package, package_task, versions
-from tasks.publishing import promote as promote_version
 from tasks.publishing import publish_task
+from tasks.report import run_summary
 from tasks.rewriting import log_rewrite, rewrite_task
 from tasks.tuning import log_tuning, tune_task
 
@@ -33,108 +33,56 @@ from tasks.tuning import log_tuning, tune_task
 @flow(name="optimize")
 def optimize(
     model: str,
+    settings: RunSettings | None = None,
     name: str | None = None,
-    trials: int = 64,
-    time_budget_s: float | None = None,
-    strategy: str = "evolutionary",
-    target: str | dict | None = None,
-    s3_uri: str | None = None,
     inputs: list[TensorSpec] | None = None,
     checkpoint: str | None = None,
-    seed: int = 0,
-    min_trials_per_task: int = 4,
-    measure: bool = True,
-    measure_seconds: float = 10.0,
-    rewrite: str = "greedy",
-    promote: bool = False,
-    max_regression: float = 0.05,
-    rpc: str | None = None,
 ) -> dict[str, Any]:
     """Optimise one model end to end; returns a summary (artifact, version, latencies)."""
     logger = get_run_logger()
+    s = (settings or RunSettings()).checked()
     name = validate_name(name or default_name(model))
-    target_dict = resolve_target(target)
     c = tracking.client()
     with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
         tracking.log_params(c, parent, {
-            "model": model, "name": name, "target": json.dumps(target_dict), "budget": trials,
-            "time_budget_s": time_budget_s,
-            "strategy": strategy, "rewrite": rewrite, "promote": promote, "seed": seed, "s3_uri": s3_uri,
-            "rpc": rpc,
+            "model": model, "name": name, "target": json.dumps(s.target), "budget": s.trials,
+            "time_budget_s": s.time_budget_s, "strategy": s.strategy, "rewrite": s.rewrite,
+            "promote": s.promote, "seed": s.seed, "s3_uri": s.s3_uri, "rpc": s.rpc,
             **{f"version_{k}": v for k, v in versions().items()},
         })  # fmt: skip
 
         with tracking.run(c, "import", parent_run_id=parent) as rid:
-            stage = import_task()
-            imported = stage(model, inputs, checkpoint, seed, name)
-            if not imported.onnx_path.is_file():  # cache entry outlived its files: import again
-                imported = stage.with_options(refresh_cache=True)(
-                    model, inputs, checkpoint, seed, name
-                )
-            # the import cache is keyed by content, not name: a cached result may carry another
-            imported = dataclasses.replace(imported, name=name)
+            imported = import_task(model, inputs, checkpoint, s.seed, name)
             log_import(c, rid, imported)
         logger.info("imported %s: %d nodes, inputs %s", name, imported.num_nodes,
                     ", ".join(map(str, imported.inputs)))  # fmt: skip
 
         with tracking.run(c, "rewrite", parent_run_id=parent) as rid:
-            rewritten = rewrite_task()(imported, rewrite, work_dir=rewrite_dir(),
-                                       agent_path=xrlflow_agent_path(), seed=seed, log=logger.info)  # fmt: skip
+            rewritten = rewrite_task(imported, s.rewrite, work_dir=rewrite_dir(),
+                                     agent_path=xrlflow_agent_path(), seed=s.seed,
+                                     log=logger.info)  # fmt: skip
             log_rewrite(c, rid, rewritten)
-        original, imported = imported, rewritten.model
 
         with tracking.run(c, "tune", parent_run_id=parent) as rid:
-            result = tune_task()(imported, target_dict, database_dir=tuning_db_dir(), trials=trials,
-                                 time_budget_s=time_budget_s, strategy=strategy, seed=seed,
-                                 min_trials_per_task=min_trials_per_task,
-                                 agent_path=harl_agent_path(), rpc=rpc, log=logger.info)  # fmt: skip
-            log_tuning(c, rid, result, min_trials_per_task, harl_agent_path())
+            tuned = tune_task(rewritten.model, s.target, database_dir=tuning_db_dir(),
+                              trials=s.trials, time_budget_s=s.time_budget_s,
+                              strategy=s.strategy, seed=s.seed,
+                              min_trials_per_task=s.min_trials_per_task,
+                              agent_path=harl_agent_path(), rpc=s.rpc, log=logger.info)  # fmt: skip
+            log_tuning(c, rid, tuned, s.min_trials_per_task, harl_agent_path())
 
         with tracking.run(c, "package", parent_run_id=parent) as rid:
-            artifact = package_task()(imported, target_dict, database_dir=tuning_db_dir(),
-                                      home=home(), tune_summary=result.summary(), seed=seed,
-                                      measure=measure, max_seconds=measure_seconds,
-                                      log=logger.info)  # fmt: skip
+            artifact = package_task(rewritten.model, s.target, database_dir=tuning_db_dir(),
+                                    home=home(), tune_summary=tuned.summary(), seed=s.seed,
+                                    measure=s.measure, max_seconds=s.measure_seconds,
+                                    log=logger.info)  # fmt: skip
             log_package(c, rid, artifact)
 
         with tracking.run(c, "publish", parent_run_id=parent) as rid:
-            where = publish_task()(rid, artifact, s3_uri, log=logger.info)
-            if promote:  # the regression gate: not retried, a refusal is an answer
-                version = where["mlflow"].rsplit("/", 1)[1]
-                where["production"] = f"models:/{name}@production -> v" + promote_version(
-                    c, name, version, max_regression, log=logger.info
-                )
+            published = publish_task(rid, artifact, s.s3_uri, promote=s.promote,
+                                     max_regression=s.max_regression, log=logger.info)  # fmt: skip
 
-        summary = {
-            "name": name,
-            "version": artifact.version,
-            "artifact": artifact.directory,
-            "published": where,
-            "target": target_dict,
-            "rewrite": {
-                k: rewritten.summary.get(k)
-                for k in (
-                    "method",
-                    "speedup",
-                    "latency_before_ms",
-                    "latency_after_ms",
-                    "rules_applied",
-                )
-            },
-            "nodes": {"imported": original.num_nodes, "rewritten": imported.num_nodes},
-            "trials": result.trials,
-            "trials_failed": result.summary()["trials_failed"],
-            "resumed_trials": result.resumed_trials,
-            "tuning_seconds": round(result.seconds, 1),
-            "time_budget": format_duration(time_budget_s) if time_budget_s else None,
-            "seconds_per_trial": result.summary()["seconds_per_trial"],
-            "latency_ms": {
-                k: v["median_ms"] for k, v in artifact.manifest.get("latency_ms", {}).items()
-            },
-            "speedup": artifact.manifest.get("speedup", {}),
-            "ratio_to_onnxruntime": artifact.manifest.get("ratio_to_onnxruntime"),
-            "mlflow_run_id": parent,
-        }
+        summary = run_summary(imported, rewritten, tuned, artifact, published, parent)
         tracking.log_metrics(c, parent, {f"speedup/{k}": v for k, v in summary["speedup"].items()})
         c.set_tag(parent, "artifact", artifact.directory)
         return summary

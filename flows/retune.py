@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.optimize import optimize
-from harlflow.core.targets import resolve_target
+from flows.settings import RunSettings
 from harlflow.core import config
 from harlflow.core.errors import HarlflowError
 from tasks import tracking
@@ -22,37 +22,23 @@ from tasks.sources import last_optimised, list_models
 
 
 @flow(name="retune")
-def retune(
-    source: str,
-    trials: int = 64,
-    time_budget_s: float | None = None,
-    strategy: str = "evolutionary",
-    target: str | dict | None = None,
-    rewrite: str = "greedy",
-    s3_uri: str | None = None,
-    promote: bool = False,
-    max_regression: float = 0.05,
-    min_trials_per_task: int = 4,
-    measure: bool = True,
-    measure_seconds: float = 10.0,
-    seed: int = 0,
-    rpc: str | None = None,
-) -> dict[str, Any]:
+def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
     """Optimise the changed models of ``source`` (directory or ``s3://`` prefix); returns, per
     model, ``{"decision": "skipped" | "optimised" | "failed", ...}``."""
     logger = get_run_logger()
-    target_dict = resolve_target(target)
+    s = (settings or RunSettings()).checked()
     c = tracking.client()
     decisions: dict[str, dict[str, Any]] = {}
     with tracking.run(c, f"retune {source}", tags={"harlflow.flow": "retune"}) as run_id:
         tracking.log_params(c, run_id, {
-            "source": source, "budget": trials, "time_budget_s": time_budget_s, "strategy": strategy, "rewrite": rewrite,
-            "target": json.dumps(target_dict), "promote": promote, "seed": seed, "rpc": rpc,
+            "source": source, "budget": s.trials, "time_budget_s": s.time_budget_s,
+            "strategy": s.strategy, "rewrite": s.rewrite, "target": json.dumps(s.target),
+            "promote": s.promote, "seed": s.seed, "rpc": s.rpc,
         })  # fmt: skip
         models = list_models(source, config.sources_cache_dir())
         logger.info("retune %s: %d models", source, len(models))
         for m in models:
-            last = last_optimised(c, m.name, target_dict)
+            last = last_optimised(c, m.name, s.target)
             entry: dict[str, Any] = {"origin": m.origin, "sha256": m.sha256}
             if last is not None and last["source_sha256"] == m.sha256:
                 entry.update(decision="skipped", version=last["version"])
@@ -62,16 +48,9 @@ def retune(
                 why = "new" if last is None else f"changed since v{last['version']}"
                 logger.info("%s: %s (sha256 %s…): optimising", m.name, why, m.sha256[:12])
                 try:
-                    s = optimize(
-                        model=m.path, name=m.name, trials=trials, time_budget_s=time_budget_s,
-                        strategy=strategy,
-                        target=target_dict, s3_uri=s3_uri, seed=seed,
-                        min_trials_per_task=min_trials_per_task, measure=measure,
-                        measure_seconds=measure_seconds, rewrite=rewrite, promote=promote,
-                        max_regression=max_regression, rpc=rpc,
-                    )  # fmt: skip
-                    entry.update(decision="optimised", version=s["version"], trials=s["trials"],
-                                 published=s["published"], mlflow_run_id=s["mlflow_run_id"])  # fmt: skip
+                    r = optimize(model=m.path, settings=s, name=m.name)
+                    entry.update(decision="optimised", version=r["version"], trials=r["trials"],
+                                 published=r["published"], mlflow_run_id=r["mlflow_run_id"])  # fmt: skip
                 except HarlflowError as e:  # one bad model must not stop the others
                     entry.update(decision="failed", error=f"{type(e).__name__}: {e}")
                     logger.error("%s: failed: %s", m.name, e)

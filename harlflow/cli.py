@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from harl.strategies import STRATEGIES
 from harlflow.core.errors import BadInputError, HarlflowError
 
 # the bundled models of harlflow.examples (a test keeps this in step with it; importing it here
@@ -22,15 +24,14 @@ EXAMPLE_NAMES = (
     "squeezenet_small",
 )  # fmt: skip
 EXAMPLES = "harlflow.examples:{" + ",".join(EXAMPLE_NAMES) + "}"
-DEFAULT_TRIALS = 64
 
 
 def _prefect_env() -> None:
-    """Prefect's home under HARLFLOW_HOME, no analytics; set before Prefect is imported."""
+    """Prefect's home under HARLFLOW_HOME, no analytics: environment only, nothing written;
+    set before Prefect is imported."""
     from harlflow.core import config
 
     os.environ.setdefault("PREFECT_HOME", str(config.home() / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its sqlite lives there
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the first start migrates a fresh sqlite database: ~20-40 s on 2 cores, over the 20 s default
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -42,6 +43,7 @@ def _start_prefect() -> None:
     """Without PREFECT_API_URL, Prefect runs a temporary server on a sqlite file under the home;
     its first start migrates that file, and two runs starting at once would both migrate it.
     Start it here, one run at a time; the flow then uses the running server."""
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its sqlite lives there
     if os.environ.get("PREFECT_API_URL"):
         return
     from prefect.client.orchestration import get_client
@@ -97,45 +99,27 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_run_options(a: argparse.Namespace) -> dict:
-    """Validate the options shared by optimize/retune/serve; returns the resolved target."""
-    from harl.budget import UNLIMITED_TRIALS, parse_duration
-    from harlflow.core.targets import resolve_target
+def _settings(a: argparse.Namespace):
+    """The run options as checked :class:`~flows.settings.RunSettings` (the target resolved);
+    bad values fail here, before any store is touched."""
+    from flows.settings import RunSettings
+    from harl.budget import parse_duration
 
-    target = resolve_target(a.target)
-    a.time_budget_s = parse_duration(a.time_budget) if a.time_budget is not None else None
-    if a.trials is None:  # a time budget alone is not capped by a trial count
-        a.trials = UNLIMITED_TRIALS if a.time_budget_s else DEFAULT_TRIALS
-    if a.trials < 0:
-        raise BadInputError(f"--trials must be >= 0, got {a.trials}")
-    if a.min_trials_per_task < 0:
-        raise BadInputError(f"--min-trials-per-task must be >= 0, got {a.min_trials_per_task}")
-    if a.max_regression < 0 or a.measure_seconds <= 0:
-        raise BadInputError("--max-regression must be >= 0 and --measure-seconds > 0")
-    if a.promote and a.no_measure:
-        raise BadInputError("--promote compares measured latencies: drop --no-measure")
-    if a.s3_uri:
-        from tasks.publishing import parse_s3_uri
-
-        parse_s3_uri(a.s3_uri)
+    settings = RunSettings(
+        trials=a.trials,
+        time_budget_s=parse_duration(a.time_budget) if a.time_budget is not None else None,
+        strategy=a.strategy, target=a.target, rewrite=a.rewrite, seed=a.seed,
+        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure,
+        measure_seconds=a.measure_seconds, s3_uri=a.s3_uri, promote=a.promote,
+        max_regression=a.max_regression, rpc=a.rpc,
+    ).checked()  # fmt: skip
     if a.rpc:
         from harl.runners import count_servers, parse_rpc
 
         spec = parse_rpc(a.rpc)
         if count_servers(spec) == 0:
             raise BadInputError(f"--rpc {a.rpc}: no server is registered under key {spec.key!r}")
-    return target
-
-
-def _run_params(a: argparse.Namespace) -> dict:
-    """The shared options as flow keyword arguments."""
-    return dict(
-        trials=a.trials, time_budget_s=a.time_budget_s, strategy=a.strategy, s3_uri=a.s3_uri,
-        seed=a.seed,
-        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure, rewrite=a.rewrite,
-        measure_seconds=a.measure_seconds, promote=a.promote, max_regression=a.max_regression,
-        rpc=a.rpc,
-    )  # fmt: skip
+    return settings
 
 
 def _check_home() -> None:
@@ -171,37 +155,35 @@ def _optimize(a: argparse.Namespace) -> dict:
     # so the flow's import stage then finds it done.
     inputs = [parse_input_spec(s) for s in a.input] or None
     validate_name(a.name or default_name(a.model))
-    target = _check_run_options(a)
+    settings = _settings(a)
     _check_home()
     import_model(a.model, cache_dir=import_cache_dir(), inputs=inputs, checkpoint=a.checkpoint,
                  seed=a.seed)  # fmt: skip
     _check_mlflow()
 
-    _prefect_env()
     _start_prefect()
     from flows.optimize import optimize
 
     _quiet_prefect_tracebacks()
-    return optimize(model=a.model, name=a.name, target=target, inputs=inputs,
-                    checkpoint=a.checkpoint, **_run_params(a))  # fmt: skip
+    return optimize(model=a.model, settings=settings, name=a.name, inputs=inputs,
+                    checkpoint=a.checkpoint)  # fmt: skip
 
 
 def cmd_retune(a: argparse.Namespace) -> int:
     from harlflow.core.config import sources_cache_dir
     from tasks.sources import list_models
 
-    _check_run_options(a)
+    settings = _settings(a)
     _check_home()
     models = list_models(a.source, sources_cache_dir())  # a bad source fails here
     if not models:
         print(f"harlflow: {a.source} holds no .onnx or .pt2 model yet", file=sys.stderr)
     _check_mlflow()
-    _prefect_env()
     _start_prefect()
     from flows.retune import retune
 
     _quiet_prefect_tracebacks()
-    decisions = retune(source=a.source, target=a.target, **_run_params(a))
+    decisions = retune(source=a.source, settings=settings)
     for name, d in decisions.items():
         extra = f"v{d['version']}" if d.get("version") else d.get("error", "")
         print(f"{name:24s} {d['decision']:10s} {extra}")
@@ -219,7 +201,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             "'prefect server start --host 127.0.0.1 --port 4200' and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    _check_run_options(a)
+    settings = _settings(a)
     from prefect.client.schemas.schedules import CronSchedule
 
     try:
@@ -237,15 +219,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     check_source(a.source)
     _check_home()
     _check_mlflow()
-    _prefect_env()
     _start_prefect()
     from flows.retune import retune
 
     source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
     print(f"serving deployment 'retune/{a.deployment}' (cron {a.cron!r}) on {api}; "
           f"trigger a run now with: prefect deployment run 'retune/{a.deployment}'", flush=True)  # fmt: skip
+    # the deployment's parameters are JSON: the settings as a dict, checked again at each run
     retune.serve(name=a.deployment, cron=a.cron,
-                 parameters={"source": source, "target": a.target, **_run_params(a)})  # fmt: skip
+                 parameters={"source": source, "settings": dataclasses.asdict(settings)})  # fmt: skip
     return 0
 
 
@@ -403,12 +385,12 @@ def cmd_export_example(a: argparse.Namespace) -> int:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by optimize, retune and serve: budget, target, stages, publishing."""
     p.add_argument("--trials", type=int, default=None,
-                   help=f"global trial budget (default {DEFAULT_TRIALS}, or no cap with "
+                   help="global trial budget (default 64, or no cap with "
                         "--time-budget; 0: database only)")  # fmt: skip
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop tuning after this long, keeping every trial measured: 90s, 20m, "
                         "1h (with --trials, whichever comes first)")  # fmt: skip
-    p.add_argument("--strategy", default="evolutionary", choices=["evolutionary", "harl"],
+    p.add_argument("--strategy", default="evolutionary", choices=list(STRATEGIES),
                    help="search strategy: evolutionary (MetaSchedule's, default) or harl")  # fmt: skip
     p.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
     p.add_argument("--rpc", metavar="HOST:PORT:KEY",
@@ -506,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _prefect_env()  # before anything imports Prefect (the stages define their tasks on import)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "httpcore", "alembic", "urllib3", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
+from harlflow.core import config
 from harlflow.core.errors import ModelImportError, first_line
 from harlflow.core.hashing import sha256_bytes, sha256_file
 from harlflow.core.outputs import load_reference
@@ -535,30 +538,13 @@ def _read_meta(path: Path) -> ImportedModel:
 
 
 # --------------------------------------------------------------------------- Prefect task
-def _import_cache_key(context, parameters) -> str:
-    """Content hash of the model (file, or factory source + checkpoint) and the import options."""
-    return "import-" + import_key(parameters["model"], parameters.get("inputs"),
-                                  parameters.get("checkpoint"), parameters.get("seed", 0))  # fmt: skip
-
-
-def import_task():
-    """The import stage as a Prefect task, cached by content across processes.
-
-    Built on call, not at import time: its result storage lives under ``$HARLFLOW_HOME``.
-    """
-    from prefect import task
-
-    from harlflow.core import config
-
-    @task(name="import", cache_key_fn=_import_cache_key, persist_result=True,
-          result_storage=config.home() / "prefect" / "results")  # fmt: skip
-    def import_stage(model: str, inputs: list[TensorSpec] | None, checkpoint: str | None,
-                     seed: int, name: str | None) -> ImportedModel:  # fmt: skip
-        """Import a model into a canonical ONNX plus reference outputs."""
-        return import_model(model, cache_dir=config.import_cache_dir(), inputs=inputs,
-                            checkpoint=checkpoint, name=name, seed=seed)  # fmt: skip
-
-    return import_stage
+@task(name="import", cache_policy=NO_CACHE)
+def import_task(model: str, inputs: list[TensorSpec] | None, checkpoint: str | None, seed: int,
+                name: str | None) -> ImportedModel:  # fmt: skip
+    """Import a model into a canonical ONNX plus reference outputs. The import store under the
+    home is content-addressed: the same content imports once (the CLI's check already did)."""
+    return import_model(model, cache_dir=config.import_cache_dir(), inputs=inputs,
+                        checkpoint=checkpoint, name=name, seed=seed)  # fmt: skip
 
 
 def log_import(c, run_id: str, m: ImportedModel) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from harl import compilation, database
 from harlflow.core.config import validate_name
@@ -77,8 +79,8 @@ def _export_tuning_db(db, tasks, target: dict[str, Any], dest: Path) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     out = ms.database.JSONDatabase(work_dir=str(dest), module_equality="structural")
     n = 0
-    for task in tasks:
-        mod = task.dispatched[0]
+    for t in tasks:
+        mod = t.dispatched[0]
         records = database.best_records(db, mod, target, k=10_000)
         if not records:
             continue
@@ -323,12 +325,8 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def package_task():
-    """The verify-and-package stage as a Prefect task."""
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    return task(name="package", cache_policy=NO_CACHE)(package)
+# The verify-and-package stage as a Prefect task.
+package_task = task(name="package", cache_policy=NO_CACHE)(package)
 
 
 def log_package(c, run_id: str, artifact: Artifact) -> None:

@@ -4,12 +4,17 @@ and, when asked, into S3 with each file's sha256 in its object metadata."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from harlflow.core.errors import BadInputError, RegressionError, StoreError
 from harlflow.core.hashing import sha256_file
+from harlflow.core.targets import target_key
 from tasks import tracking
 from tasks.packaging import Artifact
 
@@ -28,7 +33,7 @@ def register(c, run_id: str, artifact: Artifact) -> str:
             )
         m = artifact.manifest
         tags = {
-            "target": _target_str(m["target"]),
+            "target": target_tag(m["target"]),
             "source_sha256": m["source_sha256"],
             "harlflow_version": m["versions"]["harlflow"],
             "local_path": artifact.directory,
@@ -50,10 +55,10 @@ def register(c, run_id: str, artifact: Artifact) -> str:
         raise StoreError(f"registering {artifact.name} in MLflow failed: {e}") from None
 
 
-def _target_str(target: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(target, sort_keys=True)
+def target_tag(target: dict[str, Any]) -> str:
+    """The ``target`` tag of a registered version: :func:`~harlflow.core.targets.target_key`,
+    the same notion of "same target" the tuning database uses."""
+    return target_key(target)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -135,7 +140,7 @@ def upload_s3(artifact: Artifact, s3_uri: str, log=print) -> str:
 PRODUCTION = "production"
 
 
-def promote(c, name: str, version: str, max_regression: float, log=print) -> str:
+def promote_version(c, name: str, version: str, max_regression: float, log=print) -> str:
     """Move the ``production`` alias to ``version`` unless it is slower than the current
     production version on the same target by more than ``max_regression`` (a fraction)."""
     new = c.get_model_version(name, version)
@@ -164,8 +169,20 @@ def promote(c, name: str, version: str, max_regression: float, log=print) -> str
     return version
 
 
-def publish(run_id: str, artifact: Artifact, s3_uri: str | None, log=print) -> dict[str, str]:
-    """Upload to S3 when asked, then register in MLflow; returns where it went.
+@dataclass
+class Publication:
+    """Where a published artifact went: its registered version and every location."""
+
+    version: str
+    """the MLflow registry's version number"""
+    locations: dict[str, str]
+    """local, s3 (when asked), mlflow (models:/NAME/VERSION), production (when promoted)"""
+
+
+def publish(run_id: str, artifact: Artifact, s3_uri: str | None, *, promote: bool = False,
+            max_regression: float = 0.05, log=print) -> Publication:  # fmt: skip
+    """Upload to S3 when asked, register in MLflow and, with ``promote``, move the production
+    alias to the new version unless it regresses (:func:`promote_version`).
 
     S3 goes first, so a registered version is always complete: when the upload fails, nothing
     is registered and the verified artifact stays in the local store for the next attempt.
@@ -180,13 +197,12 @@ def publish(run_id: str, artifact: Artifact, s3_uri: str | None, log=print) -> d
     log(f"registered {where['mlflow']}")
     tracking.log_params(c, run_id, {f"published_{k}": v for k, v in where.items()})
     c.set_tag(run_id, "registered_version", version)
-    return where
+    if promote:  # the regression gate: a refusal is an answer (RegressionError), not retried
+        promoted = promote_version(c, artifact.name, version, max_regression, log=log)
+        where["production"] = f"models:/{artifact.name}@{PRODUCTION} -> v{promoted}"
+    return Publication(version, where)
 
 
-def publish_task():
-    """The publish stage as a Prefect task. Not retried as a whole (a retry would register a
-    second version): S3 uploads retry per file, MLflow's client retries its HTTP requests."""
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    return task(name="publish", cache_policy=NO_CACHE)(publish)
+# The publish stage as a Prefect task. Not retried as a whole (a retry would register a
+# second version): S3 uploads retry per file, MLflow's client retries its HTTP requests.
+publish_task = task(name="publish", cache_policy=NO_CACHE)(publish)

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from harlflow import rl
 from harlflow.core.errors import BadInputError, VerificationError
 from harlflow.core.outputs import compare, mismatches
@@ -127,12 +130,8 @@ def _write(
     return model, str(dest / "model.onnx")
 
 
-def rewrite_task():
-    """The rewrite stage as a Prefect task (measurements: no retries, no cache)."""
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    return task(name="rewrite", cache_policy=NO_CACHE)(rewrite_model)
+# The rewrite stage as a Prefect task (measurements: no retries, no cache).
+rewrite_task = task(name="rewrite", cache_policy=NO_CACHE)(rewrite_model)
 
 
 def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:

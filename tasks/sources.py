@@ -101,7 +101,7 @@ def last_optimised(c, name: str, target: dict[str, Any]) -> dict[str, str] | Non
     Published versions carry ``source_sha256`` and ``target`` tags (see ``tasks.publishing``);
     this is the record retuning compares a model's current content against.
     """
-    from tasks.publishing import _target_str
+    from tasks.publishing import target_tag
 
     try:
         versions = c.search_model_versions(f"name = '{name}'")
@@ -109,7 +109,7 @@ def last_optimised(c, name: str, target: dict[str, Any]) -> dict[str, str] | Non
         if "RESOURCE_DOES_NOT_EXIST" in str(e):
             return None
         raise StoreError(f"reading registered model {name} from MLflow failed: {e}") from None
-    want = _target_str(target)
+    want = target_tag(target)
     mine = [v for v in versions if v.tags.get("target") == want and "source_sha256" in v.tags]
     if not mine:
         return None

@@ -7,7 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harl import tuning, compilation
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from harl import compilation, tuning
 from harl.budget import UNLIMITED_TRIALS, format_duration
 from harl.runners import make_runner
 from harl.tuning import Progress, TuneResult
@@ -83,12 +86,8 @@ def _onnxruntime_ms(imported: ImportedModel) -> float | None:
         return None
 
 
-def tune_task():
-    """The tune stage as a Prefect task (no retries: measurements are not I/O that flakes)."""
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    return task(name="tune", cache_policy=NO_CACHE)(tune_model)
+# The tune stage as a Prefect task (no retries: measurements are not I/O that flakes).
+tune_task = task(name="tune", cache_policy=NO_CACHE)(tune_model)
 
 
 def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,

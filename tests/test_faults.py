@@ -263,7 +263,7 @@ def test_two_runs_at_once_on_one_store(env, tmp_path):
     for s in summaries:
         verify_directory(Path(s["artifact"]))
     assert all(json.loads(line) for line in record_lines(env))
-    from harl import tuning, database
+    from harl import database
 
     database.open_database(Path(env["HARLFLOW_HOME"]) / "tuning_db")  # loads
     from mlflow import MlflowClient

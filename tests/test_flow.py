@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from harlflow import runtime
+from flows.settings import RunSettings
 from harlflow.cli import main
 from harlflow.core.errors import BadInputError, IntegrityError, StoreError
 from harlflow.core.hashing import sha256_file
@@ -26,8 +27,9 @@ def first_run(prefect_harness, s3_endpoint, tmp_path_factory):
 
     model = tmp_path_factory.mktemp("models") / "tiny.onnx"
     assert main(["export-example", "tiny_mlp", "--out", str(model)]) == 0
-    summary = optimize(model=str(model), trials=6, min_trials_per_task=2, s3_uri="s3://models/ci",
-                       measure_seconds=0.5)  # fmt: skip
+    summary = optimize(model=str(model), settings=RunSettings(
+        trials=6, min_trials_per_task=2, s3_uri="s3://models/ci", measure_seconds=0.5
+    ))
     return model, summary
 
 
@@ -130,7 +132,7 @@ def test_second_run_reuses_database_and_zero_trials_compiles(first_run):
     from flows.optimize import optimize
 
     model, s1 = first_run
-    s2 = optimize(model=str(model), trials=6, min_trials_per_task=2, measure=False)
+    s2 = optimize(model=str(model), settings=RunSettings(trials=6, min_trials_per_task=2, measure=False))
     assert s2["trials"] == 0  # every workload was measured by the first run
     assert int(s2["version"]) == int(s1["version"]) + 1
     manifest = verify_directory(Path(s2["artifact"]))
@@ -140,17 +142,24 @@ def test_second_run_reuses_database_and_zero_trials_compiles(first_run):
 
 def test_failed_stage_marks_child_run_failed(first_run):
     from flows.optimize import optimize
+    from harlflow.core.errors import TuningError
 
     model, _ = first_run
-    with pytest.raises(BadInputError, match="unknown strategy 'bogus'"):
-        optimize(model=str(model), trials=2, strategy="bogus", measure=False)
     c = _client()
     exp = c.get_experiment_by_name("harlflow")
+    runs_before = len(c.search_runs([exp.experiment_id]))
+    # a bad option is refused before the flow writes anything
+    with pytest.raises(BadInputError, match="unknown strategy 'bogus'"):
+        optimize(model=str(model), settings=RunSettings(trials=2, strategy="bogus", measure=False))
+    assert len(c.search_runs([exp.experiment_id])) == runs_before
+    # a stage that fails (no RPC tracker answers on port 1) marks its run and the parent FAILED
+    with pytest.raises(TuningError, match="unreachable"):
+        optimize(model=str(model), settings=RunSettings(trials=2, rpc="127.0.0.1:1:nokey"))
     failed = c.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
     names = {r.info.run_name for r in failed}
     assert "tune" in names and "optimize tiny" in names
     tune = next(r for r in failed if r.info.run_name == "tune")
-    assert "unknown strategy" in tune.data.tags["error"]
+    assert "unreachable" in tune.data.tags["error"]
 
 
 def test_cli_optimize_trials_zero_from_database(first_run, capsys):

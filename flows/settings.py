@@ -1,0 +1,80 @@
+"""The settings of an optimisation run: one dataclass from the CLI through ``optimize`` and
+``retune`` (and a ``serve`` deployment's parameters), checked before any store is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from harl.budget import UNLIMITED_TRIALS
+from harl.runners import parse_rpc
+from harl.strategies import STRATEGIES
+from harlflow.core.errors import BadInputError
+from harlflow.core.targets import resolve_target
+from tasks.publishing import parse_s3_uri
+from tasks.rewriting import METHODS
+
+DEFAULT_TRIALS = 64
+
+
+@dataclass
+class RunSettings:
+    """How a model is optimised: budget, search, target, stages and where it is published."""
+
+    trials: int | None = None
+    """global trial budget; None: 64, or no cap when ``time_budget_s`` is given"""
+    time_budget_s: float | None = None
+    """stop tuning after this many seconds (with ``trials``, whichever comes first)"""
+    strategy: str = "evolutionary"
+    """search strategy: a name in ``harl.strategies.STRATEGIES``"""
+    target: str | dict[str, Any] | None = None
+    """TVM target dict (or JSON, or cpu/host); None: this host's CPU"""
+    rewrite: str = "greedy"
+    """graph rewriting before tuning: none, greedy or xrlflow"""
+    seed: int = 0
+    """seeds sampling, the agents' weights and the import's reference inputs"""
+    min_trials_per_task: int = 4
+    """measured warm-up samples each new task gets first"""
+    measure: bool = True
+    """measure latencies against onnxruntime, PyTorch and the untuned build"""
+    measure_seconds: float = 10.0
+    """time limit per latency measurement"""
+    s3_uri: str | None = None
+    """also upload the artifact to s3://bucket/prefix"""
+    promote: bool = False
+    """move the 'production' alias to the new version unless it regresses"""
+    max_regression: float = 0.05
+    """allowed slowdown against production for ``promote`` (a fraction)"""
+    rpc: str | None = None
+    """measure on the RPC tracker HOST:PORT:KEY instead of locally"""
+
+    def checked(self) -> RunSettings:
+        """These settings validated, with the target resolved and the trial default applied;
+        a bad value is a :class:`BadInputError` naming it, before anything is written."""
+        trials = self.trials
+        if trials is None:  # a time budget alone is not capped by a trial count
+            trials = UNLIMITED_TRIALS if self.time_budget_s else DEFAULT_TRIALS
+        if trials < 0:
+            raise BadInputError(f"--trials must be >= 0, got {trials}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise BadInputError(f"--time-budget must be more than 0 seconds: {self.time_budget_s}")
+        if self.strategy not in STRATEGIES:
+            raise BadInputError(
+                f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}"
+            )
+        if self.rewrite not in METHODS:
+            raise BadInputError(
+                f"unknown rewrite method {self.rewrite!r}: choose one of {', '.join(METHODS)}"
+            )
+        if self.min_trials_per_task < 0:
+            raise BadInputError(f"--min-trials-per-task must be >= 0, got {self.min_trials_per_task}")
+        if self.max_regression < 0 or self.measure_seconds <= 0:
+            raise BadInputError("--max-regression must be >= 0 and --measure-seconds > 0")
+        if self.promote and not self.measure:
+            raise BadInputError("--promote compares measured latencies: drop --no-measure")
+        if self.s3_uri:
+            parse_s3_uri(self.s3_uri)
+        if self.rpc:
+            parse_rpc(self.rpc)
+        return dataclasses.replace(self, trials=trials, target=resolve_target(self.target))
