@@ -24,15 +24,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harl import tuning, compilation  # noqa: E402
+from harl import compilation, tuning  # noqa: E402
 from harl.budget import UNLIMITED_TRIALS  # noqa: E402
 from harlflow.core.targets import resolve_target  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
 from tasks.packaging import export_library, package, run_worker  # noqa: E402
 
 
-def bench_model(example: str, budgets: list[tuple[str, float]], strategies: list[str],
-                target: dict, min_trials: int, seconds: float, work: Path, emit) -> None:  # fmt: skip
+def bench_model(
+    example: str,
+    budgets: list[tuple[str, float]],
+    strategies: list[str],
+    target: dict,
+    min_trials: int,
+    seconds: float,
+    work: Path,
+    emit,
+) -> None:
     """Measure one bundled example; ``emit(row)`` is called as each row is measured."""
     m = import_model(f"harlflow.examples:{example}", cache_dir=work / "cache")
     ref = str(m.reference_path)
@@ -42,8 +50,13 @@ def bench_model(example: str, budgets: list[tuple[str, float]], strategies: list
     def row(runtime: str, lat: dict, **extra) -> None:
         if runtime == "onnxruntime":
             ort.append(lat["median_ms"])
-        r = {"model": example, "runtime": runtime, **extra, **lat,
-             "ratio_to_onnxruntime": lat["median_ms"] / ort[0]}  # fmt: skip
+        r = {
+            "model": example,
+            "runtime": runtime,
+            **extra,
+            **lat,
+            "ratio_to_onnxruntime": lat["median_ms"] / ort[0],
+        }
         emit(r)
 
     row("onnxruntime", run_worker(["ort", "--path", str(m.onnx_path), "--reference", ref, *limit]))
@@ -55,26 +68,50 @@ def bench_model(example: str, budgets: list[tuple[str, float]], strategies: list
             db_dir = work / f"db-{example}-{kind}{amount}-{strategy}"
             t0 = time.monotonic()
             res = tuning.tune(
-                mod, target, db_dir, strategy=strategy, seed=0, min_trials_per_task=min_trials,
+                mod,
+                target,
+                db_dir,
+                strategy=strategy,
+                seed=0,
+                min_trials_per_task=min_trials,
                 trials=int(amount) if kind == "trials" else UNLIMITED_TRIALS,
                 time_budget_s=amount * 60 if kind == "minutes" else None,
-            )  # fmt: skip
+            )
             tune_s = time.monotonic() - t0
-            art = package(m, target, database_dir=db_dir, home=work / "art",
-                          tune_summary=res.summary(), measure=False, log=lambda *_: None)  # fmt: skip
+            art = package(
+                m,
+                target,
+                database_dir=db_dir,
+                home=work / "art",
+                tune_summary=res.summary(),
+                measure=False,
+                log=lambda *_: None,
+            )
             lat = run_worker(["tvm", "--path", art.directory, "--reference", ref, *limit])
             label = f"tvm {strategy} ({amount:g} {'min' if kind == 'minutes' else 'trials'})"
-            row(label, lat, strategy=strategy, budget_kind=kind, budget=amount,
-                trials=res.trials, tuning_seconds=round(tune_s, 1),
+            row(
+                label,
+                lat,
+                strategy=strategy,
+                budget_kind=kind,
+                budget=amount,
+                trials=res.trials,
+                tuning_seconds=round(tune_s, 1),
                 seconds_per_trial=round(res.seconds / max(1, res.trials), 3),
-                weighted_task_us=res.weighted_latency_us, phases=res.phases)  # fmt: skip
+                weighted_task_us=res.weighted_latency_us,
+                phases=res.phases,
+            )
     if art is not None:
         untuned = work / f"untuned-{example}"
         untuned.mkdir()
         export_library(compilation.compile_untuned(mod, target), untuned / "model.so")
         (untuned / "manifest.json").write_text(Path(art.directory, "manifest.json").read_text())
-        row("tvm untuned", run_worker(["tvm", "--path", str(untuned), "--reference", ref,
-                                       "--repeats", "5", *limit]))  # fmt: skip
+        row(
+            "tvm untuned",
+            run_worker(
+                ["tvm", "--path", str(untuned), "--reference", ref, "--repeats", "5", *limit]
+            ),
+        )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -89,14 +126,20 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
         for strategy in sorted({r.get("strategy") for r in mine if r.get("strategy")}):
-            pts = sorted((r["tuning_seconds"] / 60, r["median_ms"]) for r in mine
-                         if r.get("strategy") == strategy)  # fmt: skip
+            pts = sorted(
+                (r["tuning_seconds"] / 60, r["median_ms"])
+                for r in mine
+                if r.get("strategy") == strategy
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"tvm {strategy}")
         for r in mine:
             if r["runtime"] in ("onnxruntime", "pytorch"):
-                ax.axhline(r["median_ms"], ls="--" if r["runtime"] == "onnxruntime" else ":",
-                           color="k" if r["runtime"] == "onnxruntime" else "gray",
-                           label=r["runtime"])  # fmt: skip
+                ax.axhline(
+                    r["median_ms"],
+                    ls="--" if r["runtime"] == "onnxruntime" else ":",
+                    color="k" if r["runtime"] == "onnxruntime" else "gray",
+                    label=r["runtime"],
+                )
         ax.set_title(model)
         ax.set_xlabel("tuning minutes")
         ax.set_ylabel("latency (ms)")
@@ -124,22 +167,40 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    header = {"target": target, "machine": platform.processor() or platform.machine(),
-              "min_trials_per_task": a.min_trials_per_task, "budgets": budgets}  # fmt: skip
-    cols = f"{'model':12s} {'runtime':30s} {'median ms':>10s} {'x ORT':>7s} {'trials':>7s} {'s/trial':>8s}"
+    header = {
+        "target": target,
+        "machine": platform.processor() or platform.machine(),
+        "min_trials_per_task": a.min_trials_per_task,
+        "budgets": budgets,
+    }
+    cols = (
+        f"{'model':12s} {'runtime':30s} {'median ms':>10s} {'x ORT':>7s} {'trials':>7s} "
+        f"{'s/trial':>8s}"
+    )
     print(cols, flush=True)
 
     def emit(r: dict) -> None:
         rows.append(r)
-        print(f"{r['model']:12s} {r['runtime']:30s} {r['median_ms']:10.3f} "
-              f"{r['ratio_to_onnxruntime']:7.2f} {r.get('trials') or '':>7} "
-              f"{r.get('seconds_per_trial') or '':>8}", flush=True)  # fmt: skip
+        print(
+            f"{r['model']:12s} {r['runtime']:30s} {r['median_ms']:10.3f} "
+            f"{r['ratio_to_onnxruntime']:7.2f} {r.get('trials') or '':>7} "
+            f"{r.get('seconds_per_trial') or '':>8}",
+            flush=True,
+        )
         out.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
     with tempfile.TemporaryDirectory(prefix="harlflow-bench-") as tmp:
         for example in a.models.split(","):
-            bench_model(example, budgets, a.strategies.split(","), target,
-                        a.min_trials_per_task, a.max_seconds, Path(tmp), emit)  # fmt: skip
+            bench_model(
+                example,
+                budgets,
+                a.strategies.split(","),
+                target,
+                a.min_trials_per_task,
+                a.max_seconds,
+                Path(tmp),
+                emit,
+            )
     plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 

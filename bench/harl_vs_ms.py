@@ -31,9 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harl import tuning, compilation  # noqa: E402
-from harlflow.core.targets import resolve_target  # noqa: E402
+from harl import compilation, tuning  # noqa: E402
 from harlflow.core.signature import TensorSpec  # noqa: E402
+from harlflow.core.targets import resolve_target  # noqa: E402
 from tasks.importing import to_relax  # noqa: E402
 
 F32 = TensorProto.FLOAT
@@ -46,8 +46,13 @@ def _w(name: str, shape) -> onnx.TensorProto:
 
 
 def _model(nodes, inputs, output_shape, inits) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "op", [helper.make_tensor_value_info(n, F32, s) for n, s in inputs],
-                          [helper.make_tensor_value_info("y", F32, output_shape)], inits)  # fmt: skip
+    g = helper.make_graph(
+        nodes,
+        "op",
+        [helper.make_tensor_value_info(n, F32, s) for n, s in inputs],
+        [helper.make_tensor_value_info("y", F32, output_shape)],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -65,21 +70,36 @@ def _gemm(n: int):
 OPERATORS = {
     "gemm512": lambda: _gemm(512),
     "gemm1024": lambda: _gemm(1024),
-    "bert_bmm": lambda: _model([helper.make_node("MatMul", ["q", "k"], ["y"])],
-                               [("q", [4, 128, 64]), ("k", [4, 64, 128])], [4, 128, 128], []),
-    "bert_dense": lambda: _model([helper.make_node("MatMul", ["x", "w"], ["m"]),
-                                  helper.make_node("Add", ["m", "b"], ["y"])],
-                                 [("x", [128, 256])], [128, 1024], [_w("w", (256, 1024)), _w("b", (1024,))]),
+    "bert_bmm": lambda: _model(
+        [helper.make_node("MatMul", ["q", "k"], ["y"])],
+        [("q", [4, 128, 64]), ("k", [4, 64, 128])],
+        [4, 128, 128],
+        [],
+    ),
+    "bert_dense": lambda: _model(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+        [("x", [128, 256])],
+        [128, 1024],
+        [_w("w", (256, 1024)), _w("b", (1024,))],
+    ),
     "conv56": lambda: _conv(64, 56),
     "conv28": lambda: _conv(128, 28),
     "conv14": lambda: _conv(256, 14),
     "conv7": lambda: _conv(512, 7),
     "depthwise": lambda: _conv(64, 56, groups=64),
-    "softmax": lambda: _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
-                              [("x", [4, 128, 128])], [4, 128, 128], []),
-    "layernorm": lambda: _model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1)],
-                                [("x", [128, 256])], [128, 256], [_w("g", (256,)), _w("b", (256,))]),
-}  # fmt: skip
+    "softmax": lambda: _model(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+        [("x", [4, 128, 128])],
+        [4, 128, 128],
+        [],
+    ),
+    "layernorm": lambda: _model(
+        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1)],
+        [("x", [128, 256])],
+        [128, 256],
+        [_w("g", (256,)), _w("b", (256,))],
+    ),
+}
 
 
 def operator_module(name: str, work: Path):
@@ -87,8 +107,11 @@ def operator_module(name: str, work: Path):
     path = work / f"{name}.onnx"
     onnx.save(proto, str(path))
     inits = {i.name for i in proto.graph.initializer}
-    specs = [TensorSpec(i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim), "float32")
-             for i in proto.graph.input if i.name not in inits]  # fmt: skip
+    specs = [
+        TensorSpec(i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim), "float32")
+        for i in proto.graph.input
+        if i.name not in inits
+    ]
     return compilation.prepare(to_relax(path, specs))
 
 
@@ -96,15 +119,29 @@ def run_one(mod, target, strategy: str, budget: int, seed: int, work: Path) -> d
     """One tuning run from an empty database; the best-so-far curve of the heaviest task."""
     curve: list[tuple[int, float]] = []
     t0 = time.monotonic()
-    res = tuning.tune(mod, target, work / f"db-{strategy}-{seed}-{budget}-{time.monotonic_ns()}",
-                      trials=budget, strategy=strategy, seed=seed, min_trials_per_task=0,
-                      on_progress=lambda p: curve.append((p.trials, p.weighted_us)))  # fmt: skip
+    res = tuning.tune(
+        mod,
+        target,
+        work / f"db-{strategy}-{seed}-{budget}-{time.monotonic_ns()}",
+        trials=budget,
+        strategy=strategy,
+        seed=seed,
+        min_trials_per_task=0,
+        on_progress=lambda p: curve.append((p.trials, p.weighted_us)),
+    )
     wall = time.monotonic() - t0
     main = max(res.tasks, key=lambda t: (t.flop if math.isfinite(t.flop) else 0, t.weight))
-    return {"strategy": strategy, "seed": seed, "budget": budget, "trials": res.trials,
-            "wall_s": wall, "wall_per_trial_s": wall / max(1, res.trials),
-            "best_us": res.weighted_latency_us, "flop": main.flop,
-            "curve": [(t, u) for t, u in curve if u is not None]}  # fmt: skip
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "budget": budget,
+        "trials": res.trials,
+        "wall_s": wall,
+        "wall_per_trial_s": wall / max(1, res.trials),
+        "best_us": res.weighted_latency_us,
+        "flop": main.flop,
+        "curve": [(t, u) for t, u in curve if u is not None],
+    }
 
 
 def trials_to_reach(curve, target_us: float) -> int | None:
@@ -137,21 +174,32 @@ def main() -> None:
                     for strategy in ("evolutionary", "harl"):  # interleaved
                         r = run_one(mods[op], target, strategy, budget, seed, work) | {"op": op}
                         runs.append(r)
-                        print(f"seed {seed} {op:10s} {budget:4d} {strategy:12s} best {r['best_us']:10.2f} us"
-                              f"  {r['trials']} trials  {r['wall_s']:.0f} s", flush=True)  # fmt: skip
+                        print(
+                            f"seed {seed} {op:10s} {budget:4d} {strategy:12s} "
+                            f"best {r['best_us']:10.2f} us"
+                            f"  {r['trials']} trials  {r['wall_s']:.0f} s",
+                            flush=True,
+                        )
     rows = summarise(runs, ops, budgets, a.peak_gflops)
     print()
-    print(f"{'op':10s} {'budget':>6s} {'MS us':>9s} {'HARL us':>9s} {'HARL/MS':>8s} {'speed':>6s} "
-          f"{'s/trial MS':>10s} {'s/trial HARL':>12s} {'GFLOP/s MS':>10s} {'GFLOP/s HARL':>12s} {'%peak HARL':>10s}")  # fmt: skip
+    print(
+        f"{'op':10s} {'budget':>6s} {'MS us':>9s} {'HARL us':>9s} {'HARL/MS':>8s} {'speed':>6s} "
+        f"{'s/trial MS':>10s} {'s/trial HARL':>12s} {'GFLOP/s MS':>10s} {'GFLOP/s HARL':>12s} "
+        f"{'%peak HARL':>10s}"
+    )
     for r in rows:
         speed = f"{r['search_speed']:.2f}" if r["search_speed"] else "never"
-        print(f"{r['op']:10s} {r['budget']:6d} {r['ms_us']:9.2f} {r['harl_us']:9.2f} {r['ratio']:8.3f} {speed:>6s} "
-              f"{r['ms_s_per_trial']:10.2f} {r['harl_s_per_trial']:12.2f} {r['ms_gflops']:10.1f} "
-              f"{r['harl_gflops']:12.1f} {100 * r['harl_gflops'] / a.peak_gflops:9.1f}%")  # fmt: skip
+        print(
+            f"{r['op']:10s} {r['budget']:6d} {r['ms_us']:9.2f} {r['harl_us']:9.2f} "
+            f"{r['ratio']:8.3f} {speed:>6s} "
+            f"{r['ms_s_per_trial']:10.2f} {r['harl_s_per_trial']:12.2f} {r['ms_gflops']:10.1f} "
+            f"{r['harl_gflops']:12.1f} {100 * r['harl_gflops'] / a.peak_gflops:9.1f}%"
+        )
     for budget in budgets:
         ratios = [r["ratio"] for r in rows if r["budget"] == budget]
         print(
-            f"budget {budget}: geometric-mean latency HARL/MS = {math.exp(np.mean(np.log(ratios))):.3f}"
+            f"budget {budget}: geometric-mean latency HARL/MS = "
+            f"{math.exp(np.mean(np.log(ratios))):.3f}"
         )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,15 +228,21 @@ def summarise(runs, ops, budgets, peak) -> list[dict]:
                 t = trials_to_reach(h["curve"], m["best_us"])
                 reach.append(m["trials"] / t if t else 0.0)
             flop = ms_runs[0]["flop"]
-            rows.append({
-                "op": op, "budget": budget, "ms_us": gm(ms_runs), "harl_us": gm(harl),
-                "ratio": gm(harl) / gm(ms_runs),
-                "search_speed": float(np.mean(reach)) if all(reach) else None,
-                "ms_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in ms_runs])),
-                "harl_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in harl])),
-                "ms_gflops": flop / gm(ms_runs) / 1e3, "harl_gflops": flop / gm(harl) / 1e3,
-                "peak_gflops": peak,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "op": op,
+                    "budget": budget,
+                    "ms_us": gm(ms_runs),
+                    "harl_us": gm(harl),
+                    "ratio": gm(harl) / gm(ms_runs),
+                    "search_speed": float(np.mean(reach)) if all(reach) else None,
+                    "ms_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in ms_runs])),
+                    "harl_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in harl])),
+                    "ms_gflops": flop / gm(ms_runs) / 1e3,
+                    "harl_gflops": flop / gm(harl) / 1e3,
+                    "peak_gflops": peak,
+                }
+            )
     return rows
 
 
@@ -200,8 +254,12 @@ def plot(runs, ops, budgets, path: Path) -> None:
 
     budget = max(budgets)
     cols = min(4, len(ops))
-    fig, axes = plt.subplots(math.ceil(len(ops) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(ops) / cols)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        math.ceil(len(ops) / cols),
+        cols,
+        figsize=(4 * cols, 3 * math.ceil(len(ops) / cols)),
+        squeeze=False,
+    )
     for ax, op in zip(axes.flat, ops, strict=False):
         for strategy, color in (("evolutionary", "tab:blue"), ("harl", "tab:red")):
             for r in (
@@ -210,8 +268,13 @@ def plot(runs, ops, budgets, path: Path) -> None:
                 if r["op"] == op and r["budget"] == budget and r["strategy"] == strategy
             ):
                 if r["curve"]:
-                    ax.step(*zip(*r["curve"], strict=True), where="post", color=color, alpha=0.6,
-                            label=strategy if r["seed"] == runs[0]["seed"] else None)  # fmt: skip
+                    ax.step(
+                        *zip(*r["curve"], strict=True),
+                        where="post",
+                        color=color,
+                        alpha=0.6,
+                        label=strategy if r["seed"] == runs[0]["seed"] else None,
+                    )
         ax.set_title(op)
         ax.set_xlabel("trials")
         ax.set_ylabel("best latency (us)")

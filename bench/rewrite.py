@@ -83,8 +83,10 @@ def main() -> None:
             g = graphs[name]
             row = {"model": name, "nodes": len(g.nodes)}
             print(f"{name}: {len(g.nodes)} nodes", flush=True)
-            results = {"greedy": search.greedy(g, oracle),
-                       "backtracking": search.backtracking(g, oracle, alpha=1.05, budget=a.bt_budget)}  # fmt: skip
+            results = {
+                "greedy": search.greedy(g, oracle),
+                "backtracking": search.backtracking(g, oracle, alpha=1.05, budget=a.bt_budget),
+            }
             others = {k: v for k, v in graphs.items() if k != name}
             t0 = time.monotonic()
             rl.setup(0)
@@ -111,25 +113,46 @@ def main() -> None:
                 row[f"{method}_nodes"] = len(r.graph.nodes)
             row |= {f"{k}_ms": v for k, v in latencies(configs).items()}
             for method in results:
-                print(f"  {method:12s} {row[f'{method}_ms']:8.3f} ms ({row['input_ms'] / row[f'{method}_ms']:.3f}x)"
-                      f"  +ORT_ALL {row[f'{method}+ort_ms']:8.3f} ms  search {row[f'{method}_s']:6.1f} s  "
-                      f"{row[f'{method}_rules']}", flush=True)  # fmt: skip
+                print(
+                    f"  {method:12s} {row[f'{method}_ms']:8.3f} ms "
+                    f"({row['input_ms'] / row[f'{method}_ms']:.3f}x)"
+                    f"  +ORT_ALL {row[f'{method}+ort_ms']:8.3f} ms  "
+                    f"search {row[f'{method}_s']:6.1f} s  "
+                    f"{row[f'{method}_rules']}",
+                    flush=True,
+                )
             row["xrlflow_train_s"] = train_s
             row["xrlflow_curve"] = curve
             rows.append(row)
         for name in [m for m in a.tvm_models.split(",") if m]:
             tvm_rows.append(tvm_compare(name, cache, a.tvm_budget, rewritten[name], log=print))
     print()
-    head = ["model", "input", "ORT_ALL", "greedy", "backtrack", "X-RLflow", "X-RL/input", "X-RL/greedy",
-            "X-RL+ORT", "train s"]  # fmt: skip
+    head = [
+        "model",
+        "input",
+        "ORT_ALL",
+        "greedy",
+        "backtrack",
+        "X-RLflow",
+        "X-RL/input",
+        "X-RL/greedy",
+        "X-RL+ORT",
+        "train s",
+    ]
     print(" ".join(f"{h:>11s}" for h in head))
     for r in rows:
-        print(f"{r['model']:>11.11s} {r['input_ms']:11.3f} {r['ort_all_ms']:11.3f} {r['greedy_ms']:11.3f} "
-              f"{r['backtracking_ms']:11.3f} {r['xrlflow_ms']:11.3f} {r['input_ms'] / r['xrlflow_ms']:11.3f} "
-              f"{r['greedy_ms'] / r['xrlflow_ms']:11.3f} {r['xrlflow+ort_ms']:11.3f} {r['xrlflow_train_s']:11.0f}")  # fmt: skip
+        print(
+            f"{r['model']:>11.11s} {r['input_ms']:11.3f} {r['ort_all_ms']:11.3f} "
+            f"{r['greedy_ms']:11.3f} {r['backtracking_ms']:11.3f} {r['xrlflow_ms']:11.3f} "
+            f"{r['input_ms'] / r['xrlflow_ms']:11.3f} {r['greedy_ms'] / r['xrlflow_ms']:11.3f} "
+            f"{r['xrlflow+ort_ms']:11.3f} {r['xrlflow_train_s']:11.0f}"
+        )
     for t in tvm_rows:
-        print(f"TVM {t['model']}: budget {t['budget']}, no rewrite {t['plain_ms']:.3f} ms, "
-              f"X-RLflow rewrite {t['rewritten_ms']:.3f} ms ({t['plain_ms'] / t['rewritten_ms']:.3f}x)")  # fmt: skip
+        print(
+            f"TVM {t['model']}: budget {t['budget']}, no rewrite {t['plain_ms']:.3f} ms, "
+            f"X-RLflow rewrite {t['rewritten_ms']:.3f} ms "
+            f"({t['plain_ms'] / t['rewritten_ms']:.3f}x)"
+        )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": rows, "tvm": tvm_rows}, indent=2, default=str))
@@ -138,7 +161,7 @@ def main() -> None:
 
 def tvm_compare(name: str, cache: Path, budget: int, rewritten, log) -> dict:
     """Tune the model with and without X-RLflow's rewrite at equal budgets; measure both."""
-    from harl import tuning, compilation, database
+    from harl import compilation, database, tuning
     from harlflow.core.targets import resolve_target
     from tasks.importing import to_relax
 

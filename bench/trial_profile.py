@@ -34,17 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harl_vs_ms import OPERATORS, operator_module  # noqa: E402
 
-from harl import tuning, compilation, database  # noqa: E402
+from harl import compilation, database, tuning  # noqa: E402
 from harl._fast_import import import_tensor_intrinsics  # noqa: E402
 from harlflow.core.targets import resolve_target, use_target_threads  # noqa: E402
 
 PHASES = {  # MetaSchedule profiler entries → phase
-    "EvoSearch/Evolve/Mutation": "search", "EvoSearch/SampleInitPopulation": "search",
-    "EvoSearch/Evolve/Misc": "search", "EvoSearch/Evolve/PredictNormalizedScore": "search",
-    "EvoSearch/PickBestFromDatabase": "search", "EvoSearch/PickWithEpsGreedy": "search",
-    "MeasureCallback/UpdateCostModel": "cost_model", "SendToBuilder": "build",
-    "SendToRunner": "run", "JoinRunnerFutures": "run",
-}  # fmt: skip
+    "EvoSearch/Evolve/Mutation": "search",
+    "EvoSearch/SampleInitPopulation": "search",
+    "EvoSearch/Evolve/Misc": "search",
+    "EvoSearch/Evolve/PredictNormalizedScore": "search",
+    "EvoSearch/PickBestFromDatabase": "search",
+    "EvoSearch/PickWithEpsGreedy": "search",
+    "MeasureCallback/UpdateCostModel": "cost_model",
+    "SendToBuilder": "build",
+    "SendToRunner": "run",
+    "JoinRunnerFutures": "run",
+}
 
 
 def _split(profiler) -> dict[str, float]:
@@ -65,20 +70,34 @@ def run_stock(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as logs, ms.Profiler() as prof:
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, logs, strategy=ms.search_strategy.EvolutionarySearch(), seed=seed,
+            tasks,
+            logs,
+            strategy=ms.search_strategy.EvolutionarySearch(),
+            seed=seed,
             num_threads=int(target["num-cores"]),
-        )  # fmt: skip
+        )
         ms.tune_tasks(
-            tasks=ctxs, task_weights=weights, work_dir=logs, max_trials_global=trials,
-            num_trials_per_iter=16, database=db, task_scheduler="gradient",
-            builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=60,
-                                            initializer=import_tensor_intrinsics),
+            tasks=ctxs,
+            task_weights=weights,
+            work_dir=logs,
+            max_trials_global=trials,
+            num_trials_per_iter=16,
+            database=db,
+            task_scheduler="gradient",
+            builder=ms.builder.LocalBuilder(
+                max_workers=2, timeout_sec=60, initializer=import_tensor_intrinsics
+            ),
             runner=ms.runner.LocalRunner(),
-        )  # fmt: skip
+        )
     wall = time.monotonic() - t0
     n = database.count_records(db, tasks, target)
-    return {"wall_s": round(wall, 1), "trials": n, "s_per_trial": round(wall / max(1, n), 3),
-            "split_s": _split(prof), "best_us": _best_us(db, tasks, target)}  # fmt: skip
+    return {
+        "wall_s": round(wall, 1),
+        "trials": n,
+        "s_per_trial": round(wall / max(1, n), 3),
+        "split_s": _split(prof),
+        "best_us": _best_us(db, tasks, target),
+    }
 
 
 def run_harlflow(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
@@ -90,9 +109,13 @@ def run_harlflow(mod, target, trials: int, seed: int, db_dir: Path) -> dict:
     wall = time.monotonic() - t0
     db = database.open_database(db_dir)
     tasks = compilation.extract_tasks(mod, target)
-    return {"wall_s": round(wall, 1), "trials": res.trials,
-            "s_per_trial": round(wall / max(1, res.trials), 3), "split_s": _split(prof),
-            "best_us": _best_us(db, tasks, target)}  # fmt: skip
+    return {
+        "wall_s": round(wall, 1),
+        "trials": res.trials,
+        "s_per_trial": round(wall / max(1, res.trials), 3),
+        "split_s": _split(prof),
+        "best_us": _best_us(db, tasks, target),
+    }
 
 
 def _best_us(db, tasks, target) -> float:
@@ -119,9 +142,13 @@ def noise(target, work: Path, repeats: int = 5) -> dict:
     tgt = tvm.target.Target(target)
     with persistent_builder(max_workers=2) as b:
         built = b.build([ms.builder.BuilderInput(s.mod, tgt) for s in samples])
-    inputs = [ms.runner.RunnerInput(r.artifact_path, "cpu",
-                                    ms.arg_info.ArgInfo.from_entry_func(s.mod, True))
-              for r, s in zip(built, samples, strict=True) if r.error_msg is None]  # fmt: skip
+    inputs = [
+        ms.runner.RunnerInput(
+            r.artifact_path, "cpu", ms.arg_info.ArgInfo.from_entry_func(s.mod, True)
+        )
+        for r, s in zip(built, samples, strict=True)
+        if r.error_msg is None
+    ]
     out = {}
     for name, cfg in (("harlflow", EVALUATOR), ("stock", {}), ("harlflow-again", EVALUATOR)):
         runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(**cfg))
@@ -133,8 +160,11 @@ def noise(target, work: Path, repeats: int = 5) -> dict:
         wall = time.monotonic() - t0
         runner.pool.shutdown()
         cv = float(np.mean(times.std(axis=1) / times.mean(axis=1)))
-        out[name] = {"evaluator": cfg or "default", "mean_cv": round(cv, 4),
-                     "s_per_measurement": round(wall / times.size, 3)}  # fmt: skip
+        out[name] = {
+            "evaluator": cfg or "default",
+            "mean_cv": round(cv, 4),
+            "s_per_measurement": round(wall / times.size, 3),
+        }
         print(f"noise {name:9s} cv {cv:.4f}  {wall / times.size:.3f} s/measurement", flush=True)
     return out
 
@@ -150,9 +180,13 @@ def ort_us(op: str, work: Path) -> float:
     path = work / f"{op}-ort.onnx"
     onnx.save(proto, str(path))
     inits = {i.name for i in proto.graph.initializer}
-    feeds = {i.name: np.random.default_rng(0).standard_normal(
-                 [d.dim_value for d in i.type.tensor_type.shape.dim]).astype("float32")
-             for i in proto.graph.input if i.name not in inits}  # fmt: skip
+    feeds = {
+        i.name: np.random.default_rng(0)
+        .standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim])
+        .astype("float32")
+        for i in proto.graph.input
+        if i.name not in inits
+    }
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     sess.run(None, feeds)
     times = []
@@ -172,8 +206,12 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=64)
     p.add_argument("--seeds", default="0")
     p.add_argument("--noise", action="store_true", help="also compare the evaluators' spread")
-    p.add_argument("--peak-gflops", type=float, default=650.0,
-                   help="fp32 FMA peak of the machine (ENVIRONMENT.md: ~620-690 on 2 cores)")  # fmt: skip
+    p.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=650.0,
+        help="fp32 FMA peak of the machine (ENVIRONMENT.md: ~620-690 on 2 cores)",
+    )
     p.add_argument("--out", default="bench/results/trial_profile.json")
     a = p.parse_args()
     target = resolve_target(None)
@@ -181,8 +219,10 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    print(f"{'op':11s} {'machinery':11s} {'trials':>6s} {'s/trial':>8s} {'best us':>10s} "
-          f"{'GFLOP/s':>8s} {'% peak':>6s}  split (s)")  # fmt: skip
+    print(
+        f"{'op':11s} {'machinery':11s} {'trials':>6s} {'s/trial':>8s} {'best us':>10s} "
+        f"{'GFLOP/s':>8s} {'% peak':>6s}  split (s)"
+    )
     spread = None
     with tempfile.TemporaryDirectory(prefix="harlflow-profile-") as tmp:
         work = Path(tmp)
@@ -201,9 +241,12 @@ def main() -> None:
                     r["gflops"] = round(flop / r["best_us"] / 1e3, 1)
                     r["peak_fraction"] = round(r["gflops"] / a.peak_gflops, 3)
                     r["ratio_to_onnxruntime"] = round(r["best_us"] / ort, 3)
-                    print(f"{op:11s} {r['machinery']:11s} {r.get('trials', ''):>6} "
-                          f"{r.get('s_per_trial', ''):>8} {r['best_us']:10.1f} {r['gflops']:8.1f} "
-                          f"{100 * r['peak_fraction']:6.1f}  {r.get('split_s', '')}", flush=True)  # fmt: skip
+                    print(
+                        f"{op:11s} {r['machinery']:11s} {r.get('trials', ''):>6} "
+                        f"{r.get('s_per_trial', ''):>8} {r['best_us']:10.1f} {r['gflops']:8.1f} "
+                        f"{100 * r['peak_fraction']:6.1f}  {r.get('split_s', '')}",
+                        flush=True,
+                    )
                 out.write_text(json.dumps({"target": target, "rows": rows}, indent=2))
 
     def gmean(xs):
@@ -215,8 +258,15 @@ def main() -> None:
         summary[name] = {
             "mean_s_per_trial": round(sum(r["s_per_trial"] for r in mine) / len(mine), 3)
         }
-    pairs = [(s, h) for s in rows for h in rows if s["machinery"] == "stock"
-             and h["machinery"] == "harlflow" and s["op"] == h["op"] and s["seed"] == h["seed"]]  # fmt: skip
+    pairs = [
+        (s, h)
+        for s in rows
+        for h in rows
+        if s["machinery"] == "stock"
+        and h["machinery"] == "harlflow"
+        and s["op"] == h["op"]
+        and s["seed"] == h["seed"]
+    ]
     summary["best_latency_ratio_harlflow_over_stock_gmean"] = round(
         gmean([h["best_us"] / s["best_us"] for s, h in pairs]), 3
     )

@@ -44,43 +44,85 @@ def optimize(
     name = validate_name(name or default_name(model))
     c = tracking.client()
     with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
-        tracking.log_params(c, parent, {
-            "model": model, "name": name, "target": json.dumps(s.target), "budget": s.trials,
-            "time_budget_s": s.time_budget_s, "strategy": s.strategy, "rewrite": s.rewrite,
-            "promote": s.promote, "seed": s.seed, "s3_uri": s.s3_uri, "rpc": s.rpc,
-            **{f"version_{k}": v for k, v in versions().items()},
-        })  # fmt: skip
+        tracking.log_params(
+            c,
+            parent,
+            {
+                "model": model,
+                "name": name,
+                "target": json.dumps(s.target),
+                "budget": s.trials,
+                "time_budget_s": s.time_budget_s,
+                "strategy": s.strategy,
+                "rewrite": s.rewrite,
+                "promote": s.promote,
+                "seed": s.seed,
+                "s3_uri": s.s3_uri,
+                "rpc": s.rpc,
+                **{f"version_{k}": v for k, v in versions().items()},
+            },
+        )
 
         with tracking.run(c, "import", parent_run_id=parent) as rid:
             imported = import_task(model, inputs, checkpoint, s.seed, name)
             log_import(c, rid, imported)
-        logger.info("imported %s: %d nodes, inputs %s", name, imported.num_nodes,
-                    ", ".join(map(str, imported.inputs)))  # fmt: skip
+        logger.info(
+            "imported %s: %d nodes, inputs %s",
+            name,
+            imported.num_nodes,
+            ", ".join(map(str, imported.inputs)),
+        )
 
         with tracking.run(c, "rewrite", parent_run_id=parent) as rid:
-            rewritten = rewrite_task(imported, s.rewrite, work_dir=rewrite_dir(),
-                                     agent_path=xrlflow_agent_path(), seed=s.seed,
-                                     log=logger.info)  # fmt: skip
+            rewritten = rewrite_task(
+                imported,
+                s.rewrite,
+                work_dir=rewrite_dir(),
+                agent_path=xrlflow_agent_path(),
+                seed=s.seed,
+                log=logger.info,
+            )
             log_rewrite(c, rid, rewritten)
 
         with tracking.run(c, "tune", parent_run_id=parent) as rid:
-            tuned = tune_task(rewritten.model, s.target, database_dir=tuning_db_dir(),
-                              trials=s.trials, time_budget_s=s.time_budget_s,
-                              strategy=s.strategy, seed=s.seed,
-                              min_trials_per_task=s.min_trials_per_task,
-                              agent_path=harl_agent_path(), rpc=s.rpc, log=logger.info)  # fmt: skip
+            tuned = tune_task(
+                rewritten.model,
+                s.target,
+                database_dir=tuning_db_dir(),
+                trials=s.trials,
+                time_budget_s=s.time_budget_s,
+                strategy=s.strategy,
+                seed=s.seed,
+                min_trials_per_task=s.min_trials_per_task,
+                agent_path=harl_agent_path(),
+                rpc=s.rpc,
+                log=logger.info,
+            )
             log_tuning(c, rid, tuned, s.min_trials_per_task, harl_agent_path())
 
         with tracking.run(c, "package", parent_run_id=parent) as rid:
-            artifact = package_task(rewritten.model, s.target, database_dir=tuning_db_dir(),
-                                    home=home(), tune_summary=tuned.summary(), seed=s.seed,
-                                    measure=s.measure, max_seconds=s.measure_seconds,
-                                    log=logger.info)  # fmt: skip
+            artifact = package_task(
+                rewritten.model,
+                s.target,
+                database_dir=tuning_db_dir(),
+                home=home(),
+                tune_summary=tuned.summary(),
+                seed=s.seed,
+                measure=s.measure,
+                max_seconds=s.measure_seconds,
+                log=logger.info,
+            )
             log_package(c, rid, artifact)
 
         with tracking.run(c, "publish", parent_run_id=parent) as rid:
-            published = publish_task(rid, artifact, s.s3_uri, promote=s.promote,
-                                     max_regression=s.max_regression, log=logger.info)  # fmt: skip
+            published = publish_task(
+                rid,
+                artifact,
+                s.s3_uri,
+                promote=s.promote,
+                max_regression=s.max_regression,
+                log=logger.info,
+            )
 
         summary = run_summary(imported, rewritten, tuned, artifact, published, parent)
         tracking.log_metrics(c, parent, {f"speedup/{k}": v for k, v in summary["speedup"].items()})

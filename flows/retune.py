@@ -30,11 +30,21 @@ def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
     c = tracking.client()
     decisions: dict[str, dict[str, Any]] = {}
     with tracking.run(c, f"retune {source}", tags={"harlflow.flow": "retune"}) as run_id:
-        tracking.log_params(c, run_id, {
-            "source": source, "budget": s.trials, "time_budget_s": s.time_budget_s,
-            "strategy": s.strategy, "rewrite": s.rewrite, "target": json.dumps(s.target),
-            "promote": s.promote, "seed": s.seed, "rpc": s.rpc,
-        })  # fmt: skip
+        tracking.log_params(
+            c,
+            run_id,
+            {
+                "source": source,
+                "budget": s.trials,
+                "time_budget_s": s.time_budget_s,
+                "strategy": s.strategy,
+                "rewrite": s.rewrite,
+                "target": json.dumps(s.target),
+                "promote": s.promote,
+                "seed": s.seed,
+                "rpc": s.rpc,
+            },
+        )
         models = list_models(source, config.sources_cache_dir())
         logger.info("retune %s: %d models", source, len(models))
         for m in models:
@@ -42,27 +52,45 @@ def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
             entry: dict[str, Any] = {"origin": m.origin, "sha256": m.sha256}
             if last is not None and last["source_sha256"] == m.sha256:
                 entry.update(decision="skipped", version=last["version"])
-                logger.info("%s: unchanged since v%s (sha256 %s…): skipped, no tuning",
-                            m.name, last["version"], m.sha256[:12])  # fmt: skip
+                logger.info(
+                    "%s: unchanged since v%s (sha256 %s…): skipped, no tuning",
+                    m.name,
+                    last["version"],
+                    m.sha256[:12],
+                )
             else:
                 why = "new" if last is None else f"changed since v{last['version']}"
                 logger.info("%s: %s (sha256 %s…): optimising", m.name, why, m.sha256[:12])
                 try:
                     r = optimize(model=m.path, settings=s, name=m.name)
-                    entry.update(decision="optimised", version=r["version"], trials=r["trials"],
-                                 published=r["published"], mlflow_run_id=r["mlflow_run_id"])  # fmt: skip
+                    entry.update(
+                        decision="optimised",
+                        version=r["version"],
+                        trials=r["trials"],
+                        published=r["published"],
+                        mlflow_run_id=r["mlflow_run_id"],
+                    )
                 except HarlflowError as e:  # one bad model must not stop the others
                     entry.update(decision="failed", error=f"{type(e).__name__}: {e}")
                     logger.error("%s: failed: %s", m.name, e)
             decisions[m.name] = entry
             c.set_tag(run_id, f"decision.{m.name}", entry["decision"])
-        counts = {d: sum(e["decision"] == d for e in decisions.values())
-                  for d in ("optimised", "skipped", "failed")}  # fmt: skip
-        tracking.log_metrics(c, run_id, {"retune/models": len(models),
-                                         **{f"retune/{k}": v for k, v in counts.items()}})  # fmt: skip
+        counts = {
+            d: sum(e["decision"] == d for e in decisions.values())
+            for d in ("optimised", "skipped", "failed")
+        }
+        tracking.log_metrics(
+            c,
+            run_id,
+            {"retune/models": len(models), **{f"retune/{k}": v for k, v in counts.items()}},
+        )
         c.log_dict(run_id, decisions, "retune.json")
-        logger.info("retune done: %d optimised, %d skipped, %d failed",
-                    counts["optimised"], counts["skipped"], counts["failed"])  # fmt: skip
+        logger.info(
+            "retune done: %d optimised, %d skipped, %d failed",
+            counts["optimised"],
+            counts["skipped"],
+            counts["failed"],
+        )
         failed = {k: e for k, e in decisions.items() if e["decision"] == "failed"}
         if failed:
             raise HarlflowError(

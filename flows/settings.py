@@ -68,7 +68,9 @@ class RunSettings:
                 f"unknown rewrite method {self.rewrite!r}: choose one of {', '.join(METHODS)}"
             )
         if self.min_trials_per_task < 0:
-            raise BadInputError(f"--min-trials-per-task must be >= 0, got {self.min_trials_per_task}")
+            raise BadInputError(
+                f"--min-trials-per-task must be >= 0, got {self.min_trials_per_task}"
+            )
         if self.max_regression < 0 or self.measure_seconds <= 0:
             raise BadInputError("--max-regression must be >= 0 and --measure-seconds > 0")
         if self.promote and not self.measure:

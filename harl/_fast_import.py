@@ -26,10 +26,14 @@ def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
         line = linecache.getline(code.co_filename, frame.f_lineno) if context > 0 else ""
         frames.append(
             inspect.FrameInfo(
-                frame, code.co_filename, frame.f_lineno, code.co_name,
-                [line] if line else None, 0 if line else None,
+                frame,
+                code.co_filename,
+                frame.f_lineno,
+                code.co_name,
+                [line] if line else None,
+                0 if line else None,
             )
-        )  # fmt: skip
+        )
         frame = frame.f_back
     return frames
 

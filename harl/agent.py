@@ -107,8 +107,9 @@ class EditAgent:
         samples, adv, ret = advantages(trajectories, lasts, self.config)
         if len(samples) < 2:
             return {}
-        metrics = ppo_update(self.evaluate, self.opt, list(self.net.parameters()), samples, adv,
-                             ret, self.config)  # fmt: skip
+        metrics = ppo_update(
+            self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.config
+        )
         self.updates += 1
         return metrics
 
@@ -117,8 +118,15 @@ class EditAgent:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(),
-                    "config": asdict(self.config), "updates": self.updates}, tmp)  # fmt: skip
+        torch.save(
+            {
+                "net": self.net.state_dict(),
+                "opt": self.opt.state_dict(),
+                "config": asdict(self.config),
+                "updates": self.updates,
+            },
+            tmp,
+        )
         tmp.replace(path)
 
     @classmethod

@@ -2,10 +2,11 @@
 
 A :class:`Deadline` is checked before every measured batch (warm-up chunks and search rounds), and
 a batch is cut to the trials that fit in the time left at the run's pace, so tuning ends close to
-the deadline and keeps everything measured. Both search strategies run as a
-:class:`BudgetedStrategy`, whose rounds are also cut to the trials left of ``--trials`` (MetaSchedule
-itself lets the last round overshoot its global budget) and which ends a task's search (``None``:
-no more candidates) when not one more trial fits, the way MetaSchedule ends a converged task.
+the deadline and keeps everything measured. Every search strategy runs as a
+:class:`BudgetedStrategy`, whose rounds are also cut to the trials left of ``--trials``
+(MetaSchedule itself lets the last round overshoot its global budget) and which ends a task's
+search (``None``: no more candidates) when not one more trial fits, the way MetaSchedule ends a
+converged task.
 MetaSchedule's evolutionary search counts the trials it was told about
 (``notify_runner_results``), so a cut round is safe.
 """
@@ -110,10 +111,12 @@ def _budgeted_strategy_class():
         def _initialize_with_tune_context(self, context) -> None:
             self.inner._initialize_with_tune_context(context)
 
-        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None,
-                       cost_model=None) -> None:  # fmt: skip
-            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database,
-                                  cost_model)  # fmt: skip
+        def pre_tuning(
+            self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None
+        ) -> None:
+            self.inner.pre_tuning(
+                max_trials, num_trials_per_iter, design_spaces, database, cost_model
+            )
 
         def post_tuning(self) -> None:
             self.inner.post_tuning()

@@ -8,8 +8,9 @@ across rounds and exports a ready-linked shared object in the parallel workers, 
 only ``dlopen``\\ s it. A worker that dies (a compiler crash, the OOM killer) is restarted and
 the candidate it was building gets one more try; a second death fails only that candidate.
 
-Use it through :func:`persistent_builder` (or call :meth:`close`): the workers end with the run, also when the
-run fails or is interrupted; if the parent is killed, each worker exits when its pipe closes.
+Use it through :func:`persistent_builder` (or call :meth:`close`): the workers end with the run,
+also when the run fails or is interrupted; if the parent is killed, each worker exits when its
+pipe closes.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ def _builder_class():
     class PersistentBuilder(ms.builder.PyBuilder):
         """A MetaSchedule builder whose worker pool lives until :meth:`close`."""
 
-        def __init__(self, *, max_workers: int = 2, timeout_sec: float = 60.0,
-                     link: bool = True):  # fmt: skip
+        def __init__(self, *, max_workers: int = 2, timeout_sec: float = 60.0, link: bool = True):
             super().__init__()
             if max_workers < 1:
                 raise ValueError(f"max_workers must be >= 1, got {max_workers}")
@@ -65,9 +65,11 @@ def _builder_class():
 
         def _pool(self):
             if self.pool is None:
-                self.pool = PopenPoolExecutor(max_workers=self.max_workers,
-                                              timeout=self.timeout_sec,
-                                              initializer=import_tensor_intrinsics)  # fmt: skip
+                self.pool = PopenPoolExecutor(
+                    max_workers=self.max_workers,
+                    timeout=self.timeout_sec,
+                    initializer=import_tensor_intrinsics,
+                )
             return self.pool
 
         def _reap(self) -> None:
@@ -86,8 +88,11 @@ def _builder_class():
             done = list(self._pool().map_with_error_catching(lambda x: export(*x), jobs))
             # a worker that died under a candidate (killed, out of memory) is restarted; the
             # candidate gets one more try before it counts as a failed build
-            again = [k for k, r in enumerate(done)
-                     if r.status == StatusKind.EXCEPTION and isinstance(r.value, ChildProcessError)]  # fmt: skip
+            again = [
+                k
+                for k, r in enumerate(done)
+                if r.status == StatusKind.EXCEPTION and isinstance(r.value, ChildProcessError)
+            ]
             if again:
                 self._reap()
                 retried = self._pool().map_with_error_catching(
@@ -100,8 +105,11 @@ def _builder_class():
                 if r.status == StatusKind.COMPLETE:
                     results.append(ms.builder.BuilderResult(r.value, None))
                 elif r.status == StatusKind.TIMEOUT:
-                    results.append(ms.builder.BuilderResult(
-                        None, f"PersistentBuilder: timeout, killed after {self.timeout_sec} s"))  # fmt: skip
+                    results.append(
+                        ms.builder.BuilderResult(
+                            None, f"PersistentBuilder: timeout, killed after {self.timeout_sec} s"
+                        )
+                    )
                 else:
                     results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {r.value}"))
             return results

@@ -81,17 +81,25 @@ def apply_database(mod, target: dict[str, Any], database, *, prepack: bool = Tru
     from tvm import relax
 
     tgt = tvm.target.Target(target)
-    post = [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
+    post = (
+        [
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.LiftTransformParams(),
             relax.transform.FoldConstant(),
             # the prepacking kernels and the (empty) transform_params ran at compile time
-            relax.transform.DeadCodeElimination(["main"])] if prepack else []  # fmt: skip
+            relax.transform.DeadCodeElimination(["main"]),
+        ]
+        if prepack
+        else []
+    )
     with tgt, database, tvm.transform.PassContext(opt_level=3):
         mod = tvm.transform.Sequential(_fusion_passes(tgt, prepack))(mod)
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         mod = tvm.transform.Sequential(post)(mod)
     # the weights are constants, so LiftTransformParams leaves an empty, unused transform_params
-    keep = {gv: f for gv, f in mod.functions.items()
-            if not gv.name_hint.endswith("_transform_params")}  # fmt: skip
+    keep = {
+        gv: f for gv, f in mod.functions.items() if not gv.name_hint.endswith("_transform_params")
+    }
     return tvm.IRModule(keep, attrs=mod.attrs)
 
 
@@ -126,10 +134,18 @@ def _lowering_passes() -> list:
 
     t = relax.transform
     return [
-        t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(), t.CallTIRRewrite(),
-        t.StaticPlanBlockMemory(), t.LowerAllocTensor(), t.KillAfterLastUse(),
-        t.LowerRuntimeBuiltin(), t.ComputePrimValue(), t.VMShapeLower(), t.AttachGlobalSymbol(),
-    ]  # fmt: skip
+        t.RewriteDataflowReshape(),
+        t.ToNonDataflow(),
+        t.RemovePurityChecking(),
+        t.CallTIRRewrite(),
+        t.StaticPlanBlockMemory(),
+        t.LowerAllocTensor(),
+        t.KillAfterLastUse(),
+        t.LowerRuntimeBuiltin(),
+        t.ComputePrimValue(),
+        t.VMShapeLower(),
+        t.AttachGlobalSymbol(),
+    ]
 
 
 def extract_tasks(mod, target: dict[str, Any], *, prepack: bool = True) -> list:

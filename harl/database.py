@@ -45,8 +45,9 @@ def _drop_partial_line(path: Path) -> None:
         keep = data.rfind(b"\n") + 1
         f.truncate(keep)
     dropped = len(data) - keep
-    log.warning("%s: dropped a partial last record (%d bytes) left by an interrupted run",
-                path, dropped)  # fmt: skip
+    log.warning(
+        "%s: dropped a partial last record (%d bytes) left by an interrupted run", path, dropped
+    )
 
 
 def locked(database_dir: str | Path):
@@ -89,4 +90,3 @@ def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
 def count_records(db, tasks, target: dict[str, Any]) -> int:
     """Records (valid or failed) of these tasks' workloads on this target: one per trial."""
     return sum(len(records_on_target(db, t.dispatched[0], target)) for t in tasks)
-

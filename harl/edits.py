@@ -137,7 +137,7 @@ def edit_features(trace, edits: list[Edit]) -> np.ndarray:
 
 
 def decision_encoding(trace, size: int = 24) -> np.ndarray:
-    """A fixed-size summary of the decisions: log2 tile factors and categorical indices, in order."""
+    """A fixed-size summary of the decisions: log2 tile factors, categorical indices, in order."""
     vals: list[float] = []
     for _, inst, dec in decisions(trace):
         if inst.kind.name == TILE:

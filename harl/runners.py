@@ -47,8 +47,12 @@ def parse_rpc(spec: str) -> RPCSpec:
 def _config(spec: RPCSpec, session_timeout_sec: int):
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.runner.RPCConfig(tracker_host=spec.host, tracker_port=spec.port,
-                               tracker_key=spec.key, session_timeout_sec=session_timeout_sec)  # fmt: skip
+    return ms.runner.RPCConfig(
+        tracker_host=spec.host,
+        tracker_port=spec.port,
+        tracker_key=spec.key,
+        session_timeout_sec=session_timeout_sec,
+    )
 
 
 def count_servers(spec: RPCSpec, timeout_sec: int = 10) -> int:

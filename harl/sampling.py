@@ -97,13 +97,17 @@ def _context(task, target: dict[str, Any], seed: int):
 
     import_tensor_intrinsics()
     return ms.TuneContext(
-        mod=task.dispatched[0], target=tvm.target.Target(target),
-        space_generator="post-order-apply", rand_state=seed + 1, num_threads=1,
-    )  # fmt: skip
+        mod=task.dispatched[0],
+        target=tvm.target.Target(target),
+        space_generator="post-order-apply",
+        rand_state=seed + 1,
+        num_threads=1,
+    )
 
 
-def sample_schedules(task, target: dict[str, Any], count: int, seed: int,
-                     micro_kernel: float = 0.0) -> list:  # fmt: skip
+def sample_schedules(
+    task, target: dict[str, Any], count: int, seed: int, micro_kernel: float = 0.0
+) -> list:
     """``count`` valid schedules of a task, post-processed; a ``micro_kernel`` fraction of them
     (rounded up) with register-blocked innermost tiles (:func:`micro_kernel_trace`).
 

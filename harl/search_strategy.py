@@ -39,9 +39,9 @@ import numpy as np
 
 from harl import edits as E
 from harl.agent import STATE_DIM, EditAgent, EditState
+from harl.database import FAILED_RUN_SECS, mean_run_secs
 from harl.schedules import replay
 from harlflow.rl import Sample
-from harl.database import FAILED_RUN_SECS, mean_run_secs
 
 
 @dataclass
@@ -118,8 +118,14 @@ def _make_strategy_class():
     class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         """HARL: learned sketch selection + PPO decision edits + adaptive exploration."""
 
-        def __init__(self, *, agent: EditAgent | None = None, seed: int = 0,
-                     exploration: ExplorationConfig | None = None, _shared: _Shared | None = None):  # fmt: skip
+        def __init__(
+            self,
+            *,
+            agent: EditAgent | None = None,
+            seed: int = 0,
+            exploration: ExplorationConfig | None = None,
+            _shared: _Shared | None = None,
+        ):
             self.seed = seed
             self.cfg = exploration or ExplorationConfig()
             self.shared = _shared or _Shared(agent or EditAgent(seed=seed))
@@ -136,8 +142,9 @@ def _make_strategy_class():
 
             self.flop = max(1.0, float(estimate_tir_flops(self.mod)))
 
-        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None,
-                       cost_model=None) -> None:  # fmt: skip
+        def pre_tuning(
+            self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None
+        ) -> None:
             self.max_trials, self.per_iter = max_trials, num_trials_per_iter
             self.spaces = [s.trace for s in design_spaces]
             self.signatures = [self._signature(t) for t in self.spaces]
@@ -213,8 +220,10 @@ def _make_strategy_class():
             starts = self._starts(pool)
             if not starts:
                 return pool, []
-            live = [{"sch": sch, "k": k, "score": score, "best": score, "idle": 0, "traj": []}
-                    for sch, k, score in starts]  # fmt: skip
+            live = [
+                {"sch": sch, "k": k, "score": score, "best": score, "idle": 0, "traj": []}
+                for sch, k, score in starts
+            ]
             still_improving = 0
             for step in range(cfg.steps):
                 active = [t for t in live if t["idle"] < cfg.patience]
@@ -318,8 +327,13 @@ def _make_strategy_class():
                 sch = self._sample(k)
                 if sch is not None:
                     sampled.append((sch, k))
-            scored = list(zip(measured + sampled, self._predict([s for s, _ in measured + sampled]),
-                              strict=True))  # fmt: skip
+            scored = list(
+                zip(
+                    measured + sampled,
+                    self._predict([s for s, _ in measured + sampled]),
+                    strict=True,
+                )
+            )
             for (sch, k), score in scored:
                 pool.setdefault(self._hash(sch), (score, k, sch))
             rest = sorted(scored[len(measured) :], key=lambda x: -x[1])

@@ -87,8 +87,9 @@ def _make_scheduler_class():
             return choice
 
         def _learn(self, i: int, results, tasks) -> None:
-            secs = [mean_run_secs(r.run_secs) for r in results
-                    if r.error_msg is None and r.run_secs]  # fmt: skip
+            secs = [
+                mean_run_secs(r.run_secs) for r in results if r.error_msg is None and r.run_secs
+            ]
             before = self.best[i]
             after = min([before, *secs])
             self.best[i] = after

@@ -26,8 +26,8 @@ from harl.database import best_records, count_records, locked, mean_run_secs, op
 from harl.journal import RunJournal
 from harl.strategies import Strategy, create_strategy
 from harl.warmup import measure_random
-from harlflow.core.errors import BadInputError, TuningError, first_line
 from harlflow import rl
+from harlflow.core.errors import BadInputError, TuningError, first_line
 from harlflow.core.targets import use_target_threads
 
 log = logging.getLogger("harl.tuning")
@@ -117,8 +117,14 @@ def importance(summaries: list[TaskSummary]) -> list[float]:
 class _Tracker:
     """Counts trials, keeps each task's best latency and reports progress after every trial."""
 
-    def __init__(self, summaries: list[TaskSummary], budget: int, history: list[Progress],
-                 on_progress: Callable[[Progress], None] | None, deadline):  # fmt: skip
+    def __init__(
+        self,
+        summaries: list[TaskSummary],
+        budget: int,
+        history: list[Progress],
+        on_progress: Callable[[Progress], None] | None,
+        deadline,
+    ):
         self.summaries, self.budget, self.history = summaries, budget, history
         self.on_progress = on_progress
         self.deadline = deadline
@@ -132,12 +138,16 @@ class _Tracker:
         self.deadline.per_trial_s = (self.deadline.elapsed() - self.t0) / self.measured_now
         known = [t.weight * t.best_us for t in self.summaries if t.best_us is not None]
         event = Progress(
-            trials=self.trials, budget=self.budget, task=summary.name,
-            best_task_us=summary.best_us, weighted_us=sum(known) if known else None,
+            trials=self.trials,
+            budget=self.budget,
+            task=summary.name,
+            best_task_us=summary.best_us,
+            weighted_us=sum(known) if known else None,
             elapsed_s=self.deadline.elapsed(),
             remaining_s=None if self.deadline.unlimited else self.deadline.remaining(),
-            tasks_measured=len(known), tasks_total=len(self.summaries),
-        )  # fmt: skip
+            tasks_measured=len(known),
+            tasks_total=len(self.summaries),
+        )
         self.history.append(event)
         if self.on_progress is not None:
             self.on_progress(event)
@@ -151,8 +161,9 @@ class _Tracker:
 
         @derived_object
         class _Progress(ms.measure_callback.PyMeasureCallback):
-            def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
-                      runner_results):  # fmt: skip
+            def apply(
+                self, task_scheduler, task_id, measure_candidates, builder_results, runner_results
+            ):
                 summary = summaries[task_id]
                 for br, rr in zip(builder_results, runner_results, strict=True):
                     summary.trials += 1
@@ -223,29 +234,66 @@ def tune(
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to files
     with locked(database_dir):
         return _tune(
-            mod, target, database_dir, trials=trials, strategy=chosen, seed=seed,
-            min_trials_per_task=min_trials_per_task, time_budget_s=time_budget_s,
-            on_progress=on_progress, builder=builder, runner=runner, work_dir=work_dir,
+            mod,
+            target,
+            database_dir,
+            trials=trials,
+            strategy=chosen,
+            seed=seed,
+            min_trials_per_task=min_trials_per_task,
+            time_budget_s=time_budget_s,
+            on_progress=on_progress,
+            builder=builder,
+            runner=runner,
+            work_dir=work_dir,
             agent_path=agent_path,
-        )  # fmt: skip
+        )
 
 
-def _tune(mod, target, database_dir, *, trials, strategy: Strategy, seed, min_trials_per_task,
-          time_budget_s, on_progress, builder, runner, work_dir, agent_path) -> TuneResult:  # fmt: skip
+def _tune(
+    mod,
+    target,
+    database_dir,
+    *,
+    trials,
+    strategy: Strategy,
+    seed,
+    min_trials_per_task,
+    time_budget_s,
+    on_progress,
+    builder,
+    runner,
+    work_dir,
+    agent_path,
+) -> TuneResult:
     """:func:`tune`'s body, run while holding the database's lock."""
     from harl.runners import make_runner
 
     deadline = Deadline(time_budget_s)
     tasks = extract_tasks(mod, target)
-    result = TuneResult(target=target, strategy=strategy.name, budget=trials, trials=0,
-                        seconds=0.0, tasks=[], time_budget_s=time_budget_s)  # fmt: skip
+    result = TuneResult(
+        target=target,
+        strategy=strategy.name,
+        budget=trials,
+        trials=0,
+        seconds=0.0,
+        tasks=[],
+        time_budget_s=time_budget_s,
+    )
     if not tasks:
         log.info("no tuning task: every operator of the model runs as a VM builtin")
         return result
     db = open_database(database_dir)
-    journal = RunJournal(database_dir, tasks, target, strategy=strategy.name, budget=trials,
-                         seed=seed, min_trials_per_task=min_trials_per_task,
-                         time_budget_s=time_budget_s)  # fmt: skip
+    journal = RunJournal(
+        database_dir,
+        tasks,
+        target,
+        strategy=strategy.name,
+        budget=trials,
+        seed=seed,
+        min_trials_per_task=min_trials_per_task,
+        time_budget_s=time_budget_s,
+    )
     interrupted = journal.load() if trials else None
     result.tasks, new = _summaries(tasks, db, target, interrupted)
     result.phases["extract_s"] = round(deadline.elapsed(), 2)
@@ -257,8 +305,12 @@ def _tune(mod, target, database_dir, *, trials, strategy: Strategy, seed, min_tr
     recorded = count_records(db, [t for t, _ in new], target)
     if interrupted:
         result.resumed_trials = recorded - interrupted["records"]
-        log.info("resuming an interrupted run: %d of its %d trials were measured before it "
-                 "stopped and are not measured again", result.resumed_trials, trials)  # fmt: skip
+        log.info(
+            "resuming an interrupted run: %d of its %d trials were measured before it "
+            "stopped and are not measured again",
+            result.resumed_trials,
+            trials,
+        )
     else:
         journal.start([t.task_name for t, _ in new], recorded)
     share = dict(zip([s.name for s in result.tasks], importance(result.tasks), strict=True))
@@ -270,17 +322,32 @@ def _tune(mod, target, database_dir, *, trials, strategy: Strategy, seed, min_tr
     runner = runner or make_runner(None)
     try:
         tiny = {s.name for _, s in new if share[s.name] < TINY_SHARE}
-        jobs = [(t, s, 1 if s.name in tiny else min_trials_per_task)
-                for t, s in new if s.best_us is None]  # fmt: skip
+        jobs = [
+            (t, s, 1 if s.name in tiny else min_trials_per_task)
+            for t, s in new
+            if s.best_us is None
+        ]
         if min_trials_per_task and jobs:
-            measure_random(jobs, db, target, seed, builder, runner, tracker.measured, deadline,
-                           tiny=tiny)  # fmt: skip
+            measure_random(
+                jobs, db, target, seed, builder, runner, tracker.measured, deadline, tiny=tiny
+            )
         result.phases["warm_up_s"] = round(deadline.elapsed() - result.phases["extract_s"], 2)
         searched = [(t, s) for t, s in new if s.name not in tiny]
         remaining = trials - tracker.trials
         if searched and remaining > 0 and not deadline.expired():
-            _search(strategy, searched, target, db, builder, runner, tracker, deadline,
-                    remaining=remaining, seed=seed, work_dir=work_dir)  # fmt: skip
+            _search(
+                strategy,
+                searched,
+                target,
+                db,
+                builder,
+                runner,
+                tracker,
+                deadline,
+                remaining=remaining,
+                seed=seed,
+                work_dir=work_dir,
+            )
             result.agent_metrics = list(strategy.metrics)
             if strategy.agent is not None and agent_path:
                 strategy.agent.save(agent_path)
@@ -322,8 +389,20 @@ def _summaries(tasks, db, target, interrupted) -> tuple[list[TaskSummary], list]
     return summaries, new
 
 
-def _search(strategy: Strategy, searched, target, db, builder, runner, tracker, deadline, *,
-            remaining: int, seed: int, work_dir) -> None:  # fmt: skip
+def _search(
+    strategy: Strategy,
+    searched,
+    target,
+    db,
+    builder,
+    runner,
+    tracker,
+    deadline,
+    *,
+    remaining: int,
+    seed: int,
+    work_dir,
+) -> None:
     """MetaSchedule's ``tune_tasks`` over the searched tasks with ``strategy``, held to
     ``remaining`` trials and the deadline (:class:`~harl.budget.BudgetedStrategy`)."""
     import tempfile
@@ -337,10 +416,12 @@ def _search(strategy: Strategy, searched, target, db, builder, runner, tracker, 
     with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
         logs_dir = str(work_dir or tmp)
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [t for t, _ in searched], logs_dir,
+            [t for t, _ in searched],
+            logs_dir,
             strategy=BudgetedStrategy(strategy.search, Allowance(remaining, deadline)),
-            seed=seed, num_threads=int(target.get("num-cores", 1)),
-        )  # fmt: skip
+            seed=seed,
+            num_threads=int(target.get("num-cores", 1)),
+        )
         ms.tune_tasks(
             tasks=ctxs,
             task_weights=weights,

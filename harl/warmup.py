@@ -64,8 +64,7 @@ def measure_random(
         built = builder.build([ms.builder.BuilderInput(sch.mod, tgt) for _, _, sch in batch])
         ok = [k for k, b in enumerate(built) if b.error_msg is None]
         inputs = [
-            ms.runner.RunnerInput(built[k].artifact_path, _device_type(target), args[k])
-            for k in ok
+            ms.runner.RunnerInput(built[k].artifact_path, _device_type(target), args[k]) for k in ok
         ]
         futures = dict(zip(ok, runner.run(inputs), strict=True))
         for k, (task, summary, sch) in enumerate(batch):

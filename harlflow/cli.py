@@ -108,11 +108,18 @@ def _settings(a: argparse.Namespace):
     settings = RunSettings(
         trials=a.trials,
         time_budget_s=parse_duration(a.time_budget) if a.time_budget is not None else None,
-        strategy=a.strategy, target=a.target, rewrite=a.rewrite, seed=a.seed,
-        min_trials_per_task=a.min_trials_per_task, measure=not a.no_measure,
-        measure_seconds=a.measure_seconds, s3_uri=a.s3_uri, promote=a.promote,
-        max_regression=a.max_regression, rpc=a.rpc,
-    ).checked()  # fmt: skip
+        strategy=a.strategy,
+        target=a.target,
+        rewrite=a.rewrite,
+        seed=a.seed,
+        min_trials_per_task=a.min_trials_per_task,
+        measure=not a.no_measure,
+        measure_seconds=a.measure_seconds,
+        s3_uri=a.s3_uri,
+        promote=a.promote,
+        max_regression=a.max_regression,
+        rpc=a.rpc,
+    ).checked()
     if a.rpc:
         from harl.runners import count_servers, parse_rpc
 
@@ -157,16 +164,18 @@ def _optimize(a: argparse.Namespace) -> dict:
     validate_name(a.name or default_name(a.model))
     settings = _settings(a)
     _check_home()
-    import_model(a.model, cache_dir=import_cache_dir(), inputs=inputs, checkpoint=a.checkpoint,
-                 seed=a.seed)  # fmt: skip
+    import_model(
+        a.model, cache_dir=import_cache_dir(), inputs=inputs, checkpoint=a.checkpoint, seed=a.seed
+    )
     _check_mlflow()
 
     _start_prefect()
     from flows.optimize import optimize
 
     _quiet_prefect_tracebacks()
-    return optimize(model=a.model, settings=settings, name=a.name, inputs=inputs,
-                    checkpoint=a.checkpoint)  # fmt: skip
+    return optimize(
+        model=a.model, settings=settings, name=a.name, inputs=inputs, checkpoint=a.checkpoint
+    )
 
 
 def cmd_retune(a: argparse.Namespace) -> int:
@@ -223,11 +232,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from flows.retune import retune
 
     source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
-    print(f"serving deployment 'retune/{a.deployment}' (cron {a.cron!r}) on {api}; "
-          f"trigger a run now with: prefect deployment run 'retune/{a.deployment}'", flush=True)  # fmt: skip
+    print(
+        f"serving deployment 'retune/{a.deployment}' (cron {a.cron!r}) on {api}; "
+        f"trigger a run now with: prefect deployment run 'retune/{a.deployment}'",
+        flush=True,
+    )
     # the deployment's parameters are JSON: the settings as a dict, checked again at each run
-    retune.serve(name=a.deployment, cron=a.cron,
-                 parameters={"source": source, "settings": dataclasses.asdict(settings)})  # fmt: skip
+    retune.serve(
+        name=a.deployment,
+        cron=a.cron,
+        parameters={"source": source, "settings": dataclasses.asdict(settings)},
+    )
     return 0
 
 
@@ -252,8 +267,11 @@ def cmd_rewrite_train(a: argparse.Namespace) -> int:
     agent = A.XRLflowAgent(seed=a.seed)
 
     def progress(i: int, m: dict) -> None:
-        print(f"iteration {i + 1}/{a.iterations}: mean return {m['charts/mean_return']:+.4f}, "
-              f"best gain {m['charts/mean_best_gain']:+.2%}, policy loss {m['losses/policy']:+.4f}", flush=True)  # fmt: skip
+        print(
+            f"iteration {i + 1}/{a.iterations}: mean return {m['charts/mean_return']:+.4f}, "
+            f"best gain {m['charts/mean_best_gain']:+.2%}, policy loss {m['losses/policy']:+.4f}",
+            flush=True,
+        )
 
     A.train(
         env,
@@ -340,8 +358,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     out = model(**_read_inputs(a.input, model))
     outs = [out] if isinstance(out, np.ndarray) else out
     for spec, arr in zip(model.outputs, outs, strict=True):
-        print(f"{spec.name}: shape {list(arr.shape)} {arr.dtype}, first values "
-              f"{np.array2string(arr.ravel()[:5], precision=5)}")  # fmt: skip
+        print(
+            f"{spec.name}: shape {list(arr.shape)} {arr.dtype}, first values "
+            f"{np.array2string(arr.ravel()[:5], precision=5)}"
+        )
     if a.output:
         if a.output.endswith(".npz"):
             np.savez(a.output, **{s.name: o for s, o in zip(model.outputs, outs, strict=True)})
@@ -384,33 +404,65 @@ def cmd_export_example(a: argparse.Namespace) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by optimize, retune and serve: budget, target, stages, publishing."""
-    p.add_argument("--trials", type=int, default=None,
-                   help="global trial budget (default 64, or no cap with "
-                        "--time-budget; 0: database only)")  # fmt: skip
-    p.add_argument("--time-budget", metavar="DURATION",
-                   help="stop tuning after this long, keeping every trial measured: 90s, 20m, "
-                        "1h (with --trials, whichever comes first)")  # fmt: skip
-    p.add_argument("--strategy", default="evolutionary", choices=list(STRATEGIES),
-                   help="search strategy: evolutionary (MetaSchedule's, default) or harl")  # fmt: skip
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="global trial budget (default 64, or no cap with --time-budget; 0: database only)",
+    )
+    p.add_argument(
+        "--time-budget",
+        metavar="DURATION",
+        help="stop tuning after this long, keeping every trial measured: 90s, 20m, "
+        "1h (with --trials, whichever comes first)",
+    )
+    p.add_argument(
+        "--strategy",
+        default="evolutionary",
+        choices=list(STRATEGIES),
+        help="search strategy: evolutionary (MetaSchedule's, default) or harl",
+    )
     p.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
-    p.add_argument("--rpc", metavar="HOST:PORT:KEY",
-                   help="measure on the TVM RPC servers registered with this tracker under KEY "
-                        "(default: measure locally)")  # fmt: skip
+    p.add_argument(
+        "--rpc",
+        metavar="HOST:PORT:KEY",
+        help="measure on the TVM RPC servers registered with this tracker under KEY "
+        "(default: measure locally)",
+    )
     p.add_argument("--s3-uri", help="also upload the artifact to s3://bucket/prefix")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-trials-per-task", type=int, default=4,
-                   help="measured random schedules each new task gets first (default 4)")  # fmt: skip
+    p.add_argument(
+        "--min-trials-per-task",
+        type=int,
+        default=4,
+        help="measured random schedules each new task gets first (default 4)",
+    )
     p.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
-    p.add_argument("--rewrite", choices=["none", "greedy", "xrlflow"], default="greedy",
-                   help="graph rewriting before tuning (default greedy; xrlflow uses the agent "
-                        "from 'harlflow rewrite-train', or trains one on this model)")  # fmt: skip
-    p.add_argument("--measure-seconds", type=float, default=10.0,
-                   help="time limit per latency measurement (default 10)")  # fmt: skip
-    p.add_argument("--promote", action="store_true",
-                   help="move the registered model's 'production' alias to this version unless it "
-                        "is slower than the current production version on the same target")  # fmt: skip
-    p.add_argument("--max-regression", type=float, default=0.05,
-                   help="allowed slowdown vs production for --promote (fraction, default 0.05)")  # fmt: skip
+    p.add_argument(
+        "--rewrite",
+        choices=["none", "greedy", "xrlflow"],
+        default="greedy",
+        help="graph rewriting before tuning (default greedy; xrlflow uses the agent "
+        "from 'harlflow rewrite-train', or trains one on this model)",
+    )
+    p.add_argument(
+        "--measure-seconds",
+        type=float,
+        default=10.0,
+        help="time limit per latency measurement (default 10)",
+    )
+    p.add_argument(
+        "--promote",
+        action="store_true",
+        help="move the registered model's 'production' alias to this version unless it "
+        "is slower than the current production version on the same target",
+    )
+    p.add_argument(
+        "--max-regression",
+        type=float,
+        default=0.05,
+        help="allowed slowdown vs production for --promote (fraction, default 0.05)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,29 +474,44 @@ def build_parser() -> argparse.ArgumentParser:
         "model", help=f".onnx file, torch.export .pt2 file, or package.module:function ({EXAMPLES})"
     )
     o.add_argument("--name", help="artifact/registered model name (default: the file's stem)")
-    o.add_argument("--input", action="append", default=[], metavar="NAME:DIMS:DTYPE",
-                   help="fix an input's shape, e.g. input:1x3x224x224:float32 (repeatable)")  # fmt: skip
+    o.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS:DTYPE",
+        help="fix an input's shape, e.g. input:1x3x224x224:float32 (repeatable)",
+    )
     o.add_argument(
         "--checkpoint", help="state dict for a model factory (loaded with weights_only=True)"
     )
     _add_run_options(o)
-    o.add_argument("--ci", action="store_true",
-                   help="non-interactive: one JSON object on stdout (also for errors); exit codes "
-                        "2 bad input, 3 tuning, 4 verification, 5 store, 6 regression")  # fmt: skip
+    o.add_argument(
+        "--ci",
+        action="store_true",
+        help="non-interactive: one JSON object on stdout (also for errors); exit codes "
+        "2 bad input, 3 tuning, 4 verification, 5 store, 6 regression",
+    )
     o.set_defaults(func=cmd_optimize)
 
-    rt = sub.add_parser("retune", help="optimise the models of a directory or S3 prefix that "
-                        "changed since they were last optimised for this target (once)")  # fmt: skip
+    rt = sub.add_parser(
+        "retune",
+        help="optimise the models of a directory or S3 prefix that "
+        "changed since they were last optimised for this target (once)",
+    )
     rt.add_argument("source", help="directory or s3://bucket/prefix of .onnx / .pt2 files")
     _add_run_options(rt)
     rt.set_defaults(func=cmd_retune)
 
-    sv = sub.add_parser("serve", help="register 'retune' with a cron schedule on a Prefect server "
-                        "(PREFECT_API_URL) and run it when the schedule fires")  # fmt: skip
+    sv = sub.add_parser(
+        "serve",
+        help="register 'retune' with a cron schedule on a Prefect server "
+        "(PREFECT_API_URL) and run it when the schedule fires",
+    )
     sv.add_argument("source", help="directory or s3://bucket/prefix of .onnx / .pt2 files")
     sv.add_argument("--cron", default="0 3 * * *", help="schedule (default '0 3 * * *')")
-    sv.add_argument("--deployment", default="harlflow-retune",
-                    help="deployment name (default harlflow-retune)")  # fmt: skip
+    sv.add_argument(
+        "--deployment", default="harlflow-retune", help="deployment name (default harlflow-retune)"
+    )
     _add_run_options(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -474,8 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run an artifact on .npy/.npz inputs")
     r.add_argument("artifact", help="artifact directory (model.so + manifest.json)")
-    r.add_argument("--input", action="append", required=True, metavar="[NAME=]FILE",
-                   help=".npy for the (named) input, or an .npz holding inputs by name")  # fmt: skip
+    r.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="[NAME=]FILE",
+        help=".npy for the (named) input, or an .npz holding inputs by name",
+    )
     r.add_argument("--output", help="write outputs to .npy (one output) or .npz")
     r.set_defaults(func=cmd_run)
 
@@ -497,8 +569,16 @@ def main(argv: list[str] | None = None) -> int:
     except HarlflowError as e:
         print(f"harlflow: error: {e}", file=sys.stderr)
         if getattr(args, "ci", False):
-            print(json.dumps({"status": "error", "error": type(e).__name__, "message": str(e),
-                              "exit_code": e.exit_code}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "status": "error",
+                        "error": type(e).__name__,
+                        "message": str(e),
+                        "exit_code": e.exit_code,
+                    }
+                )
+            )
         return e.exit_code
     except KeyboardInterrupt:
         print(

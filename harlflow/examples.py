@@ -194,8 +194,15 @@ class ViTLayer(nn.Module):
 class ViT(nn.Module):
     """Patch embedding (a strided convolution), pre-norm encoder layers, mean pooling, head."""
 
-    def __init__(self, image: int = 64, patch: int = 8, hidden: int = 192, layers: int = 4,
-                 heads: int = 3, num_classes: int = 100):  # fmt: skip
+    def __init__(
+        self,
+        image: int = 64,
+        patch: int = 8,
+        hidden: int = 192,
+        layers: int = 4,
+        heads: int = 3,
+        num_classes: int = 100,
+    ):
         super().__init__()
         self.embed = nn.Conv2d(3, hidden, patch, patch)
         self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2, hidden) * 0.02)
@@ -222,8 +229,12 @@ class InceptionBlock(nn.Module):
 
     def __init__(self, c_in: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, cp: int):
         super().__init__()
-        cbr = lambda i, o, k: nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, bias=False),  # noqa: E731
-                                            nn.BatchNorm2d(o), nn.ReLU())  # fmt: skip
+
+        def cbr(i: int, o: int, k: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(i, o, k, padding=k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU()
+            )
+
         self.b1 = cbr(c_in, c1, 1)
         self.b3 = nn.Sequential(cbr(c_in, c3r, 1), cbr(c3r, c3, 3))
         self.b5 = nn.Sequential(cbr(c_in, c5r, 1), cbr(c5r, c5, 5))
@@ -239,8 +250,9 @@ class InceptionNet(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
         )
-        self.blocks = nn.Sequential(InceptionBlock(64, 32, 48, 64, 8, 16, 16),
-                                    InceptionBlock(128, 64, 64, 96, 16, 32, 32))  # fmt: skip
+        self.blocks = nn.Sequential(
+            InceptionBlock(64, 32, 48, 64, 8, 16, 16), InceptionBlock(128, 64, 64, 96, 16, 32, 32)
+        )
         self.fc = nn.Linear(224, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,10 +286,15 @@ class SqueezeNet(nn.Module):
     def __init__(self, num_classes: int = 100):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 3, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            Fire(64, 16, 64), Fire(128, 16, 64), nn.MaxPool2d(3, 2),
-            Fire(128, 32, 128), Fire(256, 32, 128),
-        )  # fmt: skip
+            nn.Conv2d(3, 64, 3, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            Fire(64, 16, 64),
+            Fire(128, 16, 64),
+            nn.MaxPool2d(3, 2),
+            Fire(128, 32, 128),
+            Fire(256, 32, 128),
+        )
         self.classifier = nn.Sequential(
             nn.Conv2d(256, num_classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
         )

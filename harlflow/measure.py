@@ -17,6 +17,7 @@ import numpy as np
 
 from harlflow.core.outputs import compare, load_reference
 
+
 def _time(fn: Callable[[], object], repeats: int, max_seconds: float) -> dict:
     fn()  # warm-up: first-run allocation, lazy initialisation, page faults
     times: list[float] = []
@@ -108,16 +109,27 @@ def profile(lib_dir: str, reference: str, runs: int = 20) -> dict:
         model.run_tvm(tensors)
     kernel_ms = sum(totals.values()) * 1e3 / runs
     rows = sorted(
-        ({"kernel": k, "calls": calls[k] // runs, "total_us": round(v * 1e6 / runs, 2),
-          "share": round(v / max(1e-12, sum(totals.values())), 4)} for k, v in totals.items()),
+        (
+            {
+                "kernel": k,
+                "calls": calls[k] // runs,
+                "total_us": round(v * 1e6 / runs, 2),
+                "share": round(v / max(1e-12, sum(totals.values())), 4),
+            }
+            for k, v in totals.items()
+        ),
         key=lambda r: -r["total_us"],
-    )  # fmt: skip
-    return {"run_ms": plain, "kernels_ms": round(kernel_ms, 4),
-            "overhead_ms": round(max(0.0, plain - kernel_ms), 4), "kernels": rows}  # fmt: skip
+    )
+    return {
+        "run_ms": plain,
+        "kernels_ms": round(kernel_ms, 4),
+        "overhead_ms": round(max(0.0, plain - kernel_ms), 4),
+        "kernels": rows,
+    }
 
 
 def verify(lib_dir: str, reference: str) -> dict:
-    """Run the artifact on the reference inputs; per-output max abs/rel error against onnxruntime."""
+    """Run the artifact on the reference inputs; per-output max abs/rel error (onnxruntime's)."""
     from harlflow.runtime import load
 
     model = load(lib_dir)

@@ -71,8 +71,14 @@ def setup(seed: int, *, threads: int = 1) -> None:
     torch.set_num_threads(threads)
 
 
-def compute_gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, last_value: float,
-                gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def compute_gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    dones: np.ndarray,
+    last_value: float,
+    gamma: float,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation over one trajectory (CleanRL's recursion).
 
     ``dones[t]`` is True when the episode ended after step ``t``; ``last_value`` bootstraps a

@@ -1,4 +1,4 @@
-"""Import stage: an ONNX file, a ``torch.export`` program or a model factory becomes a checked graph.
+"""Import stage: an ONNX file, a ``torch.export`` program or a model factory → a checked graph.
 
 Output, in a content-addressed directory: ``model.onnx`` (canonical: opset >= 17, static shapes,
 shape-inferred, checked) and ``reference.npz`` (seeded inputs and onnxruntime's outputs). The Relax
@@ -32,9 +32,15 @@ from harlflow.core.signature import TensorSpec, example_inputs
 MIN_OPSET = 17
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _ONNX_TO_NP = {
-    1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
     11: "float64",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -269,8 +275,9 @@ def check_pt2_trusted(model: str) -> None:
         )
 
 
-def _pytorch_source(model: str, kind: str, checkpoint: str | None,
-                    given: dict[str, TensorSpec], dest: Path) -> None:  # fmt: skip
+def _pytorch_source(
+    model: str, kind: str, checkpoint: str | None, given: dict[str, TensorSpec], dest: Path
+) -> None:
     """Export a .pt2 program or a factory's module to ONNX at ``dest``."""
     import torch
 
@@ -384,8 +391,11 @@ def _signature(model_proto) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     def spec(vi) -> TensorSpec:
         tt = vi.type.tensor_type
-        return TensorSpec(vi.name, tuple(d.dim_value for d in tt.shape.dim),
-                          _ONNX_TO_NP.get(tt.elem_type, str(tt.elem_type)))  # fmt: skip
+        return TensorSpec(
+            vi.name,
+            tuple(d.dim_value for d in tt.shape.dim),
+            _ONNX_TO_NP.get(tt.elem_type, str(tt.elem_type)),
+        )
 
     ins = [spec(i) for i in model_proto.graph.input if i.name not in inits]
     return ins, [spec(o) for o in model_proto.graph.output]
@@ -419,7 +429,9 @@ def to_relax(onnx_path: str | Path, inputs: list[TensorSpec]):
             dtype_dict={s.name: s.dtype for s in inputs},
         )
     except Exception as e:
-        raise ModelImportError(f"{onnx_path}: TVM's ONNX importer failed: {first_line(e)}") from None
+        raise ModelImportError(
+            f"{onnx_path}: TVM's ONNX importer failed: {first_line(e)}"
+        ) from None
 
 
 def _reference(proto_path: Path, inputs: list[TensorSpec], seed: int, source: str):
@@ -524,8 +536,11 @@ def _with_name(m: ImportedModel, name: str) -> ImportedModel:
 
 
 def _write_meta(path: Path, m: ImportedModel) -> None:
-    d = {**m.__dict__, "inputs": [s.to_dict() for s in m.inputs],
-         "outputs": [s.to_dict() for s in m.outputs]}  # fmt: skip
+    d = {
+        **m.__dict__,
+        "inputs": [s.to_dict() for s in m.inputs],
+        "outputs": [s.to_dict() for s in m.outputs],
+    }
     path.write_text(json.dumps(d, indent=2))
 
 
@@ -539,24 +554,38 @@ def _read_meta(path: Path) -> ImportedModel:
 
 # --------------------------------------------------------------------------- Prefect task
 @task(name="import", cache_policy=NO_CACHE)
-def import_task(model: str, inputs: list[TensorSpec] | None, checkpoint: str | None, seed: int,
-                name: str | None) -> ImportedModel:  # fmt: skip
+def import_task(
+    model: str, inputs: list[TensorSpec] | None, checkpoint: str | None, seed: int, name: str | None
+) -> ImportedModel:
     """Import a model into a canonical ONNX plus reference outputs. The import store under the
     home is content-addressed: the same content imports once (the CLI's check already did)."""
-    return import_model(model, cache_dir=config.import_cache_dir(), inputs=inputs,
-                        checkpoint=checkpoint, name=name, seed=seed)  # fmt: skip
+    return import_model(
+        model,
+        cache_dir=config.import_cache_dir(),
+        inputs=inputs,
+        checkpoint=checkpoint,
+        name=name,
+        seed=seed,
+    )
 
 
 def log_import(c, run_id: str, m: ImportedModel) -> None:
     """Import stage → MLflow: source, signature, operator counts, the canonical ONNX."""
     from tasks import tracking
 
-    tracking.log_params(c, run_id, {
-        "source": m.source, "source_kind": m.source_kind, "source_sha256": m.source_sha256,
-        "checkpoint": m.checkpoint, "opset": m.opset,
-        "inputs": ", ".join(str(s) for s in m.inputs),
-        "outputs": ", ".join(str(s) for s in m.outputs),
-    })  # fmt: skip
+    tracking.log_params(
+        c,
+        run_id,
+        {
+            "source": m.source,
+            "source_kind": m.source_kind,
+            "source_sha256": m.source_sha256,
+            "checkpoint": m.checkpoint,
+            "opset": m.opset,
+            "inputs": ", ".join(str(s) for s in m.inputs),
+            "outputs": ", ".join(str(s) for s in m.outputs),
+        },
+    )
     tracking.log_metrics(c, run_id, {"graph/nodes": m.num_nodes})
     c.log_dict(run_id, m.op_counts, "op_counts.json")
     c.log_artifact(run_id, str(m.onnx_path), "model")

@@ -61,8 +61,10 @@ def run_worker(args: list[str], timeout: float = 900) -> dict:
     """``python -m harlflow.measure ...`` in a fresh process; its one JSON line, parsed."""
     proc = subprocess.run(
         [sys.executable, "-m", "harlflow.measure", *args],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise TuningError(f"measurement worker failed ({' '.join(args[:1])}): {tail[0]}")
@@ -145,8 +147,10 @@ def package(
         raise StoreError(f"cannot write the artifact under {parent}: {e.strerror or e}") from None
     scratch = Path(tempfile.mkdtemp(prefix="harlflow-untuned-"))
     try:
-        log(f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned and "
-            f"{sum(v != 'database' for v in sources.values())} fallback kernels")  # fmt: skip
+        log(
+            f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned and "
+            f"{sum(v != 'database' for v in sources.values())} fallback kernels"
+        )
         export_library(compilation.compile_module(mod, target, compile_db), tmp / "model.so")
         shutil.copy(imported.reference_path, tmp / "reference.npz")
         n_records = _export_tuning_db(db, tasks, target, tmp / "tuning_db")
@@ -165,7 +169,7 @@ def package(
                 **tune_summary,
                 "records_in_artifact": n_records,
                 "kernels": sources,
-            },  # fmt: skip
+            },
         }
         _write_json(tmp / "manifest.json", manifest)  # the runtime loader needs it to verify
 
@@ -176,7 +180,8 @@ def package(
         bad = mismatches(report)
         if bad:
             raise VerificationError(
-                f"{name}: compiled outputs differ from the reference, not packaged: {'; '.join(bad)}"
+                f"{name}: compiled outputs differ from the reference, not packaged: "
+                f"{'; '.join(bad)}"
             )
         manifest["verification"] = report
 
@@ -194,8 +199,9 @@ def package(
         return Artifact(name=name, version=final.name, directory=str(final), manifest=manifest)
     except Exception as e:
         if _disk_failure(e):
-            raise StoreError(f"writing the artifact under {parent} failed ({_disk_line(e)}): "
-                             "nothing was written") from None  # fmt: skip
+            raise StoreError(
+                f"writing the artifact under {parent} failed ({_disk_line(e)}): nothing was written"
+            ) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,8 +269,13 @@ def export_library(executable, path: Path, timeout: float = 900) -> None:
         sys.stderr.write(printed + "\n")  # the compiler's warnings, if any
 
 
-_DISK_FULL = ("No space left on device", "File too large", "File size limit exceeded",
-              "Disk quota exceeded", "Read-only file")  # fmt: skip
+_DISK_FULL = (
+    "No space left on device",
+    "File too large",
+    "File size limit exceeded",
+    "Disk quota exceeded",
+    "Read-only file",
+)
 
 
 def _disk_failure(e: BaseException) -> bool:
@@ -304,9 +315,18 @@ def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, 
         log("measuring PyTorch eager")
         extra = ["--checkpoint", imported.checkpoint] if imported.checkpoint else []
         lat["pytorch"] = run_worker(
-            ["torch", "--path", imported.source, "--source-kind", imported.source_kind,
-             "--reference", ref, *extra, *limits]
-        )  # fmt: skip
+            [
+                "torch",
+                "--path",
+                imported.source,
+                "--source-kind",
+                imported.source_kind,
+                "--reference",
+                ref,
+                *extra,
+                *limits,
+            ]
+        )
     return lat
 
 
@@ -349,9 +369,17 @@ def log_package(c, run_id: str, artifact: Artifact) -> None:
     c.log_artifact(run_id, str(Path(artifact.directory) / "manifest.json"))
     prof = m.get("kernel_profile")
     if prof:  # what dominates the artifact's time: a table users can sort in the MLflow UI
-        c.log_table(run_id, {k: [r[k] for r in prof["kernels"]]
-                             for k in ("kernel", "calls", "total_us", "share")},
-                    "kernel_profile.json")  # fmt: skip
-        tracking.log_metrics(c, run_id, {"latency/vm_overhead_ms": prof["overhead_ms"],
-                                         "latency/kernels_ms": prof["kernels_ms"]})  # fmt: skip
+        c.log_table(
+            run_id,
+            {k: [r[k] for r in prof["kernels"]] for k in ("kernel", "calls", "total_us", "share")},
+            "kernel_profile.json",
+        )
+        tracking.log_metrics(
+            c,
+            run_id,
+            {
+                "latency/vm_overhead_ms": prof["overhead_ms"],
+                "latency/kernels_ms": prof["kernels_ms"],
+            },
+        )
     c.log_artifacts(run_id, str(Path(artifact.directory) / "tuning_db"), "tuning_db")

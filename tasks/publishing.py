@@ -105,8 +105,9 @@ def _with_backoff(what: str, fn, attempts: int, log=print, base_delay: float = 1
             return fn()
         except Exception as e:
             if i == attempts - 1:
-                raise StoreError(f"{what} failed after {attempts} attempts: "
-                                 f"{type(e).__name__}: {e}") from None  # fmt: skip
+                raise StoreError(
+                    f"{what} failed after {attempts} attempts: {type(e).__name__}: {e}"
+                ) from None
             delay = base_delay * 2**i
             log(f"{what} failed ({type(e).__name__}); attempt {i + 2}/{attempts} in {delay:.0f} s")
             time.sleep(delay)
@@ -129,9 +130,12 @@ def upload_s3(artifact: Artifact, s3_uri: str, log=print) -> str:
         for path in files:
             key = f"{key_root}/{path.relative_to(root).as_posix()}"
             meta = {"Metadata": {"sha256": sha256_file(path)}}
-            _with_backoff(f"uploading s3://{bucket}/{key}",
-                          lambda p=path, k=key, m=meta: s3.upload_file(str(p), bucket, k, ExtraArgs=m),
-                          attempts, log)  # fmt: skip
+            _with_backoff(
+                f"uploading s3://{bucket}/{key}",
+                lambda p=path, k=key, m=meta: s3.upload_file(str(p), bucket, k, ExtraArgs=m),
+                attempts,
+                log,
+            )
     except StoreError as e:
         raise StoreError(f"{e}; the local artifact at {artifact.directory} is intact") from None
     return f"s3://{bucket}/{key_root}"
@@ -153,14 +157,18 @@ def promote_version(c, name: str, version: str, max_regression: float, log=print
             log(f"production v{cur.version} is for another target; promoting v{version}")
         else:
             if "latency_ms" not in new.tags:
-                raise BadInputError("promotion needs the new artifact's measured latency: "
-                                    "do not combine --promote with --no-measure")  # fmt: skip
+                raise BadInputError(
+                    "promotion needs the new artifact's measured latency: "
+                    "do not combine --promote with --no-measure"
+                )
             old_ms = float(cur.tags.get("latency_ms", "inf"))
             new_ms = float(new.tags["latency_ms"])
             if new_ms > old_ms * (1 + max_regression):
-                msg = (f"{name} v{version} takes {new_ms:.4g} ms, production v{cur.version} "
-                       f"{old_ms:.4g} ms on the same target (more than {max_regression:.0%} slower): "
-                       f"'{PRODUCTION}' stays on v{cur.version}")  # fmt: skip
+                msg = (
+                    f"{name} v{version} takes {new_ms:.4g} ms, production v{cur.version} "
+                    f"{old_ms:.4g} ms on the same target (more than {max_regression:.0%} slower): "
+                    f"'{PRODUCTION}' stays on v{cur.version}"
+                )
                 c.set_model_version_tag(name, version, "promotion", f"refused: {msg}")
                 raise RegressionError(msg)
     c.set_registered_model_alias(name, PRODUCTION, version)
@@ -179,8 +187,15 @@ class Publication:
     """local, s3 (when asked), mlflow (models:/NAME/VERSION), production (when promoted)"""
 
 
-def publish(run_id: str, artifact: Artifact, s3_uri: str | None, *, promote: bool = False,
-            max_regression: float = 0.05, log=print) -> Publication:  # fmt: skip
+def publish(
+    run_id: str,
+    artifact: Artifact,
+    s3_uri: str | None,
+    *,
+    promote: bool = False,
+    max_regression: float = 0.05,
+    log=print,
+) -> Publication:
     """Upload to S3 when asked, register in MLflow and, with ``promote``, move the production
     alias to the new version unless it regresses (:func:`promote_version`).
 

@@ -68,7 +68,9 @@ def _staging(dest: Path, source: str) -> Iterator[Path]:
     except (StoreError, BadInputError):
         raise
     except Exception as e:
-        raise StoreError(f"downloading {source} failed: {type(e).__name__}: {first_line(e)}") from None
+        raise StoreError(
+            f"downloading {source} failed: {type(e).__name__}: {first_line(e)}"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -140,5 +142,3 @@ def pull_s3(uri: str, dest: str | Path) -> Path:
                 raise IntegrityError(f"sha256 mismatch for s3://{bucket}/{key} (object metadata)")
         verify_directory(tmp)
         return _place(tmp, dest)
-
-

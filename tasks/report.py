@@ -14,8 +14,14 @@ from tasks.rewriting import RewriteOutcome
 REWRITE_KEYS = ("method", "speedup", "latency_before_ms", "latency_after_ms", "rules_applied")
 
 
-def run_summary(imported: ImportedModel, rewritten: RewriteOutcome, tuned: TuneResult,
-                artifact: Artifact, published: Publication, run_id: str) -> dict[str, Any]:  # fmt: skip
+def run_summary(
+    imported: ImportedModel,
+    rewritten: RewriteOutcome,
+    tuned: TuneResult,
+    artifact: Artifact,
+    published: Publication,
+    run_id: str,
+) -> dict[str, Any]:
     """One run's outcome: artifact and version, where it was published, what the rewrite and
     the tuning did, and the measured latencies and speedups."""
     t = tuned.summary()

@@ -39,9 +39,18 @@ class RewriteOutcome:
     rewritten_onnx: str | None = None
 
 
-def rewrite_model(imported: ImportedModel, method: str, *, work_dir: str | Path,
-                  agent_path: str | Path | None = None, train_iterations: int = 10, rollouts: int = 2,
-                  max_steps: int = 30, seed: int = 0, log=print) -> RewriteOutcome:  # fmt: skip
+def rewrite_model(
+    imported: ImportedModel,
+    method: str,
+    *,
+    work_dir: str | Path,
+    agent_path: str | Path | None = None,
+    train_iterations: int = 10,
+    rollouts: int = 2,
+    max_steps: int = 30,
+    seed: int = 0,
+    log=print,
+) -> RewriteOutcome:
     """Rewrite ``imported`` with ``method``; returns the model the next stages should use."""
     if method not in METHODS:
         raise BadInputError(
@@ -67,8 +76,10 @@ def rewrite_model(imported: ImportedModel, method: str, *, work_dir: str | Path,
         result = search.xrlflow(g, agent, oracle, rollouts=rollouts, max_steps=max_steps, seed=seed)
     result = search.best_of(original, result)
     summary = result.summary() | {"oracle": oracle.name, "stage_seconds": time.monotonic() - t0}
-    log(f"rewrite: {len(result.steps)} substitutions, {summary['latency_before_ms']:.3f} ms -> "
-        f"{summary['latency_after_ms']:.3f} ms on {oracle.name} ({result.speedup:.3f}x)")  # fmt: skip
+    log(
+        f"rewrite: {len(result.steps)} substitutions, {summary['latency_before_ms']:.3f} ms -> "
+        f"{summary['latency_after_ms']:.3f} ms on {oracle.name} ({result.speedup:.3f}x)"
+    )
     if not result.steps:
         return RewriteOutcome(imported, method, summary, curve)
     model, path = _write(imported, result.graph, work_dir, summary)
@@ -84,15 +95,19 @@ def _agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
         log(f"rewrite: loading the X-RLflow agent from {agent_path}")
         return A.XRLflowAgent.load(agent_path, seed=seed)
     log(
-        f"rewrite: no trained agent at {agent_path}; training one on this model ({iterations} PPO iterations)"
+        f"rewrite: no trained agent at {agent_path}; training one on this model "
+        f"({iterations} PPO iterations)"
     )
     agent = A.XRLflowAgent(seed=seed)
     env = RewriteEnv({"model": g}, oracle, max_steps=20, measure_every=5)
 
     def progress(i: int, m: dict) -> None:
         curve.append(m)
-        log(f"rewrite: PPO iteration {i + 1}/{iterations} | mean return {m['charts/mean_return']:+.4f} | "
-            f"best gain {m['charts/mean_best_gain']:+.2%}")  # fmt: skip
+        log(
+            f"rewrite: PPO iteration {i + 1}/{iterations} | "
+            f"mean return {m['charts/mean_return']:+.4f} | "
+            f"best gain {m['charts/mean_best_gain']:+.2%}"
+        )
 
     A.train(env, agent, iterations=iterations, episodes_per_iter=2, callback=progress, seed=seed)
     if agent_path:
@@ -110,8 +125,10 @@ def _write(
     inputs, expected = imported.reference()
     bad = mismatches(compare(imported.outputs, session(g).run(None, inputs), expected))
     if bad:
-        raise VerificationError(f"{imported.name}: the rewritten graph differs from the original "
-                                f"model's reference, the rewrite is refused: {'; '.join(bad)}")  # fmt: skip
+        raise VerificationError(
+            f"{imported.name}: the rewritten graph differs from the original "
+            f"model's reference, the rewrite is refused: {'; '.join(bad)}"
+        )
     proto = ir.to_onnx(g).SerializeToString()
     key = hashlib.sha256(proto).hexdigest()[:16]
     dest = Path(work_dir) / key
@@ -125,8 +142,13 @@ def _write(
             tmp.rename(dest)
         except OSError:  # a concurrent run wrote the same content first
             shutil.rmtree(tmp, ignore_errors=True)
-    model = replace(imported, directory=str(dest), num_nodes=len(g.nodes), op_counts=g.op_counts(),
-                    original_directory=imported.original_directory or imported.directory)  # fmt: skip
+    model = replace(
+        imported,
+        directory=str(dest),
+        num_nodes=len(g.nodes),
+        op_counts=g.op_counts(),
+        original_directory=imported.original_directory or imported.directory,
+    )
     return model, str(dest / "model.onnx")
 
 
@@ -135,18 +157,24 @@ rewrite_task = task(name="rewrite", cache_policy=NO_CACHE)(rewrite_model)
 
 
 def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:
-    """Rewrite stage → MLflow: method, rules applied, latency before/after, curve, rewritten ONNX."""
+    """Rewrite stage → MLflow: method, rules applied, latencies before/after, curve, the ONNX."""
     from tasks import tracking
 
     s = out.summary
     tracking.log_params(c, run_id, {"rewrite": out.method, "oracle": s.get("oracle")})
     if out.method == "none":
         return
-    tracking.log_metrics(c, run_id, {
-        "rewrite/latency_before_ms": s["latency_before_ms"], "rewrite/latency_after_ms": s["latency_after_ms"],
-        "rewrite/speedup": s["speedup"], "rewrite/substitutions": len(s["steps"]),
-        "rewrite/seconds": s["stage_seconds"],
-    })  # fmt: skip
+    tracking.log_metrics(
+        c,
+        run_id,
+        {
+            "rewrite/latency_before_ms": s["latency_before_ms"],
+            "rewrite/latency_after_ms": s["latency_after_ms"],
+            "rewrite/speedup": s["speedup"],
+            "rewrite/substitutions": len(s["steps"]),
+            "rewrite/seconds": s["stage_seconds"],
+        },
+    )
     c.log_dict(run_id, s, "rewrite.json")
     for i, m in enumerate(out.learning_curve):
         tracking.log_metrics(c, run_id, m, step=i)

@@ -53,7 +53,7 @@ def list_models(source: str, cache_dir: Path) -> list[SourceModel]:
             str(p.resolve()),
             sha256_file(p),
             str(p),
-        )  # fmt: skip
+        )
         for p in files
     ]
 

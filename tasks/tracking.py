@@ -49,8 +49,14 @@ def client() -> StoreClient:
 
 
 # MLflow's answers about the data (not about the store being reachable): left as they are
-_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_PARAMETER_VALUE",
-            "NOT_FOUND", "BAD_REQUEST", "INVALID_STATE"}  # fmt: skip
+_ANSWERS = {
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_PARAMETER_VALUE",
+    "NOT_FOUND",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+}
 
 
 class StoreClient:
@@ -132,16 +138,16 @@ def log_metrics(c, run_id: str, metrics: dict[str, float | None], step: int = 0)
 
 
 @contextlib.contextmanager
-def run(c, name: str, *, parent_run_id: str | None = None,
-        tags: dict[str, str] | None = None) -> Iterator[str]:  # fmt: skip
+def run(
+    c, name: str, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[str]:
     """A run that ends FINISHED, or FAILED (with the error as a tag) if the block raises.
 
     A top-level run first closes the runs that processes on this host left RUNNING when they
     were killed (see :func:`close_orphans`)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    all_tags = {MLFLOW_RUN_NAME: name, HOST: _host(), PID: str(os.getpid()),
-                **(tags or {})}  # fmt: skip
+    all_tags = {MLFLOW_RUN_NAME: name, HOST: _host(), PID: str(os.getpid()), **(tags or {})}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     else:
@@ -184,9 +190,12 @@ def close_orphans(c) -> list[str]:
             alive = False
         if alive:
             continue
-        c.set_tag(r.info.run_id, "error",
-                  f"process {r.data.tags.get(PID)} on {host} ended without closing this run "
-                  "(killed?); closed by the next harlflow run")  # fmt: skip
+        c.set_tag(
+            r.info.run_id,
+            "error",
+            f"process {r.data.tags.get(PID)} on {host} ended without closing this run "
+            "(killed?); closed by the next harlflow run",
+        )
         c.set_terminated(r.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
         closed.append(r.info.run_id)
     if closed:

@@ -17,10 +17,20 @@ from harl.tuning import Progress, TuneResult
 from tasks.importing import ImportedModel, to_relax
 
 
-def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir: str | Path,
-               trials: int, strategy: str, seed: int, min_trials_per_task: int,
-               time_budget_s: float | None = None, agent_path: str | Path | None = None,
-               rpc: str | None = None, log=print) -> TuneResult:  # fmt: skip
+def tune_model(
+    imported: ImportedModel,
+    target: dict[str, Any],
+    *,
+    database_dir: str | Path,
+    trials: int,
+    strategy: str,
+    seed: int,
+    min_trials_per_task: int,
+    time_budget_s: float | None = None,
+    agent_path: str | Path | None = None,
+    rpc: str | None = None,
+    log=print,
+) -> TuneResult:
     """Tune every new workload of the model, measured locally or on the RPC tracker ``rpc``
     (``HOST:PORT:KEY``), for at most ``trials`` trials and ``time_budget_s`` seconds; progress
     as trials are measured, with the best latency so far against onnxruntime's."""
@@ -36,10 +46,19 @@ def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir:
     mod = compilation.prepare(to_relax(imported.onnx_path, imported.inputs))
     runner = make_runner(rpc, target)
     try:
-        result = tuning.tune(mod, target, database_dir, trials=trials, strategy=strategy,
-                             seed=seed, min_trials_per_task=min_trials_per_task,
-                             time_budget_s=time_budget_s, on_progress=progress,
-                             agent_path=agent_path, runner=runner)  # fmt: skip
+        result = tuning.tune(
+            mod,
+            target,
+            database_dir,
+            trials=trials,
+            strategy=strategy,
+            seed=seed,
+            min_trials_per_task=min_trials_per_task,
+            time_budget_s=time_budget_s,
+            on_progress=progress,
+            agent_path=agent_path,
+            runner=runner,
+        )
     finally:
         if getattr(runner, "pool", None) is not None:
             runner.pool.shutdown()  # the runner's worker process ends with the stage
@@ -47,10 +66,12 @@ def tune_model(imported: ImportedModel, target: dict[str, Any], *, database_dir:
     s = result.summary()
     per = f" ({s['seconds_per_trial']:.2f} s/trial)" if s["seconds_per_trial"] else ""
     budget = f" of a {format_duration(time_budget_s)} budget" if time_budget_s else ""
-    log(f"tuning done: {s['trials']} trials ({s['trials_failed']} failed) in "
+    log(
+        f"tuning done: {s['trials']} trials ({s['trials_failed']} failed) in "
         f"{s['tuning_seconds']:.0f} s{budget}{per}; "
         f"{s['tasks_tuned']} tasks tuned now, {s['tasks_from_database']} from the database, "
-        f"{s['tasks_fallback']} on the fallback schedule")  # fmt: skip
+        f"{s['tasks_fallback']} on the fallback schedule"
+    )
     return result
 
 
@@ -79,8 +100,17 @@ def _onnxruntime_ms(imported: ImportedModel) -> float | None:
     from tasks.packaging import run_worker
 
     try:
-        r = run_worker(["ort", "--path", str(imported.original_onnx_path),
-                        "--reference", str(imported.reference_path), "--max-seconds", "2"])  # fmt: skip
+        r = run_worker(
+            [
+                "ort",
+                "--path",
+                str(imported.original_onnx_path),
+                "--reference",
+                str(imported.reference_path),
+                "--max-seconds",
+                "2",
+            ]
+        )
         return float(r["median_ms"])
     except Exception:  # only a progress yardstick: tuning goes on without it
         return None
@@ -90,28 +120,46 @@ def _onnxruntime_ms(imported: ImportedModel) -> float | None:
 tune_task = task(name="tune", cache_policy=NO_CACHE)(tune_model)
 
 
-def log_tuning(c, run_id: str, result: TuneResult, min_trials_per_task: int,
-               agent_path: str | Path | None = None) -> None:  # fmt: skip
+def log_tuning(
+    c,
+    run_id: str,
+    result: TuneResult,
+    min_trials_per_task: int,
+    agent_path: str | Path | None = None,
+) -> None:
     """Tune stage → MLflow: settings, totals, best latency vs trials (stepped), plot, task table."""
     from tasks import tracking
 
-    tracking.log_params(c, run_id, {
-        "strategy": result.strategy, "budget": result.budget, "target": json.dumps(result.target),
-        "min_trials_per_task": min_trials_per_task, "runner": result.runner,
-        "time_budget_s": result.time_budget_s,
-    })  # fmt: skip
+    tracking.log_params(
+        c,
+        run_id,
+        {
+            "strategy": result.strategy,
+            "budget": result.budget,
+            "target": json.dumps(result.target),
+            "min_trials_per_task": min_trials_per_task,
+            "runner": result.runner,
+            "time_budget_s": result.time_budget_s,
+        },
+    )
     s = result.summary()
-    tracking.log_metrics(c, run_id, {
-        "tuning/trials": s["trials"], "tuning/trials_failed": s["trials_failed"],
-        "tuning/resumed_trials": s["resumed_trials"],
-        "tuning/seconds": s["tuning_seconds"],
-        "tuning/tasks": s["tasks"], "tuning/tasks_tuned": s["tasks_tuned"],
-        "tuning/tasks_from_database": s["tasks_from_database"],
-        "tuning/tasks_fallback": s["tasks_fallback"],
-        "tuning/weighted_latency_us": s["weighted_latency_us"],
-        "tuning/seconds_per_trial": s["seconds_per_trial"],
-        **{f"tuning/phase_{k}": v for k, v in result.phases.items()},
-    })  # fmt: skip
+    tracking.log_metrics(
+        c,
+        run_id,
+        {
+            "tuning/trials": s["trials"],
+            "tuning/trials_failed": s["trials_failed"],
+            "tuning/resumed_trials": s["resumed_trials"],
+            "tuning/seconds": s["tuning_seconds"],
+            "tuning/tasks": s["tasks"],
+            "tuning/tasks_tuned": s["tasks_tuned"],
+            "tuning/tasks_from_database": s["tasks_from_database"],
+            "tuning/tasks_fallback": s["tasks_fallback"],
+            "tuning/weighted_latency_us": s["weighted_latency_us"],
+            "tuning/seconds_per_trial": s["seconds_per_trial"],
+            **{f"tuning/phase_{k}": v for k, v in result.phases.items()},
+        },
+    )
     for p in result.history:
         tracking.log_metrics(
             c, run_id, {"charts/best_weighted_latency_us": p.weighted_us}, step=p.trials

@@ -75,9 +75,13 @@ def main() -> None:
 
     host, port = a.tracker.rsplit(":", 1)
     server = rpc.Server(
-        a.host, a.port, a.port_end, key=a.key, tracker_addr=(host, int(port)),
+        a.host,
+        a.port,
+        a.port_end,
+        key=a.key,
+        tracker_addr=(host, int(port)),
         server_init_callback=crash_in_session(a.session_count, a.die_on_session),
-    )  # fmt: skip
+    )
     server.proc.join()
 
 

@@ -46,9 +46,12 @@ class Service:
         self.log = log_dir / f"{name}.log"
         self._log_file = open(self.log, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            cmd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        )
 
     def wait_until(self, ready: Callable[[], bool], timeout: float) -> float:
         """Poll ``ready`` until true; the seconds it took. Fails with the log's tail."""
@@ -73,8 +76,13 @@ class Service:
 
 def harlflow(env: dict, *args, timeout: float = 600) -> subprocess.CompletedProcess:
     """The ``harlflow`` executable with these arguments, as a user or CI job runs it."""
-    return subprocess.run([str(BIN / "harlflow"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "harlflow"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def http_ok(url: str) -> bool:
@@ -90,8 +98,12 @@ def start_prefect_server(tmp: Path) -> tuple[Service, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
     }
-    s = Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], tmp, env)  # fmt: skip
+    s = Service(
+        "prefect-server",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        tmp,
+        env,
+    )
     api = f"http://127.0.0.1:{port}/api"
     s.wait_until(lambda: http_ok(f"{api}/health"), timeout=180)
     return s, api
@@ -100,11 +112,25 @@ def start_prefect_server(tmp: Path) -> tuple[Service, str]:
 def start_mlflow_server(tmp: Path) -> tuple[Service, str]:
     port = free_port()
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    s = Service("mlflow-server", [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow-server.db'}",
-        "--artifacts-destination", str(tmp / "mlflow-artifacts"),
-    ], tmp, env)  # fmt: skip
+    s = Service(
+        "mlflow-server",
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'mlflow-server.db'}",
+            "--artifacts-destination",
+            str(tmp / "mlflow-artifacts"),
+        ],
+        tmp,
+        env,
+    )
     url = f"http://127.0.0.1:{port}"
     s.wait_until(lambda: http_ok(f"{url}/health"), timeout=180)
     return s, url
@@ -121,23 +147,55 @@ def start_rpc(
     from harl.runners import count_servers, parse_rpc
 
     port = free_port()
-    tracker = Service("rpc-tracker", [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
-                                      "127.0.0.1", "--port", str(port), "--port-end",
-                                      str(port + 1)], tmp)  # fmt: skip
+    tracker = Service(
+        "rpc-tracker",
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        tmp,
+    )
     spec = f"127.0.0.1:{port}:{key}"
     tracker.wait_until(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 60)
     if die_on_session is None:
         server = [sys.executable, "-m", "tvm.exec.rpc_server"]
     else:
-        server = [sys.executable, str(Path(__file__).with_name("rpc_server_that_dies.py")),
-                  "--session-count", str(tmp / "rpc-sessions"),
-                  "--die-on-session", str(die_on_session)]  # fmt: skip
+        server = [
+            sys.executable,
+            str(Path(__file__).with_name("rpc_server_that_dies.py")),
+            "--session-count",
+            str(tmp / "rpc-sessions"),
+            "--die-on-session",
+            str(die_on_session),
+        ]
     started = []
     for i in range(servers):
         p = free_port()
-        started.append(Service(f"rpc-server-{i}", [
-            *server, "--host", "127.0.0.1", "--port", str(p), "--port-end", str(p + 1),
-            "--tracker", f"127.0.0.1:{port}", "--key", key,
-        ], tmp))  # fmt: skip
+        started.append(
+            Service(
+                f"rpc-server-{i}",
+                [
+                    *server,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p),
+                    "--port-end",
+                    str(p + 1),
+                    "--tracker",
+                    f"127.0.0.1:{port}",
+                    "--key",
+                    key,
+                ],
+                tmp,
+            )
+        )
     tracker.wait_until(lambda: count_servers(parse_rpc(spec)) == servers, 120)
     return tracker, started, spec

@@ -10,9 +10,16 @@ from harlflow.rl import Sample, compute_gae, setup
 
 
 def test_gae_known_answer():
-    adv, ret = compute_gae(np.array([1.0, 1.0, 1.0]), np.array([0.5, 0.5, 0.5]),
-                           np.array([False, False, True]), last_value=123.0, gamma=0.9, lam=0.95)  # fmt: skip
-    # by hand: δ2 = 0.5; δ1 = δ0 = 1 + 0.9·0.5 − 0.5 = 0.95; A1 = 0.95 + 0.855·0.5; A0 = 0.95 + 0.855·A1
+    adv, ret = compute_gae(
+        np.array([1.0, 1.0, 1.0]),
+        np.array([0.5, 0.5, 0.5]),
+        np.array([False, False, True]),
+        last_value=123.0,
+        gamma=0.9,
+        lam=0.95,
+    )
+    # by hand: δ2 = 0.5; δ1 = δ0 = 1 + 0.9·0.5 − 0.5 = 0.95;
+    # A1 = 0.95 + 0.855·0.5; A0 = 0.95 + 0.855·A1
     np.testing.assert_allclose(adv, [2.1277625, 1.3775, 0.5])
     np.testing.assert_allclose(ret, adv + 0.5)
     # a cut-off trajectory bootstraps from last_value

@@ -69,8 +69,12 @@ def mlflow_runs(env: dict, model_name: str) -> dict[str, list[str]]:
     home = Path(env["HARLFLOW_HOME"])
     c = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     exp = c.get_experiment_by_name("harlflow")
-    parents = {r.info.run_id for r in c.search_runs([exp.experiment_id],
-               f"tags.mlflow.runName = 'optimize {model_name}'")}  # fmt: skip
+    parents = {
+        r.info.run_id
+        for r in c.search_runs(
+            [exp.experiment_id], f"tags.mlflow.runName = 'optimize {model_name}'"
+        )
+    }
     out: dict[str, list[str]] = {}
     for r in c.search_runs([exp.experiment_id], max_results=1000):
         if r.info.run_id in parents or r.data.tags.get("mlflow.parentRunId") in parents:
@@ -89,8 +93,18 @@ def test_kill_9_during_tuning_then_the_same_command_resumes(env, model, tmp_path
     """SIGKILL mid-tuning keeps every committed trial; the same command again resumes: the trials
     measured before count against the budget and are not measured again. A record line cut
     short by the crash is dropped with a warning instead of breaking the database."""
-    cmd = [str(BIN / "harlflow"), "optimize", str(model), "--name", "resumable", "--trials", "16",
-           "--min-trials-per-task", "2", *QUICK]  # fmt: skip
+    cmd = [
+        str(BIN / "harlflow"),
+        "optimize",
+        str(model),
+        "--name",
+        "resumable",
+        "--trials",
+        "16",
+        "--min-trials-per-task",
+        "2",
+        *QUICK,
+    ]
     with open(tmp_path / "killed.log", "wb") as log:
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
         try:
@@ -129,8 +143,12 @@ def test_kill_9_during_tuning_then_the_same_command_resumes(env, model, tmp_path
 def test_mlflow_unreachable_fails_fast_and_writes_nothing(env, model):
     """A tracking server that does not answer: exit 5 naming it, before any import or tuning."""
     url = f"http://127.0.0.1:{free_port()}"
-    e = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # fmt: skip
+    e = {
+        **env,
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    }
     before = record_lines(env)
     r = harlflow(e, "optimize", model, "--name", "nostore", "--trials", "4", *QUICK)
     assert r.returncode == 5, r.stderr[-2000:]
@@ -145,12 +163,26 @@ def test_mlflow_dies_mid_run_and_nothing_measured_is_lost(env, tmp_path):
     measurements are in the tuning database, and the rerun after the server is back measures
     nothing again."""
     server, url = start_mlflow_server(tmp_path)
-    e = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # fmt: skip
+    e = {
+        **env,
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    }
     mm = matmul_model(tmp_path / "mm.onnx", 16, 48, 40)
     start = len(record_lines(env))
-    cmd = [str(BIN / "harlflow"), "optimize", str(mm), "--name", "survivor", "--trials", "8",
-           "--min-trials-per-task", "4", *QUICK]  # fmt: skip
+    cmd = [
+        str(BIN / "harlflow"),
+        "optimize",
+        str(mm),
+        "--name",
+        "survivor",
+        "--trials",
+        "8",
+        "--min-trials-per-task",
+        "4",
+        *QUICK,
+    ]
     p = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(record_lines(env)) > start or p.poll() is not None, 400, "trials")
@@ -176,8 +208,18 @@ def test_s3_unreachable_retries_then_fails_and_the_local_artifact_stays(env, mod
     """An S3 endpoint that refuses connections: each attempt is logged with its backoff, then one
     line (exit 5); the verified local artifact is intact and nothing is registered."""
     e = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "HARLFLOW_S3_ATTEMPTS": "3"}
-    r = harlflow(e, "optimize", model, "--name", "nos3", "--trials", "0",
-                 "--s3-uri", "s3://models/prod", *QUICK)  # fmt: skip
+    r = harlflow(
+        e,
+        "optimize",
+        model,
+        "--name",
+        "nos3",
+        "--trials",
+        "0",
+        "--s3-uri",
+        "s3://models/prod",
+        *QUICK,
+    )
     assert r.returncode == 5, r.stderr[-3000:]
     msg = json.loads(r.stdout)["message"]
     assert "failed after 3 attempts" in msg and "is intact" in msg
@@ -227,9 +269,14 @@ def test_full_disk_while_packaging_leaves_nothing_half_written(env, model):
     LLVM ends the process it runs in; the export runs in a forked child, so this is one line,
     StoreError, exit 5. No version directory appears, and the next run packages (removing any
     temporary directory a killed run left)."""
-    r = subprocess.run([sys.executable, "-c", _PACKAGE_WITH_FULL_DISK, str(model), "4000"],
-                       env=env, capture_output=True, text=True, timeout=600,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", _PACKAGE_WITH_FULL_DISK, str(model), "4000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),
+    )
     assert r.returncode == 5, r.stdout + r.stderr[-3000:]
     error = r.stdout.splitlines()[-1]  # after the stage's progress lines
     assert error.startswith("StoreError") and error.endswith("nothing was written"), r.stdout
@@ -237,8 +284,13 @@ def test_full_disk_while_packaging_leaves_nothing_half_written(env, model):
     parent = Path(env["HARLFLOW_HOME"]) / "fulldisk"
     assert not [p for p in parent.iterdir() if not p.name.startswith(".tmp-")]
 
-    r = subprocess.run([sys.executable, "-c", _PACKAGE_WITH_FULL_DISK, str(model), str(1 << 40)],
-                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", _PACKAGE_WITH_FULL_DISK, str(model), str(1 << 40)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert [p.name for p in parent.iterdir()] == ["1"]
     verify_directory(parent / "1")
@@ -249,10 +301,20 @@ def test_two_runs_at_once_on_one_store(env, tmp_path):
     versions, the second waits for the tuning database and reuses what the first measured,
     and the database, both artifacts and the registry are intact."""
     mm = matmul_model(tmp_path / "twin.onnx", 24, 40, 56)
-    cmd = [str(BIN / "harlflow"), "optimize", str(mm), "--trials", "6",
-           "--min-trials-per-task", "3", *QUICK]  # fmt: skip
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]  # fmt: skip
+    cmd = [
+        str(BIN / "harlflow"),
+        "optimize",
+        str(mm),
+        "--trials",
+        "6",
+        "--min-trials-per-task",
+        "3",
+        *QUICK,
+    ]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from harlflow import runtime
 from flows.settings import RunSettings
+from harlflow import runtime
 from harlflow.cli import main
 from harlflow.core.errors import BadInputError, IntegrityError, StoreError
 from harlflow.core.hashing import sha256_file
@@ -27,9 +27,12 @@ def first_run(prefect_harness, s3_endpoint, tmp_path_factory):
 
     model = tmp_path_factory.mktemp("models") / "tiny.onnx"
     assert main(["export-example", "tiny_mlp", "--out", str(model)]) == 0
-    summary = optimize(model=str(model), settings=RunSettings(
-        trials=6, min_trials_per_task=2, s3_uri="s3://models/ci", measure_seconds=0.5
-    ))
+    summary = optimize(
+        model=str(model),
+        settings=RunSettings(
+            trials=6, min_trials_per_task=2, s3_uri="s3://models/ci", measure_seconds=0.5
+        ),
+    )
     return model, summary
 
 
@@ -60,8 +63,9 @@ def test_flow_publishes_to_mlflow_registry_and_s3(first_run):
     assert parent.info.artifact_uri.startswith(mlflow_artifact_root())
     assert parent.data.params["budget"] == "6" and parent.data.params["strategy"] == "evolutionary"
     assert "version_tvm" in parent.data.params and "seed" in parent.data.params
-    children = c.search_runs([parent.info.experiment_id],
-                             f"tags.mlflow.parentRunId = '{parent.info.run_id}'")  # fmt: skip
+    children = c.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     by_name = {r.info.run_name: r for r in children}
     assert set(by_name) == {"import", "rewrite", "tune", "package", "publish"}
     assert by_name["rewrite"].data.params["rewrite"] == "greedy"
@@ -101,8 +105,19 @@ def test_pull_from_registry_and_run_matches_onnxruntime(first_run, tmp_path, cap
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
     np.save(tmp_path / "x.npy", x)
-    assert main(["run", str(dest), "--input", str(tmp_path / "x.npy"),
-                 "--output", str(tmp_path / "y.npy")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                str(dest),
+                "--input",
+                str(tmp_path / "x.npy"),
+                "--output",
+                str(tmp_path / "y.npy"),
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-3, atol=1e-4)
     assert main(["pull", "tiny", "--dest", str(tmp_path / "latest")]) == 0  # no version: newest
 
@@ -111,8 +126,12 @@ def test_corruption_is_detected_and_leaves_nothing(first_run, tmp_path):
     _, s = first_run
     # a tampered object in S3: its bytes no longer match the manifest nor its metadata
     s3 = boto3.client("s3")
-    s3.put_object(Bucket="models", Key=f"ci/tiny/{s['version']}/reference.npz", Body=b"tampered",
-                  Metadata={"sha256": "0" * 64})  # fmt: skip
+    s3.put_object(
+        Bucket="models",
+        Key=f"ci/tiny/{s['version']}/reference.npz",
+        Body=b"tampered",
+        Metadata={"sha256": "0" * 64},
+    )
     dest = tmp_path / "from-s3"
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
         pull_s3(f"s3://models/ci/tiny/{s['version']}", dest)
@@ -132,7 +151,9 @@ def test_second_run_reuses_database_and_zero_trials_compiles(first_run):
     from flows.optimize import optimize
 
     model, s1 = first_run
-    s2 = optimize(model=str(model), settings=RunSettings(trials=6, min_trials_per_task=2, measure=False))
+    s2 = optimize(
+        model=str(model), settings=RunSettings(trials=6, min_trials_per_task=2, measure=False)
+    )
     assert s2["trials"] == 0  # every workload was measured by the first run
     assert int(s2["version"]) == int(s1["version"]) + 1
     manifest = verify_directory(Path(s2["artifact"]))
@@ -175,30 +196,45 @@ def test_cli_time_budget_stops_tuning_and_packages(first_run, tmp_path, capsys):
 
     w = numpy_helper.from_array(np.full((16, 24), 0.1, dtype="float32"), "w")  # a new workload
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 24])], [w],
-    )  # fmt: skip
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 24])],
+        [w],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "budget.onnx"))
-    assert main(["optimize", str(tmp_path / "budget.onnx"), "--time-budget", "15s",
-                 "--no-measure", "--rewrite", "none"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "optimize",
+                str(tmp_path / "budget.onnx"),
+                "--time-budget",
+                "15s",
+                "--no-measure",
+                "--rewrite",
+                "none",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "artifact  budget v1" in out and "of a 15s budget" in out, out
     trials = int(out.split("tuning    ")[1].split(" trials")[0])
     assert trials > 0  # no --trials: the deadline alone ended tuning
     run = _client().search_runs(
         [_client().get_experiment_by_name("harlflow").experiment_id],
-        "attributes.run_name = 'optimize budget'", max_results=1,
-    )[0]  # fmt: skip
+        "attributes.run_name = 'optimize budget'",
+        max_results=1,
+    )[0]
     assert float(run.data.params["time_budget_s"]) == 15.0
 
 
 def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
-    from harlflow.core.targets import resolve_target
     from harlflow.core.config import tuning_db_dir
     from harlflow.core.errors import VerificationError
+    from harlflow.core.targets import resolve_target
     from tasks.importing import import_model
     from tasks.packaging import package
 
@@ -212,8 +248,15 @@ def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
     )  # a reference the model can't meet
     home = tmp_path / "home"
     with pytest.raises(VerificationError, match="differ from the reference, not packaged"):
-        package(m, resolve_target("cpu"), database_dir=tuning_db_dir(), home=home,
-                tune_summary={}, measure=False, log=lambda *_: None)  # fmt: skip
+        package(
+            m,
+            resolve_target("cpu"),
+            database_dir=tuning_db_dir(),
+            home=home,
+            tune_summary={},
+            measure=False,
+            log=lambda *_: None,
+        )
     assert list((home / "tiny").iterdir()) == []  # no version, no half-written temporary
 
 
@@ -224,17 +267,35 @@ def _redundant_model(path: Path) -> Path:
     rng = np.random.default_rng(0)
     nodes, x = [], "x"
     for i in range(6):
-        nodes += [helper.make_node("Transpose", [x], [f"t{i}"], perm=[1, 0]),
-                  helper.make_node("Transpose", [f"t{i}"], [f"u{i}"], perm=[1, 0])]  # fmt: skip
+        nodes += [
+            helper.make_node("Transpose", [x], [f"t{i}"], perm=[1, 0]),
+            helper.make_node("Transpose", [f"t{i}"], [f"u{i}"], perm=[1, 0]),
+        ]
         x = f"u{i}"
-    nodes += [helper.make_node("MatMul", [x, "w1"], ["h"]), helper.make_node("Mul", ["h", "one"], ["h1"]),
-              helper.make_node("Identity", ["h1"], ["h2"]), helper.make_node("Relu", ["h2"], ["r"]),
-              helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]  # fmt: skip
-    inits = [numpy_helper.from_array(a, n) for n, a in [
-        ("w1", rng.standard_normal((32, 64)).astype(np.float32) * 0.2), ("one", np.ones(64, np.float32)),
-        ("w2", rng.standard_normal((64, 16)).astype(np.float32) * 0.2), ("b", np.zeros(16, np.float32) + 0.1)]]  # fmt: skip
-    g = helper.make_graph(nodes, "redundant", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], inits)  # fmt: skip
+    nodes += [
+        helper.make_node("MatMul", [x, "w1"], ["h"]),
+        helper.make_node("Mul", ["h", "one"], ["h1"]),
+        helper.make_node("Identity", ["h1"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(a, n)
+        for n, a in [
+            ("w1", rng.standard_normal((32, 64)).astype(np.float32) * 0.2),
+            ("one", np.ones(64, np.float32)),
+            ("w2", rng.standard_normal((64, 16)).astype(np.float32) * 0.2),
+            ("b", np.zeros(16, np.float32) + 0.1),
+        ]
+    ]
+    g = helper.make_graph(
+        nodes,
+        "redundant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     import onnx
@@ -250,8 +311,22 @@ def test_xrlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
 
     model = _redundant_model(tmp_path / "redundant.onnx")
     assert not xrlflow_agent_path().exists()
-    assert main(["optimize", str(model), "--rewrite", "xrlflow", "--trials", "2",
-                 "--min-trials-per-task", "1", "--no-measure"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "optimize",
+                str(model),
+                "--rewrite",
+                "xrlflow",
+                "--trials",
+                "2",
+                "--min-trials-per-task",
+                "1",
+                "--no-measure",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "rewrite   xrlflow:" in out
     assert xrlflow_agent_path().is_file()  # trained here, saved for the next run
@@ -259,8 +334,10 @@ def test_xrlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
     c = _client()
     exp = c.get_experiment_by_name("harlflow")
     parent = c.search_runs([exp.experiment_id], "tags.model = 'redundant'")[0]
-    rw = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
-                       "and attributes.run_name = 'rewrite'")[0]  # fmt: skip
+    rw = c.search_runs(
+        [exp.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'rewrite'",
+    )[0]
     m = rw.data.metrics
     assert rw.data.params["rewrite"] == "xrlflow" and m["rewrite/substitutions"] >= 1
     assert m["rewrite/latency_after_ms"] <= m["rewrite/latency_before_ms"]  # never slower

@@ -8,11 +8,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from harl import builders, compilation, sampling
 from harl import edits as E
 from harlflow import rl
-from harl import compilation, sampling, builders
-from harlflow.core.targets import resolve_target
 from harlflow.core.signature import TensorSpec
+from harlflow.core.targets import resolve_target
 from tasks.importing import to_relax
 
 
@@ -21,9 +21,13 @@ def _matmul_onnx(path, n=64):
         np.random.default_rng(0).standard_normal((n, n)).astype("float32"), "w"
     )
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]),
-                           helper.make_node("Relu", ["y"], ["z"])], "mm", [x],
-                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [n, n])], [w])  # fmt: skip
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        "mm",
+        [x],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [n, n])],
+        [w],
+    )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -44,24 +48,37 @@ def _context(task, target, strategy):
     from harl._fast_import import import_tensor_intrinsics
 
     import_tensor_intrinsics()
-    return ms.TuneContext(mod=task.dispatched[0], target=tvm.target.Target(target),
-                          space_generator="post-order-apply", search_strategy=strategy,
-                          task_name=task.task_name, rand_state=1, num_threads=1)  # fmt: skip
+    return ms.TuneContext(
+        mod=task.dispatched[0],
+        target=tvm.target.Target(target),
+        space_generator="post-order-apply",
+        search_strategy=strategy,
+        task_name=task.task_name,
+        rand_state=1,
+        num_threads=1,
+    )
 
 
 @pytest.mark.slow
 def test_harl_through_ms_tune_tasks(matmul, tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
-    from harl.task_scheduler import HARLTaskScheduler
     from harl.search_strategy import HARLSearchStrategy
+    from harl.task_scheduler import HARLTaskScheduler
 
     _, target, task = matmul
     ctx = _context(task, target, HARLSearchStrategy(seed=0))
     db = ms.database.MemoryDatabase()
-    ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(tmp_path), max_trials_global=12,
-                  num_trials_per_iter=4, builder=builders.default_builder(), database=db,
-                  task_scheduler=HARLTaskScheduler(seed=0))  # fmt: skip
+    ms.tune_tasks(
+        tasks=[ctx],
+        task_weights=[1.0],
+        work_dir=str(tmp_path),
+        max_trials_global=12,
+        num_trials_per_iter=4,
+        builder=builders.default_builder(),
+        database=db,
+        task_scheduler=HARLTaskScheduler(seed=0),
+    )
     records = db.get_all_tuning_records()
     assert 4 <= len(records) <= 12
     assert sum(1 for r in records if r.run_secs and float(r.run_secs[0]) < 1) >= 4  # real runs
@@ -74,9 +91,17 @@ def test_harl_through_the_tuning_stage_saves_its_agent(tmp_path):
 
     m = import_model("harlflow.examples:tiny_mlp", cache_dir=tmp_path / "cache")
     agent = tmp_path / "agent.pt"
-    res = tune_model(m, resolve_target("cpu"), database_dir=tmp_path / "db", trials=12,
-                     strategy="harl", seed=0, min_trials_per_task=2, agent_path=agent,
-                     log=lambda *_: None)  # fmt: skip
+    res = tune_model(
+        m,
+        resolve_target("cpu"),
+        database_dir=tmp_path / "db",
+        trials=12,
+        strategy="harl",
+        seed=0,
+        min_trials_per_task=2,
+        agent_path=agent,
+        log=lambda *_: None,
+    )
     assert res.strategy == "harl" and res.trials >= 8
     assert all(t.schedule == "tuned" for t in res.tasks)
     assert agent.is_file() and res.agent_metrics and "losses/policy" in res.agent_metrics[-1]
@@ -132,8 +157,9 @@ def test_same_seed_same_decisions(matmul):
         rl.setup(seed)  # the run's seed: the agent's initial weights
         ctx = _context(task, target, HARLSearchStrategy(seed=seed))
         spaces = ctx.space_generator.generate_design_space(ctx.mod)
-        ctx.search_strategy.pre_tuning(16, 4, spaces, ms.database.MemoryDatabase(),
-                                       ms.cost_model.RandomModel(seed=seed))  # fmt: skip
+        ctx.search_strategy.pre_tuning(
+            16, 4, spaces, ms.database.MemoryDatabase(), ms.cost_model.RandomModel(seed=seed)
+        )
         cands = ctx.search_strategy.generate_measure_candidates()
         return [str(c.sch.trace) for c in cands]
 

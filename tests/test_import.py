@@ -59,8 +59,9 @@ def test_pt2_and_factory_with_checkpoint(tmp_path, monkeypatch):
     assert m1.source_kind == "pt2" and m1.inputs == [TensorSpec("x", (1, 32), "float32")]
 
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    m2 = import_model("harlflow.examples:tiny_mlp", cache_dir=tmp_path / "c",
-                      checkpoint=str(tmp_path / "w.pt"))  # fmt: skip
+    m2 = import_model(
+        "harlflow.examples:tiny_mlp", cache_dir=tmp_path / "c", checkpoint=str(tmp_path / "w.pt")
+    )
     ins, _ = m2.reference()
     # the checkpoint's weights, not the factory's defaults, are in the graph
     _, out1 = m1.reference()
@@ -92,16 +93,20 @@ def _bad_inputs(tmp_path: Path, tiny_onnx: Path) -> dict[str, tuple[list[str], s
         "missing": ([str(tmp_path / "nope.onnx")], "model file not found"),
         "not a model": ([str(tmp_path / "notes.onnx")], "not a valid ONNX model"),
         "truncated": ([str(truncated)], "not a valid ONNX model"),
-        "unsupported op": ([str(tmp_path / "celu.onnx")], "operators TVM cannot import: Celu (node 'celu0')"),
+        "unsupported op": ([str(tmp_path / "celu.onnx")],
+                           "operators TVM cannot import: Celu (node 'celu0')"),
         "dynamic dim": ([str(tmp_path / "dyn.onnx")], "dynamic dimension 0 (batch)"),
-        "pickled module": (["harlflow.examples:tiny_mlp", "--checkpoint", str(tmp_path / "whole_module.pt")],
+        "pickled module": (["harlflow.examples:tiny_mlp",
+                            "--checkpoint", str(tmp_path / "whole_module.pt")],
                            "will not unpickle"),
-        "bad input spec": ([str(tiny_onnx), "--input", "x:1xfoo:float32"], "expected NAME:DIMS:DTYPE"),
+        "bad input spec": ([str(tiny_onnx), "--input", "x:1xfoo:float32"],
+                           "expected NAME:DIMS:DTYPE"),
         "bad target": ([str(tiny_onnx), "--target", "llvm -mcpu=znver5"], "unknown target"),
         "cuda target": ([str(tiny_onnx), "--target", '{"kind": "cuda"}'],
                         "unsupported --target kind 'cuda'"),
         "bad name": ([str(tiny_onnx), "--name", "../escape"], "invalid model name"),
-        "bad time budget": ([str(tiny_onnx), "--time-budget", "20x"], "invalid --time-budget '20x'"),
+        "bad time budget": ([str(tiny_onnx), "--time-budget", "20x"],
+                            "invalid --time-budget '20x'"),
         "zero time budget": ([str(tiny_onnx), "--time-budget", "0m"], "more than 0 seconds"),
     }  # fmt: skip
 

@@ -53,8 +53,12 @@ def servers(tmp_path_factory):
 def ops_env(servers, tmp_path_factory):
     """Environment of the harlflow commands: the servers and a home of their own."""
     home = tmp_path_factory.mktemp("ops-home")
-    return {**os.environ, **servers, "HARLFLOW_HOME": str(home),
-            "PREFECT_HOME": str(home / "prefect")}  # fmt: skip
+    return {
+        **os.environ,
+        **servers,
+        "HARLFLOW_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+    }
 
 
 def _mlflow(env: dict):
@@ -78,8 +82,11 @@ def _perturb(path: Path, seed: int) -> None:
 def _flow_runs(api: str, deployment: str) -> list[dict]:
     import httpx
 
-    r = httpx.post(f"{api}/flow_runs/filter", timeout=10,
-                   json={"deployments": {"name": {"any_": [deployment]}}})  # fmt: skip
+    r = httpx.post(
+        f"{api}/flow_runs/filter",
+        timeout=10,
+        json={"deployments": {"name": {"any_": [deployment]}}},
+    )
     r.raise_for_status()
     return r.json()
 
@@ -99,8 +106,11 @@ def _wait_for_run(api: str, deployment: str, done: set[str], timeout: float, **m
 
 def _retune_runs(c) -> list:
     exp = c.get_experiment_by_name("harlflow")
-    runs = c.search_runs([exp.experiment_id], "tags.`harlflow.flow` = 'retune'",
-                         order_by=["attributes.start_time DESC"])  # fmt: skip
+    runs = c.search_runs(
+        [exp.experiment_id],
+        "tags.`harlflow.flow` = 'retune'",
+        order_by=["attributes.start_time DESC"],
+    )
     return runs
 
 
@@ -129,15 +139,19 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
     new_beta_sha = sha256_file(watch / "beta.onnx")
     serve = subprocess.Popen(
         [str(BIN / "harlflow"), "serve", str(watch), "--cron", "* * * * *", *FAST],
-        env=env, stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
+        env=env,
+        stdout=open(tmp_path / "serve.log", "wb"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         scheduled = _wait_for_run(api, "harlflow-retune", set(), timeout=240, auto_scheduled=True)
         assert scheduled["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
 
-        versions = {n: sorted(c.search_model_versions(f"name = '{n}'"), key=lambda v: int(v.version))
-                    for n in ("alpha", "beta")}  # fmt: skip
+        versions = {
+            n: sorted(c.search_model_versions(f"name = '{n}'"), key=lambda v: int(v.version))
+            for n in ("alpha", "beta")
+        }
         assert len(versions["alpha"]) == 1 and len(versions["beta"]) == 2
         assert versions["beta"][-1].tags["source_sha256"] == new_beta_sha
         run = _retune_runs(c)[0]
@@ -150,17 +164,25 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
         )
         assert run.data.metrics["retune/skipped"] == 1 and run.data.metrics["retune/optimised"] == 1
         # beta's architecture was tuned before: its tune stage measured nothing new
-        tune = c.search_runs([run.info.experiment_id],
-                             f"tags.mlflow.parentRunId = '{decisions['beta']['mlflow_run_id']}' "
-                             "and tags.mlflow.runName = 'tune'")[0]  # fmt: skip
+        tune = c.search_runs(
+            [run.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{decisions['beta']['mlflow_run_id']}' "
+            "and tags.mlflow.runName = 'tune'",
+        )[0]
         assert tune.data.metrics["tuning/trials"] == 0
         assert tune.data.metrics["tuning/tasks_from_database"] == tune.data.metrics["tuning/tasks"]
 
-        trig = subprocess.run([str(BIN / "prefect"), "deployment", "run", "retune/harlflow-retune"],
-                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        trig = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "retune/harlflow-retune"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert trig.returncode == 0, trig.stdout + trig.stderr
-        manual = _wait_for_run(api, "harlflow-retune", {scheduled["id"]}, timeout=240,
-                               auto_scheduled=False)  # fmt: skip
+        manual = _wait_for_run(
+            api, "harlflow-retune", {scheduled["id"]}, timeout=240, auto_scheduled=False
+        )
         assert manual["state_type"] == "COMPLETED"
         latest = _retune_runs(c)[0]
         assert latest.info.run_id != run.info.run_id
@@ -181,8 +203,20 @@ def test_ci_run_refused_for_a_regression_on_the_mlflow_server(ops_env, tmp_path)
     latency is bad input (exit 2)."""
     model = tmp_path / "ckpt.onnx"
     assert harlflow(ops_env, "export-example", "tiny_mlp", "--out", str(model)).returncode == 0
-    args = ["optimize", str(model), "--name", "gated-ci", "--trials", "0", "--rewrite", "none",
-            "--measure-seconds", "0.3", "--ci", "--promote"]  # fmt: skip
+    args = [
+        "optimize",
+        str(model),
+        "--name",
+        "gated-ci",
+        "--trials",
+        "0",
+        "--rewrite",
+        "none",
+        "--measure-seconds",
+        "0.3",
+        "--ci",
+        "--promote",
+    ]
     first = harlflow(ops_env, *args)
     assert first.returncode == 0, first.stderr[-3000:]
     ok = json.loads(first.stdout)  # stdout holds exactly one JSON object, the logs are on stderr
@@ -219,15 +253,34 @@ def test_rpc_measurement_survives_a_server_killed_mid_run(ops_env, tmp_path):
     rpc_server_that_dies.py, so that it always lands while a trial is in flight.)"""
     # a home of its own: in the module's home the schedule test has tuned tiny_mlp already, and a
     # run would compile from those records without measuring anything
-    env = {**ops_env, "HARLFLOW_HOME": str(tmp_path / "home"),
-           "PREFECT_HOME": str(tmp_path / "home" / "prefect")}  # fmt: skip
+    env = {
+        **ops_env,
+        "HARLFLOW_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "home" / "prefect"),
+    }
     tracker, rpc_servers, spec = start_rpc(tmp_path, "cpu-test", servers=2, die_on_session=3)
     try:
         model = tmp_path / "tiny.onnx"
         assert harlflow(env, "export-example", "tiny_mlp", "--out", str(model)).returncode == 0
-        r = harlflow(env, "optimize", str(model), "--name", "over-rpc", "--rpc", spec,
-                     "--trials", "8", "--min-trials-per-task", "2", "--rewrite", "none",
-                     "--no-measure", "--seed", "7", "--ci")  # fmt: skip
+        r = harlflow(
+            env,
+            "optimize",
+            str(model),
+            "--name",
+            "over-rpc",
+            "--rpc",
+            spec,
+            "--trials",
+            "8",
+            "--min-trials-per-task",
+            "2",
+            "--rewrite",
+            "none",
+            "--no-measure",
+            "--seed",
+            "7",
+            "--ci",
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         dead = [s for s in rpc_servers if s.proc.poll() is not None]
         assert [s.proc.returncode for s in dead] == [-signal.SIGKILL], "one server must have died"
@@ -240,9 +293,11 @@ def test_rpc_measurement_survives_a_server_killed_mid_run(ops_env, tmp_path):
 
         assert count_servers(parse_rpc(spec)) == 1  # the tracker dropped the dead server
         c = _mlflow(env)
-        tune = c.search_runs([c.get_experiment_by_name("harlflow").experiment_id],
-                             f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' "
-                             "and tags.mlflow.runName = 'tune'")[0]  # fmt: skip
+        tune = c.search_runs(
+            [c.get_experiment_by_name("harlflow").experiment_id],
+            f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' "
+            "and tags.mlflow.runName = 'tune'",
+        )[0]
         assert tune.data.params["runner"] == f"rpc {spec}"
         assert tune.data.metrics["tuning/trials_failed"] == summary["trials_failed"]
         manifest = json.loads((Path(summary["artifact"]) / "manifest.json").read_text())

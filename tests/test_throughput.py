@@ -14,12 +14,12 @@ import psutil
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from harl import tuning, compilation, database
+from harl import compilation, database, tuning
 from harl.budget import UNLIMITED_TRIALS, Deadline, format_duration, parse_duration
 from harl.builders import PersistentBuilder
 from harl.sampling import sample_schedules
-from harlflow.core.targets import resolve_target
 from harlflow.core.errors import BadInputError
+from harlflow.core.targets import resolve_target
 from tasks.importing import import_model, to_relax
 
 
@@ -30,10 +30,13 @@ def _conv_onnx(path):
     )
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["y"])]  # fmt: skip
-    model = helper.make_model(helper.make_graph(nodes, "conv", [x], [y], [w]),
-                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "conv", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
@@ -87,8 +90,11 @@ def test_register_blocked_samples_are_valid_and_tile_the_output_channels(conv):
     again = sample_schedules(task, target, 4, seed=3, micro_kernel=1.0)
     assert [str(s.trace) for s in samples] == [str(s.trace) for s in again]  # seeded
     for sch in samples:
-        tiles = [sch.trace.decisions[i] for i in sch.trace.insts
-                 if i.kind.name == "SamplePerfectTile" and int(i.attrs[0]) == 4]  # fmt: skip
+        tiles = [
+            sch.trace.decisions[i]
+            for i in sch.trace.insts
+            if i.kind.name == "SamplePerfectTile" and int(i.attrs[0]) == 4
+        ]
         assert int(tiles[-1][-1]) == 16  # 16 output channels: one 16-lane vector innermost
 
 
@@ -98,8 +104,10 @@ def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(c
 
     _, _, target, task = conv
     tgt = tvm.target.Target(target)
-    inputs = [ms.builder.BuilderInput(s.mod, tgt)
-              for s in sample_schedules(task, target, 4, seed=0, micro_kernel=1.0)]  # fmt: skip
+    inputs = [
+        ms.builder.BuilderInput(s.mod, tgt)
+        for s in sample_schedules(task, target, 4, seed=0, micro_kernel=1.0)
+    ]
     builder = PersistentBuilder(max_workers=2, timeout_sec=60)
     seen: set[int] = set()
     try:
@@ -144,8 +152,14 @@ def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(c
 def test_time_budget_stops_tuning_keeps_every_trial_and_leaves_no_process(conv, tmp_path):
     _, mod, target, _ = conv
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    result = tuning.tune(mod, target, tmp_path / "db", trials=UNLIMITED_TRIALS,
-                         time_budget_s=12, min_trials_per_task=4)  # fmt: skip
+    result = tuning.tune(
+        mod,
+        target,
+        tmp_path / "db",
+        trials=UNLIMITED_TRIALS,
+        time_budget_s=12,
+        min_trials_per_task=4,
+    )
     assert 0 < result.trials < UNLIMITED_TRIALS  # the deadline, not the trial count, ended it
     assert result.summary()["time_budget_s"] == 12
     assert len(result.history) == result.trials  # progress after every measured trial
@@ -154,8 +168,11 @@ def test_time_budget_stops_tuning_keeps_every_trial_and_leaves_no_process(conv, 
     tasks = compilation.extract_tasks(mod, target)
     assert database.count_records(db, tasks, target) == result.trials  # every trial was kept
     time.sleep(1)
-    left = [p for p in psutil.Process().children(recursive=True)
-            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+    left = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+    ]
     assert not left, [p.cmdline() for p in left]
 
 
@@ -185,7 +202,9 @@ def test_prepacked_conv_artifact_verifies_through_the_runtime(conv, tmp_path):
 
     # the tuned convolution reads its weight in a blocked layout that was folded at compile time
     db = database.open_database(db_dir)
-    compiled_db, _ = compilation.compile_database(db, compilation.extract_tasks(mod, target), target, 0)
+    compiled_db, _ = compilation.compile_database(
+        db, compilation.extract_tasks(mod, target), target, 0
+    )
     scheduled = compilation.apply_database(mod, target, compiled_db)
     main = scheduled["main"]
     assert len(main.params) == 1  # the model's input only: no transform_params for users
@@ -200,8 +219,15 @@ def test_prepacked_conv_artifact_verifies_through_the_runtime(conv, tmp_path):
         if "weight_prepack" in gv.name_hint or "transform_params" in gv.name_hint
     ]
 
-    artifact = package(imported, target, database_dir=db_dir, home=tmp_path / "home",
-                       tune_summary=result.summary(), measure=False, log=lambda *_: None)  # fmt: skip
+    artifact = package(
+        imported,
+        target,
+        database_dir=db_dir,
+        home=tmp_path / "home",
+        tune_summary=result.summary(),
+        measure=False,
+        log=lambda *_: None,
+    )
     model = runtime.load(artifact.directory)
     inputs, expected = load_reference(str(imported.reference_path))
     got = model(**inputs)

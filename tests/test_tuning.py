@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from harl import tuning, compilation, database, sampling
-from harlflow.core.targets import resolve_target
+from harl import compilation, database, sampling, tuning
 from harlflow.core.errors import BadInputError
 from harlflow.core.signature import TensorSpec
+from harlflow.core.targets import resolve_target
 from tasks.importing import to_relax
 
 
@@ -35,10 +35,13 @@ def test_target_shorthands_and_errors():
     assert host["kind"] == "llvm" and host["mcpu"] and host["num-cores"] >= 1
     assert resolve_target(None) == host
     assert resolve_target('{"kind": "llvm", "mcpu": "znver5"}')["num-cores"] == host["num-cores"]
-    for bad, msg in [("llvm -mcpu=znver5", "unknown target"), ("{nope", "not valid JSON"),
-                     ('{"kind": "no-such-kind"}', "invalid TVM target"),
-                     ('{"kind": "cuda"}', "unsupported --target kind 'cuda'"),
-                     ('{"kind": "c"}', "CPU .llvm. targets only")]:  # fmt: skip
+    for bad, msg in [
+        ("llvm -mcpu=znver5", "unknown target"),
+        ("{nope", "not valid JSON"),
+        ('{"kind": "no-such-kind"}', "invalid TVM target"),
+        ('{"kind": "cuda"}', "unsupported --target kind 'cuda'"),
+        ('{"kind": "c"}', "CPU .llvm. targets only"),
+    ]:
         with pytest.raises(BadInputError, match=msg):
             resolve_target(bad)
 
@@ -76,9 +79,15 @@ def test_records_are_per_target(matmul_tasks, tmp_path):
     db = database.open_database(tmp_path / "db")
     sch = sampling.sample_schedules(task, target, 1, seed=0)[0]
     mod = task.dispatched[0]
-    db.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, db.commit_workload(mod), [1e-5], tvm.target.Target(target),
-        ms.arg_info.ArgInfo.from_prim_func(mod["main"])))  # fmt: skip
+    db.commit_tuning_record(
+        ms.database.TuningRecord(
+            sch.trace,
+            db.commit_workload(mod),
+            [1e-5],
+            tvm.target.Target(target),
+            ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
+        )
+    )
     assert len(database.best_records(db, mod, target)) == 1
     other = {**target, "mcpu": "skylake-avx512" if target["mcpu"] != "skylake-avx512" else "znver4"}
     assert database.best_records(db, mod, other) == []
@@ -102,8 +111,15 @@ def test_warmup_records_replay_and_search_continues_from_them(matmul_tasks, tmp_
     evolutionary search aborts when it starts from them (a bug we hit on small_cnn)."""
     mod, target, tasks = matmul_tasks
     progress = []
-    res = tuning.tune(mod, target, tmp_path / "db", trials=8, min_trials_per_task=2, seed=0,
-                      on_progress=progress.append)  # fmt: skip
+    res = tuning.tune(
+        mod,
+        target,
+        tmp_path / "db",
+        trials=8,
+        min_trials_per_task=2,
+        seed=0,
+        on_progress=progress.append,
+    )
     assert res.trials >= 8 and progress and progress[-1].trials == res.trials
     assert all(t.schedule == "tuned" and t.best_us > 0 for t in res.tasks)
     db = database.open_database(tmp_path / "db")
@@ -130,13 +146,30 @@ def test_a_model_with_no_tuning_task_is_packaged_with_what_tvm_compiles(tmp_path
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
     node = helper.make_node("Unique", ["x"], ["y"], sorted=1)
     graph = helper.make_graph([node], "unique", [x], [y])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              tmp_path / "unique.onnx")  # fmt: skip
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        tmp_path / "unique.onnx",
+    )
     m = import_model(str(tmp_path / "unique.onnx"), cache_dir=tmp_path / "cache")
     target = resolve_target("cpu")
-    result = tune_model(m, target, database_dir=tmp_path / "db", trials=8, strategy="evolutionary",
-                        seed=0, min_trials_per_task=1, log=lambda *_: None)  # fmt: skip
+    result = tune_model(
+        m,
+        target,
+        database_dir=tmp_path / "db",
+        trials=8,
+        strategy="evolutionary",
+        seed=0,
+        min_trials_per_task=1,
+        log=lambda *_: None,
+    )
     assert result.tasks == [] and result.trials == 0
-    art = package(m, target, database_dir=tmp_path / "db", home=tmp_path / "home",
-                  tune_summary=result.summary(), measure=False, log=lambda *_: None)  # fmt: skip
+    art = package(
+        m,
+        target,
+        database_dir=tmp_path / "db",
+        home=tmp_path / "home",
+        tune_summary=result.summary(),
+        measure=False,
+        log=lambda *_: None,
+    )
     assert all(r["within_tolerance"] for r in art.manifest["verification"].values())

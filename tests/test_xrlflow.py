@@ -36,8 +36,13 @@ def fire_module() -> ir.Graph:
         helper.make_node("Relu", ["e3"], ["r3"], name="relu3"),
         helper.make_node("Concat", ["r1", "r3"], ["y"], name="concat", axis=1),
     ]
-    g = helper.make_graph(nodes, "fire", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)  # fmt: skip
+    g = helper.make_graph(
+        nodes,
+        "fire",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        inits,
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # onnx 1.23 writes 14; onnxruntime 1.31 reads up to 13
     return ir.check(ir.from_onnx(model))

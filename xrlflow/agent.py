@@ -89,10 +89,13 @@ def featurize(g: Graph, oracle: CostOracle, base_cost: float) -> GraphTensors:
             e += [d + [1.0], d + [-1.0]]
     cost = sum(oracle.op_cost(g, n) for n in g.nodes)
     glob = [cost / base_cost if base_cost > 0 else 1.0, len(g.nodes) / 100.0]
-    return GraphTensors(torch.from_numpy(x), torch.tensor(src, dtype=torch.long),
-                        torch.tensor(dst, dtype=torch.long),
-                        torch.tensor(e, dtype=torch.float32).reshape(-1, EDGE_DIM),
-                        torch.tensor(glob, dtype=torch.float32))  # fmt: skip
+    return GraphTensors(
+        torch.from_numpy(x),
+        torch.tensor(src, dtype=torch.long),
+        torch.tensor(dst, dtype=torch.long),
+        torch.tensor(e, dtype=torch.float32).reshape(-1, EDGE_DIM),
+        torch.tensor(glob, dtype=torch.float32),
+    )
 
 
 def _union(graphs: list[GraphTensors]):
@@ -105,8 +108,14 @@ def _union(graphs: list[GraphTensors]):
         es.append(gt.e)
         batch.append(torch.full((gt.x.shape[0],), k, dtype=torch.long))
         off += gt.x.shape[0]
-    return (torch.cat(xs), torch.cat(srcs), torch.cat(dsts), torch.cat(es), torch.cat(batch),
-            torch.stack([gt.glob for gt in graphs]))  # fmt: skip
+    return (
+        torch.cat(xs),
+        torch.cat(srcs),
+        torch.cat(dsts),
+        torch.cat(es),
+        torch.cat(batch),
+        torch.stack([gt.glob for gt in graphs]),
+    )
 
 
 class GATLayer(nn.Module):
@@ -269,16 +278,24 @@ class XRLflowAgent:
         samples, adv, ret = advantages(episodes, last_values, self.cfg, self.cfg.reward_scale)
         if not samples:
             return {}
-        return ppo_update(self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret,
-                          self.cfg)  # fmt: skip
+        return ppo_update(
+            self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.cfg
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"config": asdict(self.cfg), "rules": self.rule_names, "ops": OPS,
-                    "weights": self.net.state_dict()}, tmp)  # fmt: skip
+        torch.save(
+            {
+                "config": asdict(self.cfg),
+                "rules": self.rule_names,
+                "ops": OPS,
+                "weights": self.net.state_dict(),
+            },
+            tmp,
+        )
         tmp.replace(path)
 
     @classmethod
@@ -288,8 +305,10 @@ class XRLflowAgent:
         blob = torch.load(str(path), weights_only=True)  # never unpickle arbitrary objects
         rules = rules or R.RULES
         if blob["rules"] != [r.name for r in rules] or blob["ops"] != OPS:
-            raise ValueError(f"{path}: checkpoint was trained with a different rule library or op "
-                             "vocabulary; retrain it (harlflow rewrite-train)")  # fmt: skip
+            raise ValueError(
+                f"{path}: checkpoint was trained with a different rule library or op "
+                "vocabulary; retrain it (harlflow rewrite-train)"
+            )
         agent = cls(AgentConfig(**blob["config"]), rules, seed)
         agent.net.load_state_dict(blob["weights"])
         return agent
@@ -298,8 +317,13 @@ class XRLflowAgent:
 # ---------------------------------------------------------------------------- training / inference
 
 
-def run_episode(env, agent: XRLflowAgent, model: str | None = None, greedy: bool = False,
-                seed: int | None = None) -> tuple[list[Sample], float, dict]:  # fmt: skip
+def run_episode(
+    env,
+    agent: XRLflowAgent,
+    model: str | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+) -> tuple[list[Sample], float, dict]:
     """One episode; returns (transitions, bootstrap value of the last state, last info)."""
     obs, info = env.reset(seed=seed, options={"model": model} if model else None)
     base = env.oracle.estimate(env.graphs[info["model"]])
@@ -314,8 +338,14 @@ def run_episode(env, agent: XRLflowAgent, model: str | None = None, greedy: bool
             return traj, last, info
 
 
-def train(env, agent: XRLflowAgent, iterations: int = 20, episodes_per_iter: int = 4,
-          callback: Callable[[int, dict], None] | None = None, seed: int = 0) -> list[dict]:  # fmt: skip
+def train(
+    env,
+    agent: XRLflowAgent,
+    iterations: int = 20,
+    episodes_per_iter: int = 4,
+    callback: Callable[[int, dict], None] | None = None,
+    seed: int = 0,
+) -> list[dict]:
     """PPO on ``env``'s models; ``callback(iteration, metrics)`` gets the learning curve."""
     history = []
     rng = np.random.default_rng(seed)

@@ -67,8 +67,13 @@ class OrtOracle(_Base):
 
     name = "onnxruntime"
 
-    def __init__(self, level: str = "disable", threads: int = 1, op_seconds: float = 0.02,
-                 e2e_seconds: float = 0.3):  # fmt: skip
+    def __init__(
+        self,
+        level: str = "disable",
+        threads: int = 1,
+        op_seconds: float = 0.02,
+        e2e_seconds: float = 0.3,
+    ):
         self.level, self.threads = level, threads
         self.op_seconds, self.e2e_seconds = op_seconds, e2e_seconds
         self.op_cache: dict[tuple, float] = {}
@@ -100,15 +105,23 @@ class OrtOracle(_Base):
                 return 0.0  # unknown shape: no basis for a measurement
             inputs.append(helper.make_tensor_value_info(i, et, shape))
             dtype = helper.tensor_dtype_to_np_dtype(et)
-            feeds[i] = (rng.standard_normal(shape) if np.issubdtype(dtype, np.floating)
-                        else rng.integers(0, 2, shape)).astype(dtype)  # fmt: skip
-        outs = [helper.make_tensor_value_info(o, g.elem_type(o) or 0, g.static_shape(o))
-                for o in n.outputs if o]  # fmt: skip
+            feeds[i] = (
+                rng.standard_normal(shape)
+                if np.issubdtype(dtype, np.floating)
+                else rng.integers(0, 2, shape)
+            ).astype(dtype)
+        outs = [
+            helper.make_tensor_value_info(o, g.elem_type(o) or 0, g.static_shape(o))
+            for o in n.outputs
+            if o
+        ]
         node = helper.make_node(
             n.op, list(n.inputs), list(n.outputs), domain=n.domain or None, **n.attrs
         )
-        model = helper.make_model(helper.make_graph([node], "op", inputs, outs, inits),
-                                  opset_imports=[helper.make_opsetid(d, v) for d, v in g.opsets.items()])  # fmt: skip
+        model = helper.make_model(
+            helper.make_graph([node], "op", inputs, outs, inits),
+            opset_imports=[helper.make_opsetid(d, v) for d, v in g.opsets.items()],
+        )
         model.ir_version = g.ir_version
         try:
             sess = session(model, "disable", self.threads)

@@ -69,9 +69,16 @@ class _Episode:
 class RewriteEnv(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, graphs: dict[str, Graph], oracle: CostOracle, rules: list[R.Rule] | None = None,
-                 max_steps: int = 20, measure_every: int = 5, max_candidates: int = 64,
-                 candidate_cache: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        graphs: dict[str, Graph],
+        oracle: CostOracle,
+        rules: list[R.Rule] | None = None,
+        max_steps: int = 20,
+        measure_every: int = 5,
+        max_candidates: int = 64,
+        candidate_cache: dict | None = None,
+    ):
         if not graphs:
             raise ValueError("RewriteEnv needs at least one graph")
         self.graphs = {k: check(g) for k, g in graphs.items()}

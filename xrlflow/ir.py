@@ -120,8 +120,13 @@ class Graph:
         return names
 
     # ------------------------------------------------------------------ rewriting
-    def replace(self, remove: list[Node], add: list[Node], inits: dict[str, np.ndarray] | None = None,
-                rename: dict[str, str] | None = None) -> Graph:  # fmt: skip
+    def replace(
+        self,
+        remove: list[Node],
+        add: list[Node],
+        inits: dict[str, np.ndarray] | None = None,
+        rename: dict[str, str] | None = None,
+    ) -> Graph:
         """A new graph without ``remove``, with ``add``, new initializers, and uses renamed.
 
         ``rename`` maps a tensor to the tensor that now carries its value (e.g. an eliminated
@@ -159,16 +164,32 @@ class Graph:
             return x
 
         # new nodes take the place of the first node whose value they replace (stable order)
-        at = min((i for i, n in enumerate(self.nodes) if any(o in rename for o in n.outputs)),
-                 default=len(self.nodes))  # fmt: skip
+        at = min(
+            (i for i, n in enumerate(self.nodes) if any(o in rename for o in n.outputs)),
+            default=len(self.nodes),
+        )
         nodes = [n for n in self.nodes[:at] if id(n) not in gone] + add
         nodes += [n for n in self.nodes[at:] if id(n) not in gone]
-        nodes = [n if not any(i in rename for i in n.inputs) else
-                 Node(n.name, n.op, tuple(r(i) for i in n.inputs), n.outputs, n.attrs, n.domain)
-                 for n in nodes]  # fmt: skip
+        nodes = [
+            n
+            if not any(i in rename for i in n.inputs)
+            else Node(n.name, n.op, tuple(r(i) for i in n.inputs), n.outputs, n.attrs, n.domain)
+            for n in nodes
+        ]
         nodes += keep
-        g = Graph(nodes, list(self.inputs), list(self.outputs), {}, {}, self.name,
-                  dict(self.opsets), self.ir_version, dict(self.metadata), self.producer, self._ids)  # fmt: skip
+        g = Graph(
+            nodes,
+            list(self.inputs),
+            list(self.outputs),
+            {},
+            {},
+            self.name,
+            dict(self.opsets),
+            self.ir_version,
+            dict(self.metadata),
+            self.producer,
+            self._ids,
+        )
         g.nodes = _live(toposort(g), out_names)
         used = {i for n in g.nodes for i in n.inputs} | out_names
         g.initializers = {
@@ -180,10 +201,17 @@ class Graph:
         """This graph with ``values`` filled by strict ONNX shape inference."""
         # large constants travel as typed inputs: inference needs their types, not their bytes
         big = {k for k, a in self.initializers.items() if a.size > 64}
-        light = Graph(self.nodes, self.inputs + [Value(k, _elem(self.initializers[k]), self.initializers[k].shape)
-                                                 for k in big],
-                      self.outputs, {k: a for k, a in self.initializers.items() if k not in big}, {},
-                      self.name, self.opsets, self.ir_version)  # fmt: skip
+        light = Graph(
+            self.nodes,
+            self.inputs
+            + [Value(k, _elem(self.initializers[k]), self.initializers[k].shape) for k in big],
+            self.outputs,
+            {k: a for k, a in self.initializers.items() if k not in big},
+            {},
+            self.name,
+            self.opsets,
+            self.ir_version,
+        )
         try:
             model = onnx.shape_inference.infer_shapes(
                 to_onnx(light, with_values=False), strict_mode=True, data_prop=True
@@ -221,7 +249,7 @@ class Graph:
                         sorted((k, _attr_key(v)) for k, v in n.attrs.items()),
                         [memo.get(i, i) for i in n.inputs],
                     )
-                ).encode()  # fmt: skip
+                ).encode()
             ).hexdigest()
             node_hashes.append(h)
             for j, o in enumerate(n.outputs):
@@ -288,8 +316,9 @@ def _value(vi: onnx.ValueInfoProto) -> Value:
     t = vi.type.tensor_type
     shape = None
     if t.HasField("shape"):
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                      for d in t.shape.dim)  # fmt: skip
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+        )
     return Value(vi.name, t.elem_type, shape)
 
 
@@ -300,8 +329,14 @@ def _value_info(v: Value) -> onnx.ValueInfoProto:
 
 
 def _rename_node(n: Node, m: dict[str, str], outputs: bool = False) -> Node:
-    return Node(n.name, n.op, tuple(m.get(i, i) for i in n.inputs),
-                tuple(m.get(o, o) for o in n.outputs) if outputs else n.outputs, n.attrs, n.domain)  # fmt: skip
+    return Node(
+        n.name,
+        n.op,
+        tuple(m.get(i, i) for i in n.inputs),
+        tuple(m.get(o, o) for o in n.outputs) if outputs else n.outputs,
+        n.attrs,
+        n.domain,
+    )
 
 
 def _live(order: list[Node], outputs: set[str]) -> list[Node]:
@@ -353,8 +388,16 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
     nodes = []
     for i, n in enumerate(g.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        nodes.append(Node(n.name or f"{n.op_type}_{i}", n.op_type, tuple(n.input), tuple(n.output),
-                          attrs, n.domain))  # fmt: skip
+        nodes.append(
+            Node(
+                n.name or f"{n.op_type}_{i}",
+                n.op_type,
+                tuple(n.input),
+                tuple(n.output),
+                attrs,
+                n.domain,
+            )
+        )
     graph = Graph(
         nodes=nodes,
         inputs=[_value(v) for v in g.input if v.name not in inits],
@@ -383,8 +426,11 @@ def _node_proto(n: Node) -> onnx.NodeProto:
         n.op, list(n.inputs), list(n.outputs), name=n.name, domain=n.domain or None
     )
     for k, v in n.attrs.items():
-        node.attribute.append(helper.make_attribute(k, v) if not isinstance(v, np.ndarray)
-                              else helper.make_attribute(k, numpy_helper.from_array(v)))  # fmt: skip
+        node.attribute.append(
+            helper.make_attribute(k, v)
+            if not isinstance(v, np.ndarray)
+            else helper.make_attribute(k, numpy_helper.from_array(v))
+        )
     if len(_PROTOS) > 200_000:
         _PROTOS.clear()
     _PROTOS[id(n)] = (n, node)
@@ -404,12 +450,14 @@ def to_onnx(g: Graph, with_values: bool = True) -> onnx.ModelProto:
             _value_info(v)
             for k, v in g.values.items()
             if with_values and k not in set(g.output_names)
-        ],  # fmt: skip
+        ],
     )
     model = helper.make_model(
-        graph, opset_imports=[_opset(d, v) for d, v in g.opsets.items()],
-        producer_name=g.producer[0], producer_version=g.producer[1],
-    )  # fmt: skip
+        graph,
+        opset_imports=[_opset(d, v) for d, v in g.opsets.items()],
+        producer_name=g.producer[0],
+        producer_version=g.producer[1],
+    )
     model.ir_version = g.ir_version
     for k, v in g.metadata.items():
         model.metadata_props.add(key=k, value=v)
@@ -438,8 +486,10 @@ def check(g: Graph, reference_outputs: list[Value] | None = None) -> Graph:
     for n in g.nodes:
         for i in n.inputs:
             if i and i not in seen:
-                raise GraphError(f"node {n.name!r} ({n.op}) reads {i!r} before it is produced "
-                                 "(missing producer or a cycle)")  # fmt: skip
+                raise GraphError(
+                    f"node {n.name!r} ({n.op}) reads {i!r} before it is produced "
+                    "(missing producer or a cycle)"
+                )
         seen.update(o for o in n.outputs if o)
     for o in g.output_names:
         if o not in seen:
@@ -456,8 +506,9 @@ def _compatible(a, b) -> bool:
     """Same rank and equal wherever both dims are known (a symbolic dim may become concrete)."""
     if a is None or b is None:
         return True
-    return len(a) == len(b) and all(not (isinstance(x, int) and isinstance(y, int)) or x == y
-                                    for x, y in zip(a, b, strict=True))  # fmt: skip
+    return len(a) == len(b) and all(
+        not (isinstance(x, int) and isinstance(y, int)) or x == y for x, y in zip(a, b, strict=True)
+    )
 
 
 def load(path) -> Graph:

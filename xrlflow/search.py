@@ -42,14 +42,26 @@ class Result:
         counts: dict[str, int] = {}
         for s in self.steps:
             counts[s.rule] = counts.get(s.rule, 0) + 1
-        return {"method": self.method, "latency_before_ms": self.latency_before * 1e3,
-                "latency_after_ms": self.latency_after * 1e3, "speedup": self.speedup,
-                "seconds": self.seconds, "explored": self.explored, "rules_applied": counts,
-                "steps": [f"{s.rule}@{s.node}" for s in self.steps], "nodes": len(self.graph.nodes)}  # fmt: skip
+        return {
+            "method": self.method,
+            "latency_before_ms": self.latency_before * 1e3,
+            "latency_after_ms": self.latency_after * 1e3,
+            "speedup": self.speedup,
+            "seconds": self.seconds,
+            "explored": self.explored,
+            "rules_applied": counts,
+            "steps": [f"{s.rule}@{s.node}" for s in self.steps],
+            "nodes": len(self.graph.nodes),
+        }
 
 
-def greedy(g: Graph, oracle: CostOracle, rules: list[R.Rule] | None = None, max_steps: int = 200,
-           min_gain: float = 1e-4) -> Result:  # fmt: skip
+def greedy(
+    g: Graph,
+    oracle: CostOracle,
+    rules: list[R.Rule] | None = None,
+    max_steps: int = 200,
+    min_gain: float = 1e-4,
+) -> Result:
     t0, rules = time.monotonic(), rules or R.RULES
     g = check(g)
     before, est, steps, explored = oracle.measure(g), oracle.estimate(g), [], 0
@@ -67,8 +79,13 @@ def greedy(g: Graph, oracle: CostOracle, rules: list[R.Rule] | None = None, max_
     return Result("greedy", g, steps, before, oracle.measure(g), time.monotonic() - t0, explored)
 
 
-def backtracking(g: Graph, oracle: CostOracle, rules: list[R.Rule] | None = None, alpha: float = 1.05,
-                 budget: int = 300) -> Result:  # fmt: skip
+def backtracking(
+    g: Graph,
+    oracle: CostOracle,
+    rules: list[R.Rule] | None = None,
+    alpha: float = 1.05,
+    budget: int = 300,
+) -> Result:
     t0, rules = time.monotonic(), rules or R.RULES
     g = check(g)
     before = oracle.measure(g)
@@ -93,12 +110,28 @@ def backtracking(g: Graph, oracle: CostOracle, rules: list[R.Rule] | None = None
             if e < alpha * best[0]:
                 heapq.heappush(queue, (e, tie, c.graph, path))
                 tie += 1
-    return Result("backtracking", best[1], best[2], before, oracle.measure(best[1]),
-                  time.monotonic() - t0, explored, {"alpha": alpha, "budget": budget, "expanded": expanded})  # fmt: skip
+    return Result(
+        "backtracking",
+        best[1],
+        best[2],
+        before,
+        oracle.measure(best[1]),
+        time.monotonic() - t0,
+        explored,
+        {"alpha": alpha, "budget": budget, "expanded": expanded},
+    )
 
 
-def xrlflow(g: Graph, agent, oracle: CostOracle, rules: list[R.Rule] | None = None, rollouts: int = 4,
-            max_steps: int = 40, measure_every: int = 5, seed: int = 0) -> Result:  # fmt: skip
+def xrlflow(
+    g: Graph,
+    agent,
+    oracle: CostOracle,
+    rules: list[R.Rule] | None = None,
+    rollouts: int = 4,
+    max_steps: int = 40,
+    measure_every: int = 5,
+    seed: int = 0,
+) -> Result:
     """The policy greedily, then ``rollouts`` sampled episodes; the best measured graph wins."""
     from xrlflow.agent import run_episode
 
@@ -115,13 +148,29 @@ def xrlflow(g: Graph, agent, oracle: CostOracle, rules: list[R.Rule] | None = No
         steps = info["steps"][:n]
         if best is None or lat < best[0]:
             best = (lat, graph, steps)
-    return Result("xrlflow", best[1], best[2], before, best[0], time.monotonic() - t0, rollouts + 1,
-                  {"rollouts": rollouts})  # fmt: skip
+    return Result(
+        "xrlflow",
+        best[1],
+        best[2],
+        before,
+        best[0],
+        time.monotonic() - t0,
+        rollouts + 1,
+        {"rollouts": rollouts},
+    )
 
 
 def best_of(original: Graph, result: Result) -> Result:
     """``result``, unless its graph measured slower than the input: then the input unchanged."""
     if result.latency_after <= result.latency_before:
         return result
-    return Result(result.method, original, [], result.latency_before, result.latency_before,
-                  result.seconds, result.explored, {**result.notes, "reverted": True})  # fmt: skip
+    return Result(
+        result.method,
+        original,
+        [],
+        result.latency_before,
+        result.latency_before,
+        result.seconds,
+        result.explored,
+        {**result.notes, "reverted": True},
+    )

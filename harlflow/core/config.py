@@ -1,4 +1,4 @@
-"""Where the embedded stores live (``HARLFLOW_HOME``, default ``./artifacts``), read at call time."""
+"""Where the embedded stores live (``HARLFLOW_HOME``, default ``./artifacts``), read per call."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def parse_input_spec(text: str) -> TensorSpec:
 
 
 def example_inputs(specs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs: floats ~ N(0, 1); integers in [0, 2) so they are valid indices; random bools."""
+    """Seeded inputs: floats ~ N(0, 1); integers in [0, 2) (valid indices); random bools."""
     rng = np.random.default_rng(seed)
     out = {}
     for s in specs:

@@ -63,7 +63,7 @@ def resolve_target(spec: str | dict[str, Any] | None) -> dict[str, Any]:
         target["num-cores"] = host_target()["num-cores"]
     kind = target.get("kind")
     if kind is None:
-        raise BadInputError(f"--target {json.dumps(target)} has no \"kind\" (e.g. \"llvm\")")
+        raise BadInputError(f'--target {json.dumps(target)} has no "kind" (e.g. "llvm")')
     if kind not in SUPPORTED_KINDS:  # checked before TVM parses it (cuda's parser warns on stderr)
         if kind not in tvm.target.Target.list_kinds():
             raise BadInputError(f"invalid TVM target {json.dumps(target)}: no target kind {kind!r}")

@@ -31,6 +31,13 @@ BY_NAME = {r.name: r for r in RULES}
 assert len(BY_NAME) == len(RULES), "rule names must be unique"
 
 __all__ = [
-    "BY_NAME", "RULES", "Candidate", "Match", "Rewrite", "Rule", "RuleError", "apply",
+    "BY_NAME",
+    "RULES",
+    "Candidate",
+    "Match",
+    "Rewrite",
+    "Rule",
+    "RuleError",
+    "apply",
     "candidates",
-]  # fmt: skip
+]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from xrlflow.ir import Node
 from xrlflow.rules import common as C
 from xrlflow.rules import examples as ex

@@ -7,7 +7,6 @@ import numpy as np
 from xrlflow.ir import Node
 from xrlflow.rules.engine import Match, Rewrite
 
-
 FLOAT = (np.float32, np.float64, np.float16)
 
 
@@ -84,8 +83,15 @@ def conv_channel_fold(m: Match, n: Node):
     return None if v is None else (hit[0], *parts, v)
 
 
-NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                     "Multinomial", "Bernoulli", "Dropout"}  # fmt: skip
+NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "Dropout",
+}
 
 
 def passthrough(m: Match, n: Node, src: str):

@@ -11,7 +11,6 @@ from xrlflow.rules import common as C
 from xrlflow.rules import examples as ex
 from xrlflow.rules.engine import Match, Rewrite, Rule
 
-
 _FOLD_LIMIT = 1 << 22  # elements: never materialise huge constants
 
 
@@ -24,10 +23,12 @@ def constant_fold(m: Match, n: Node):
     from onnx.reference import ReferenceEvaluator
 
     sub = helper.make_graph(
-        [helper.make_node(n.op, list(n.inputs), list(n.outputs), **n.attrs)], "fold",
-        [], [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in n.outputs if o],
+        [helper.make_node(n.op, list(n.inputs), list(n.outputs), **n.attrs)],
+        "fold",
+        [],
+        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in n.outputs if o],
         [numpy_helper.from_array(m.c(i), i) for i in dict.fromkeys(ins)],
-    )  # fmt: skip
+    )
     model = helper.make_model(
         sub, opset_imports=[helper.make_opsetid(d, v) for d, v in m.g.opsets.items()]
     )

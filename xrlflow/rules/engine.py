@@ -20,7 +20,7 @@ from xrlflow.ir import Graph, GraphError, Node, check
 
 @dataclass
 class Rewrite:
-    """New nodes and initializers, and ``rename``: old tensor → the new tensor carrying its value."""
+    """New nodes and initializers; ``rename``: old tensor → the new tensor carrying its value."""
 
     add: list[Node]
     rename: dict[str, str]

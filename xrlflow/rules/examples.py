@@ -12,14 +12,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def model(rng: np.random.Generator, nodes: list, inputs: dict[str, list[int]], outputs: list[str],
-           inits: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:  # fmt: skip
+def model(
+    rng: np.random.Generator,
+    nodes: list,
+    inputs: dict[str, list[int]],
+    outputs: list[str],
+    inits: dict[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
     """A float32 ONNX model; ``nodes`` are ``(op, inputs, outputs, attrs)`` tuples."""
     g = helper.make_graph(
         [
             helper.make_node(op, list(i), list(o), name=f"n{k}", **(a or {}))
             for k, (op, i, o, a) in enumerate(nodes)
-        ],  # fmt: skip
+        ],
         "example",
         [helper.make_tensor_value_info(k, TensorProto.FLOAT, s) for k, s in inputs.items()],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
@@ -48,17 +53,36 @@ def conv_then(op: str, const_shape):
             ("Conv", ["x", "w", "b"], ["c"], {"pads": [1, 1, 1, 1]}),
             (op, ["c", "k"], ["y"], None),
         ]
-        return model(rng, nodes, {"x": [1, 4, 6, 6]}, ["y"],
-                      {"w": rand(rng, 5, 4, 3, 3), "b": rand(rng, 5), "k": pos(rng, *const_shape)})  # fmt: skip
+        return model(
+            rng,
+            nodes,
+            {"x": [1, 4, 6, 6]},
+            ["y"],
+            {"w": rand(rng, 5, 4, 3, 3), "b": rand(rng, 5), "k": pos(rng, *const_shape)},
+        )
 
     return ex
 
 
 def conv_bn(rng):
-    nodes = [("Conv", ["x", "w", "b"], ["c"], {"pads": [1, 1, 1, 1]}),
-             ("BatchNormalization", ["c", "s", "t", "mu", "var"], ["y"], {"epsilon": 1e-3})]  # fmt: skip
-    return model(rng, nodes, {"x": [1, 4, 6, 6]}, ["y"], {"w": rand(rng, 5, 4, 3, 3), "b": rand(rng, 5),
-                  "s": pos(rng, 5), "t": rand(rng, 5), "mu": rand(rng, 5), "var": pos(rng, 5)})  # fmt: skip
+    nodes = [
+        ("Conv", ["x", "w", "b"], ["c"], {"pads": [1, 1, 1, 1]}),
+        ("BatchNormalization", ["c", "s", "t", "mu", "var"], ["y"], {"epsilon": 1e-3}),
+    ]
+    return model(
+        rng,
+        nodes,
+        {"x": [1, 4, 6, 6]},
+        ["y"],
+        {
+            "w": rand(rng, 5, 4, 3, 3),
+            "b": rand(rng, 5),
+            "s": pos(rng, 5),
+            "t": rand(rng, 5),
+            "mu": rand(rng, 5),
+            "var": pos(rng, 5),
+        },
+    )
 
 
 def matmul_then(op: str, const_shape, rank3: bool = False):
@@ -87,23 +111,38 @@ def gemm_then(op: str):
             ("Gemm", ["x", "w", "c"], ["g"], {"transB": 1, "beta": 0.5}),
             (op, ["g", "k"], ["y"], None),
         ]
-        return model(rng, nodes, {"x": [3, 8]}, ["y"],
-                      {"w": rand(rng, 6, 8), "c": rand(rng, 6), "k": pos(rng, 6)})  # fmt: skip
+        return model(
+            rng,
+            nodes,
+            {"x": [3, 8]},
+            ["y"],
+            {"w": rand(rng, 6, 8), "c": rand(rng, 6), "k": pos(rng, 6)},
+        )
 
     return ex
 
 
 def bn(rng):
-    nodes = [("Relu", ["x"], ["r"], None),
-             ("BatchNormalization", ["r", "s", "t", "mu", "var"], ["y"], None)]  # fmt: skip
-    return model(rng, nodes, {"x": [2, 3, 4, 4]}, ["y"], {"s": pos(rng, 3), "t": rand(rng, 3),
-                  "mu": rand(rng, 3), "var": pos(rng, 3)})  # fmt: skip
+    nodes = [
+        ("Relu", ["x"], ["r"], None),
+        ("BatchNormalization", ["r", "s", "t", "mu", "var"], ["y"], None),
+    ]
+    return model(
+        rng,
+        nodes,
+        {"x": [2, 3, 4, 4]},
+        ["y"],
+        {"s": pos(rng, 3), "t": rand(rng, 3), "mu": rand(rng, 3), "var": pos(rng, 3)},
+    )
 
 
 def chain(op: str, op2: str | None = None):
     def ex(rng):
-        nodes = [("Relu", ["x"], ["r"], None), (op, ["r", "k1"], ["a"], None),
-                 (op2 or op, ["a", "k2"], ["y"], None)]  # fmt: skip
+        nodes = [
+            ("Relu", ["x"], ["r"], None),
+            (op, ["r", "k1"], ["a"], None),
+            (op2 or op, ["a", "k2"], ["y"], None),
+        ]
         return model(rng, nodes, {"x": [2, 5]}, ["y"], {"k1": pos(rng, 5), "k2": pos(rng, 1)})
 
     return ex
@@ -124,8 +163,12 @@ def fold(rng):
 
 
 def shape(rng):
-    nodes = [("Relu", ["x"], ["r"], None), ("Shape", ["r"], ["s"], {"start": 1}),
-             ("Reshape", ["x", "s"], ["a"], None), ("Sigmoid", ["a"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("Relu", ["x"], ["r"], None),
+        ("Shape", ["r"], ["s"], {"start": 1}),
+        ("Reshape", ["x", "s"], ["a"], None),
+        ("Sigmoid", ["a"], ["y"], None),
+    ]
     return model(rng, nodes, {"x": [1, 3, 4]}, ["y"])
 
 
@@ -148,9 +191,13 @@ def unary(op: str, **attrs):
 
 
 def neutral(rng):
-    nodes = [("Relu", ["x"], ["r"], None), ("Mul", ["r", "one"], ["a"], None),
-             ("Add", ["a", "zero"], ["b"], None), ("Sub", ["b", "zero"], ["c"], None),
-             ("Div", ["c", "one"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("Relu", ["x"], ["r"], None),
+        ("Mul", ["r", "one"], ["a"], None),
+        ("Add", ["a", "zero"], ["b"], None),
+        ("Sub", ["b", "zero"], ["c"], None),
+        ("Div", ["c", "one"], ["y"], None),
+    ]
     return model(
         rng,
         nodes,
@@ -161,45 +208,71 @@ def neutral(rng):
 
 
 def cse(rng):
-    nodes = [("MatMul", ["x", "w"], ["a"], None), ("MatMul", ["x", "w"], ["b"], None),
-             ("Add", ["a", "b"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("MatMul", ["x", "w"], ["a"], None),
+        ("MatMul", ["x", "w"], ["b"], None),
+        ("Add", ["a", "b"], ["y"], None),
+    ]
     return model(rng, nodes, {"x": [3, 4]}, ["y"], {"w": rand(rng, 4, 4)})
 
 
 def split_concat(rng):
-    nodes = [("Relu", ["x"], ["r"], None), ("Split", ["r", "s"], ["a", "b"], {"axis": 1}),
-             ("Concat", ["a", "b"], ["c"], {"axis": 1}), ("Sigmoid", ["c"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("Relu", ["x"], ["r"], None),
+        ("Split", ["r", "s"], ["a", "b"], {"axis": 1}),
+        ("Concat", ["a", "b"], ["c"], {"axis": 1}),
+        ("Sigmoid", ["c"], ["y"], None),
+    ]
     return model(rng, nodes, {"x": [2, 6]}, ["y"], {"s": i64(2, 4)})
 
 
 def concat_split(rng):
-    nodes = [("Concat", ["x", "z"], ["c"], {"axis": 1}), ("Split", ["c", "s"], ["a", "b"], {"axis": 1}),
-             ("Mul", ["a", "a"], ["y1"], None), ("Relu", ["b"], ["y2"], None)]  # fmt: skip
+    nodes = [
+        ("Concat", ["x", "z"], ["c"], {"axis": 1}),
+        ("Split", ["c", "s"], ["a", "b"], {"axis": 1}),
+        ("Mul", ["a", "a"], ["y1"], None),
+        ("Relu", ["b"], ["y2"], None),
+    ]
     return model(rng, nodes, {"x": [2, 2], "z": [2, 4]}, ["y1", "y2"], {"s": i64(2, 4)})
 
 
 def concat_unary(rng):
-    nodes = [("Relu", ["x"], ["a"], None), ("Relu", ["z"], ["b"], None),
-             ("Concat", ["a", "b"], ["c"], {"axis": 1}), ("Sigmoid", ["c"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("Relu", ["x"], ["a"], None),
+        ("Relu", ["z"], ["b"], None),
+        ("Concat", ["a", "b"], ["c"], {"axis": 1}),
+        ("Sigmoid", ["c"], ["y"], None),
+    ]
     return model(rng, nodes, {"x": [2, 3], "z": [2, 4]}, ["y"])
 
 
 def transposes(rng):
-    nodes = [("Transpose", ["x"], ["a"], {"perm": [0, 2, 1]}), ("Transpose", ["a"], ["b"], {"perm": [2, 1, 0]}),
-             ("Transpose", ["b"], ["c"], {"perm": [0, 1, 2]}), ("Sigmoid", ["c"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("Transpose", ["x"], ["a"], {"perm": [0, 2, 1]}),
+        ("Transpose", ["a"], ["b"], {"perm": [2, 1, 0]}),
+        ("Transpose", ["b"], ["c"], {"perm": [0, 1, 2]}),
+        ("Sigmoid", ["c"], ["y"], None),
+    ]
     return model(rng, nodes, {"x": [2, 3, 4]}, ["y"])
 
 
 def transpose_back(rng):
-    nodes = [("Transpose", ["x"], ["a"], {"perm": [1, 0]}), ("Relu", ["a"], ["r"], None),
-             ("Transpose", ["r"], ["y"], {"perm": [1, 0]})]  # fmt: skip
+    nodes = [
+        ("Transpose", ["x"], ["a"], {"perm": [1, 0]}),
+        ("Relu", ["a"], ["r"], None),
+        ("Transpose", ["r"], ["y"], {"perm": [1, 0]}),
+    ]
     return model(rng, nodes, {"x": [3, 4]}, ["y"])
 
 
 def reshapes(rng):
-    nodes = [("Relu", ["x"], ["r"], None), ("Reshape", ["r", "s1"], ["a"], None),
-             ("Unsqueeze", ["a", "ax"], ["b"], None), ("Reshape", ["b", "s2"], ["c"], None),
-             ("Sigmoid", ["c"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("Relu", ["x"], ["r"], None),
+        ("Reshape", ["r", "s1"], ["a"], None),
+        ("Unsqueeze", ["a", "ax"], ["b"], None),
+        ("Reshape", ["b", "s2"], ["c"], None),
+        ("Sigmoid", ["c"], ["y"], None),
+    ]
     return model(
         rng, nodes, {"x": [2, 3, 4]}, ["y"], {"s1": i64(6, 4), "ax": i64(0), "s2": i64(2, 3, 4)}
     )
@@ -215,8 +288,11 @@ def reshape_same(rng):
 
 
 def matmul_transpose(rng):
-    nodes = [("Relu", ["w"], ["r"], None), ("Transpose", ["r"], ["t"], {"perm": [1, 0]}),
-             ("MatMul", ["x", "t"], ["y"], None)]  # fmt: skip
+    nodes = [
+        ("Relu", ["w"], ["r"], None),
+        ("Transpose", ["r"], ["t"], {"perm": [1, 0]}),
+        ("MatMul", ["x", "t"], ["y"], None),
+    ]
     return model(rng, nodes, {"x": [3, 5], "w": [4, 5]}, ["y"])
 
 
@@ -225,17 +301,35 @@ def pad_conv(rng):
         ("Pad", ["x", "p"], ["xp"], None),
         ("Conv", ["xp", "w", "b"], ["y"], {"pads": [0, 1, 0, 1]}),
     ]
-    return model(rng, nodes, {"x": [1, 3, 6, 6]}, ["y"],
-                  {"p": i64(0, 0, 1, 1, 0, 0, 1, 0), "w": rand(rng, 4, 3, 3, 3), "b": rand(rng, 4)})  # fmt: skip
+    return model(
+        rng,
+        nodes,
+        {"x": [1, 3, 6, 6]},
+        ["y"],
+        {"p": i64(0, 0, 1, 1, 0, 0, 1, 0), "w": rand(rng, 4, 3, 3, 3), "b": rand(rng, 4)},
+    )
 
 
 def parallel_conv(k2: int):
     def ex(rng):
-        nodes = [("Conv", ["x", "w1", "b1"], ["a"], {"pads": [1, 1, 1, 1]}),
-                 ("Conv", ["x", "w2", "b2"], ["b"], {"pads": [k2 // 2] * 4}),
-                 ("Relu", ["a"], ["y1"], None), ("Relu", ["b"], ["y2"], None)]  # fmt: skip
-        return model(rng, nodes, {"x": [1, 3, 6, 6]}, ["y1", "y2"], {"w1": rand(rng, 4, 3, 3, 3),
-                      "b1": rand(rng, 4), "w2": rand(rng, 2, 3, k2, k2), "b2": rand(rng, 2)})  # fmt: skip
+        nodes = [
+            ("Conv", ["x", "w1", "b1"], ["a"], {"pads": [1, 1, 1, 1]}),
+            ("Conv", ["x", "w2", "b2"], ["b"], {"pads": [k2 // 2] * 4}),
+            ("Relu", ["a"], ["y1"], None),
+            ("Relu", ["b"], ["y2"], None),
+        ]
+        return model(
+            rng,
+            nodes,
+            {"x": [1, 3, 6, 6]},
+            ["y1", "y2"],
+            {
+                "w1": rand(rng, 4, 3, 3, 3),
+                "b1": rand(rng, 4),
+                "w2": rand(rng, 2, 3, k2, k2),
+                "b2": rand(rng, 2),
+            },
+        )
 
     return ex
 
@@ -259,11 +353,19 @@ def parallel_matmul(n: int, bias: bool):
 
 
 def parallel_gemm(rng):
-    nodes = [("Gemm", ["x", "w1", "c1"], ["a"], {"transB": 1, "alpha": 0.5}),
-             ("Gemm", ["x", "w2", "c2"], ["b"], {"beta": 2.0}),
-             ("Relu", ["a"], ["y1"], None), ("Relu", ["b"], ["y2"], None)]  # fmt: skip
-    return model(rng, nodes, {"x": [3, 8]}, ["y1", "y2"],
-                  {"w1": rand(rng, 5, 8), "c1": rand(rng, 5), "w2": rand(rng, 8, 6), "c2": rand(rng, 6)})  # fmt: skip
+    nodes = [
+        ("Gemm", ["x", "w1", "c1"], ["a"], {"transB": 1, "alpha": 0.5}),
+        ("Gemm", ["x", "w2", "c2"], ["b"], {"beta": 2.0}),
+        ("Relu", ["a"], ["y1"], None),
+        ("Relu", ["b"], ["y2"], None),
+    ]
+    return model(
+        rng,
+        nodes,
+        {"x": [3, 8]},
+        ["y1", "y2"],
+        {"w1": rand(rng, 5, 8), "c1": rand(rng, 5), "w2": rand(rng, 8, 6), "c2": rand(rng, 6)},
+    )
 
 
 def two_matmuls(shared: str):
@@ -282,7 +384,9 @@ def two_matmuls(shared: str):
 
 def assoc(rng):
     nodes = [("MatMul", ["x", "w1"], ["a"], None), ("MatMul", ["a", "w2"], ["y"], None)]
-    return model(rng, nodes, {"x": [2, 3, 6]}, ["y"], {"w1": rand(rng, 6, 8), "w2": rand(rng, 8, 4)})
+    return model(
+        rng, nodes, {"x": [2, 3, 6]}, ["y"], {"w1": rand(rng, 6, 8), "w2": rand(rng, 8, 4)}
+    )
 
 
 def scale_matmul(rng):

@@ -21,8 +21,13 @@ def conv_bn_fold(m: Match, bn: Node):
         return
     w, b = parts
     scale = s / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-    node, inits = C.conv(m, conv, conv.inputs[0], w * scale.reshape(-1, *[1] * (w.ndim - 1)),
-                        (b - mean) * scale + beta)  # fmt: skip
+    node, inits = C.conv(
+        m,
+        conv,
+        conv.inputs[0],
+        w * scale.reshape(-1, *[1] * (w.ndim - 1)),
+        (b - mean) * scale + beta,
+    )
     yield Rewrite([node], {bn.outputs[0]: node.outputs[0]}, inits)
 
 

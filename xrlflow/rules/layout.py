@@ -110,8 +110,13 @@ def conv_pad_fold(m: Match, conv: Node):
         return  # only spatial padding folds
     old = list(conv.attrs.get("pads", [0] * (2 * (r - 2))))
     sp = [int(p) for p in list(pads[2:r]) + list(pads[r + 2 :])]
-    node = Node(m.g.fresh("Conv"), "Conv", (pad.inputs[0], *conv.inputs[1:]),
-                (m.g.fresh("conv"),), {**conv.attrs, "pads": [a + b for a, b in zip(old, sp, strict=True)]})  # fmt: skip
+    node = Node(
+        m.g.fresh("Conv"),
+        "Conv",
+        (pad.inputs[0], *conv.inputs[1:]),
+        (m.g.fresh("conv"),),
+        {**conv.attrs, "pads": [a + b for a, b in zip(old, sp, strict=True)]},
+    )
     yield Rewrite([node], {conv.outputs[0]: node.outputs[0]})
 
 
@@ -128,7 +133,8 @@ RULES: list[Rule] = [
          "Unary(Transpose(x)) → Transpose(Unary(x)): moves transposes together."),
     Rule("transpose_before_unary", "layout", "Transpose", transpose_before_unary, ex.transpose_back,
          "Transpose(Unary(x)) → Unary(Transpose(x)) (the reverse movement)."),
-    Rule("matmul_transpose_to_gemm", "layout", "MatMul", matmul_transpose_to_gemm, ex.matmul_transpose,
+    Rule("matmul_transpose_to_gemm", "layout", "MatMul", matmul_transpose_to_gemm,
+         ex.matmul_transpose,
          "MatMul(x, Transpose(W)) of 2-D tensors → Gemm with transB."),
     Rule("conv_pad_fold", "fold", "Conv", conv_pad_fold, ex.pad_conv,
          "Pad with zeros of the spatial dims → Conv: the conv's own pads."),

@@ -13,8 +13,13 @@ from xrlflow.rules.engine import Match, Rewrite, Rule
 
 def _conv_key(n: Node):
     a = n.attrs
-    return (tuple(a.get("strides", ())), tuple(a.get("pads", ())), tuple(a.get("dilations", ())),
-            a.get("group", 1), a.get("auto_pad", b"NOTSET"))  # fmt: skip
+    return (
+        tuple(a.get("strides", ())),
+        tuple(a.get("pads", ())),
+        tuple(a.get("dilations", ())),
+        a.get("group", 1),
+        a.get("auto_pad", b"NOTSET"),
+    )
 
 
 def _split(m: Match, src: str, sizes: list[int], axis: int, olds: list[str]):
@@ -36,8 +41,9 @@ def merge_parallel_conv(m: Match, a: Node):
         node, inits = C.conv(
             m, a, a.inputs[0], np.concatenate([pa[0], pb[0]]), np.concatenate([pa[1], pb[1]])
         )
-        split, rename, si = _split(m, node.outputs[0], [pa[0].shape[0], pb[0].shape[0]], 1,
-                                   [a.outputs[0], b.outputs[0]])  # fmt: skip
+        split, rename, si = _split(
+            m, node.outputs[0], [pa[0].shape[0], pb[0].shape[0]], 1, [a.outputs[0], b.outputs[0]]
+        )
         yield Rewrite([node, split], rename, inits | si)
 
 
@@ -102,8 +108,9 @@ def _merge_matmuls(m: Match, x: str, branches: list[tuple[np.ndarray, np.ndarray
         inits |= bi
         out = add.outputs[0]
     rank = len(m.shape(x) or (1, 1))
-    split, rename, si = _split(m, out, [w.shape[1] for w, _, _ in branches], rank - 1,
-                               [o for _, _, o in branches])  # fmt: skip
+    split, rename, si = _split(
+        m, out, [w.shape[1] for w, _, _ in branches], rank - 1, [o for _, _, o in branches]
+    )
     return Rewrite(nodes + [split], rename, inits | si)
 
 
@@ -172,8 +179,9 @@ def merge_parallel_gemm(m: Match, a: Node):
         wn, inits = m.init(np.concatenate([pa[0], pb[0]], axis=1), "merged_w")
         cn, ci = m.init(np.concatenate([pa[1], pb[1]]), "merged_c")
         g = m.new("Gemm", (a.inputs[0], wn, cn))
-        split, rename, si = _split(m, g.outputs[0], [pa[0].shape[1], pb[0].shape[1]], 1,
-                                   [a.outputs[0], b.outputs[0]])  # fmt: skip
+        split, rename, si = _split(
+            m, g.outputs[0], [pa[0].shape[1], pb[0].shape[1]], 1, [a.outputs[0], b.outputs[0]]
+        )
         yield Rewrite([g, split], rename, inits | ci | si)
 
 
@@ -182,9 +190,11 @@ RULES: list[Rule] = [
          "Sibling convs of one input with equal attributes → one conv + Split."),
     Rule("enlarge_conv_kernel", "enlarge", "Conv", enlarge_conv_kernel, ex.parallel_conv(5),
          "Pad a k×k kernel with zeros to a sibling's larger K×K, so they can merge."),
-    Rule("merge_parallel_matmul", "merge", "MatMul", merge_parallel_matmul, ex.parallel_matmul(2, True),
+    Rule("merge_parallel_matmul", "merge", "MatMul", merge_parallel_matmul,
+         ex.parallel_matmul(2, True),
          "Two matmuls x·W1, x·W2 (+ biases) of one input → one matmul + Split."),
-    Rule("merge_qkv_projections", "merge", "MatMul", merge_all_projections, ex.parallel_matmul(3, True),
+    Rule("merge_qkv_projections", "merge", "MatMul", merge_all_projections,
+         ex.parallel_matmul(3, True),
          "Every projection x·W_i (+ b_i) of one input (Q, K, V) → one matmul + Split."),
     Rule("merge_parallel_gemm", "merge", "Gemm", merge_parallel_gemm, ex.parallel_gemm,
          "Sibling Gemms of one input with equal attributes → one Gemm + Split."),
