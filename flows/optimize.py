@@ -4,8 +4,6 @@ per stage under one parent run.
 The flow orchestrates: each stage's logic and its MLflow logging live in ``tasks/``.
 """
 
-from __future__ import annotations
-
 import json
 from typing import Any
 

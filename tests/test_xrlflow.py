@@ -142,3 +142,13 @@ def test_ort_oracle_caches_operators_and_result_never_slower(fire):
     slower = search.Result("x", g, [], 1.0, 2.0, 0.0)
     kept = search.best_of(g, slower)
     assert kept.graph is g and kept.latency_after == 1.0 and kept.notes["reverted"]
+
+
+def test_an_unknown_rule_is_an_error_not_the_first_rule(fire):
+    g, _ = fire
+    env = RewriteEnv({"fire": g}, ORACLE)
+    obs, _ = env.reset(seed=0)
+    rules_seen = {c.rule for c in obs["candidates"]}
+    agent = A.XRLflowAgent(rules=[r for r in R.RULES if r.name not in rules_seen])
+    with pytest.raises(ValueError, match="is not in this agent's rule library"):
+        agent.state(obs, ORACLE, ORACLE.estimate(g))
