@@ -20,12 +20,12 @@ from harlflow.core.config import (
 )
 from harlflow.core.signature import TensorSpec
 from tasks import tracking
-from tasks.importing import default_name, import_task, log_import
-from tasks.packaging import log_package, package_task, versions
-from tasks.publishing import publish_task
+from tasks.importing import default_name, log_import
+from tasks.packaging import log_package, versions
 from tasks.report import run_summary
-from tasks.rewriting import log_rewrite, rewrite_task
-from tasks.tuning import log_tuning, tune_task
+from tasks.rewriting import log_rewrite
+from tasks.stages import import_task, package_task, publish_task, rewrite_task, tune_task
+from tasks.tuning import log_tuning
 
 
 @flow(name="optimize")

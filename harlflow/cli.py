@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _prefect_env()  # before anything imports Prefect (the stages define their tasks on import)
+    _prefect_env()  # environment only: Prefect reads it when a command imports it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "httpcore", "alembic", "urllib3", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -20,10 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from harlflow.core import config
 from harlflow.core.errors import ModelImportError, first_line
 from harlflow.core.hashing import sha256_bytes, sha256_file
 from harlflow.core.outputs import load_reference
@@ -550,23 +547,6 @@ def _read_meta(path: Path) -> ImportedModel:
     d["outputs"] = [TensorSpec.from_dict(s) for s in d["outputs"]]
     d["directory"] = str(path.parent)
     return ImportedModel(**d)
-
-
-# --------------------------------------------------------------------------- Prefect task
-@task(name="import", cache_policy=NO_CACHE)
-def import_task(
-    model: str, inputs: list[TensorSpec] | None, checkpoint: str | None, seed: int, name: str | None
-) -> ImportedModel:
-    """Import a model into a canonical ONNX plus reference outputs. The import store under the
-    home is content-addressed: the same content imports once (the CLI's check already did)."""
-    return import_model(
-        model,
-        cache_dir=config.import_cache_dir(),
-        inputs=inputs,
-        checkpoint=checkpoint,
-        name=name,
-        seed=seed,
-    )
 
 
 def log_import(c, run_id: str, m: ImportedModel) -> None:

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from harl import compilation, database
 from harlflow.core.config import validate_name
@@ -343,10 +341,6 @@ def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-# The verify-and-package stage as a Prefect task.
-package_task = task(name="package", cache_policy=NO_CACHE)(package)
 
 
 def log_package(c, run_id: str, artifact: Artifact) -> None:

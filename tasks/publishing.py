@@ -9,9 +9,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from harlflow.core.errors import BadInputError, RegressionError, StoreError
 from harlflow.core.hashing import sha256_file
 from harlflow.core.targets import target_key
@@ -216,8 +213,3 @@ def publish(
         promoted = promote_version(c, artifact.name, version, max_regression, log=log)
         where["production"] = f"models:/{artifact.name}@{PRODUCTION} -> v{promoted}"
     return Publication(version, where)
-
-
-# The publish stage as a Prefect task. Not retried as a whole (a retry would register a
-# second version): S3 uploads retry per file, MLflow's client retries its HTTP requests.
-publish_task = task(name="publish", cache_policy=NO_CACHE)(publish)

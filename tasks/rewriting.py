@@ -17,9 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from harlflow import rl
 from harlflow.core.errors import BadInputError, VerificationError
 from harlflow.core.outputs import compare, mismatches
@@ -150,10 +147,6 @@ def _write(
         original_directory=imported.original_directory or imported.directory,
     )
     return model, str(dest / "model.onnx")
-
-
-# The rewrite stage as a Prefect task (measurements: no retries, no cache).
-rewrite_task = task(name="rewrite", cache_policy=NO_CACHE)(rewrite_model)
 
 
 def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:

@@ -7,9 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from harl import compilation, tuning
 from harl.budget import UNLIMITED_TRIALS, format_duration
 from harl.runners import make_runner
@@ -114,10 +111,6 @@ def _onnxruntime_ms(imported: ImportedModel) -> float | None:
         return float(r["median_ms"])
     except Exception:  # only a progress yardstick: tuning goes on without it
         return None
-
-
-# The tune stage as a Prefect task (no retries: measurements are not I/O that flakes).
-tune_task = task(name="tune", cache_policy=NO_CACHE)(tune_model)
 
 
 def log_tuning(
