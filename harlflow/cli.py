@@ -385,6 +385,18 @@ def cmd_rules(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_collect(a: argparse.Namespace) -> int:
+    """Tuning databases → the cost model's dataset (parquet; see harl.cost_model.dataset)."""
+    from harl.cost_model import dataset
+
+    def progress(db: str, n: int) -> None:
+        print(f"{db}: {n} records", flush=True)
+
+    counts = dataset.collect(a.databases, a.out, on_progress=progress)
+    print(f"wrote {a.out}: {counts['rows']} rows ({counts['new_rows']} new)")
+    return 0
+
+
 def cmd_export_example(a: argparse.Namespace) -> int:
     """Write one of the bundled example models as an ONNX file (to try the ONNX path)."""
     from harlflow.examples import EXAMPLES as FACTORIES
@@ -514,6 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(sv)
     sv.set_defaults(func=cmd_serve)
+
+    ds = sub.add_parser("dataset", help="the learned cost model's dataset of measured programs")
+    ds_sub = ds.add_subparsers(dest="dataset_command", required=True)
+    dc = ds_sub.add_parser(
+        "collect", help="tuning databases → a parquet dataset (merged, deduplicated)"
+    )
+    dc.add_argument("databases", nargs="+", metavar="DB", help="tuning database directories")
+    dc.add_argument("--out", required=True, help="dataset file (.parquet), created or merged into")
+    dc.set_defaults(func=cmd_dataset_collect)
 
     rl_ = sub.add_parser("rules", help="list the graph rewrite rules, in the library's order")
     rl_.set_defaults(func=cmd_rules)

@@ -173,3 +173,30 @@ def test_a_model_with_no_tuning_task_is_packaged_with_what_tvm_compiles(tmp_path
         log=lambda *_: None,
     )
     assert all(r["within_tolerance"] for r in art.manifest["verification"].values())
+
+
+def test_dataset_collect_from_a_tuning_database(matmul_tasks, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from harl.cost_model import dataset
+    from harlflow.cli import main
+    from harlflow.core.errors import StoreError
+
+    mod, target, _ = matmul_tasks
+    tuning.tune(mod, target, tmp_path / "db", trials=6, min_trials_per_task=3, seed=4)
+    out = tmp_path / "ds" / "measured.parquet"
+    assert main(["dataset", "collect", str(tmp_path / "db"), "--out", str(out)]) == 0
+    assert "rows" in capsys.readouterr().out
+    rows = dataset.load(out)
+    valid = [r for r in rows if not r["failed"]]
+    assert valid and all(r["features"].shape == (r["n_stores"], 164) for r in rows)
+    assert all(r["run_us"] > 0 and r["target"] == database.target_key(target) for r in valid)
+    keys = [tuple(r[k] for k in dataset.KEY) for r in rows]
+    assert len(keys) == len(set(keys))  # one row per distinct program
+    again = dataset.collect([tmp_path / "db"], out)  # collecting twice adds nothing
+    assert again["new_rows"] == 0 and pq.read_table(out).num_rows == len(rows)
+    with pytest.raises(BadInputError, match="is not a tuning database"):
+        dataset.collect([tmp_path / "ds"], out)
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(StoreError, match="is not a harlflow dataset"):
+        dataset.collect([tmp_path / "db"], tmp_path / "bad.parquet")

@@ -1,0 +1,1 @@
+"""The learned cost model's pieces: the dataset of measured programs (:mod:`.dataset`)."""
