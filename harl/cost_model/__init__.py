@@ -1,1 +1,2 @@
-"""The learned cost model's pieces: the dataset of measured programs (:mod:`.dataset`)."""
+"""The learned cost model: the dataset of measured programs (:mod:`.dataset`) and an
+attention model that ranks programs from their per-statement features (:mod:`.model`)."""

@@ -1,0 +1,201 @@
+"""An attention-based cost model over the per-statement feature sequence of a program (after TLP):
+statement features → linear layers → multi-head self-attention → residual blocks → a summed score,
+with an embedding of the target added to every statement, trained with a pairwise ranking loss
+within each (workload, target) group.
+
+Scores rank programs: higher is faster. Evaluation is on **held-out workloads**
+(:func:`split_by_workload`), never on held-out rows of workloads seen in training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from harl.cost_model.dataset import FEATURES
+from harlflow.core.errors import BadInputError
+
+MAX_STORES = 32  # statements kept per program (the rest are rare: fused kernels have a few)
+
+
+@dataclass
+class ModelConfig:
+    """The network's shape and its training settings."""
+
+    hidden: int = 128
+    """width of the statement embeddings"""
+    heads: int = 4
+    """attention heads"""
+    blocks: int = 2
+    """residual MLP blocks after the attention"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    epochs: int = 30
+    """passes over the training groups"""
+    pairs_per_group: int = 64
+    """sampled program pairs per (workload, target) group and epoch"""
+
+
+class CostNet(nn.Module):
+    """Statement sequence (+ target) → one score per program."""
+
+    def __init__(self, cfg: ModelConfig, n_targets: int):
+        super().__init__()
+        h = cfg.hidden
+        self.embed = nn.Sequential(nn.Linear(FEATURES, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
+        self.target = nn.Embedding(max(1, n_targets), h)
+        self.attention = nn.MultiheadAttention(h, cfg.heads, batch_first=True)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h)) for _ in range(cfg.blocks)
+        )
+        self.out = nn.Linear(h, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """x (batch, stores, FEATURES), mask (batch, stores) True on padding, target (batch,)."""
+        h = self.embed(x) + self.target(target)[:, None, :]
+        a, _ = self.attention(h, h, h, key_padding_mask=mask)
+        h = h + a
+        for block in self.blocks:
+            h = h + block(h)
+        per_store = self.out(h).squeeze(-1).masked_fill(mask, 0.0)
+        return per_store.sum(dim=1)
+
+
+def _batch(features: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign-log scaled, padded statement sequences and their padding mask."""
+    n = min(MAX_STORES, max(1, max(len(f) for f in features)))
+    x = np.zeros((len(features), n, FEATURES), np.float32)
+    mask = np.ones((len(features), n), bool)
+    for i, f in enumerate(features):
+        f = f[:n]
+        x[i, : len(f)] = np.sign(f) * np.log1p(np.abs(f))
+        mask[i, : len(f)] = False
+    mask[:, 0] = False  # an empty program still attends to one (zero) statement
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+def split_by_workload(rows: list[dict], holdout: float, seed: int) -> tuple[list, list]:
+    """(train, test) rows, with whole workloads held out: a fraction ``holdout`` of them."""
+    workloads = sorted({r["workload"] for r in rows})
+    rng = np.random.default_rng(seed)
+    rng.shuffle(workloads)
+    k = max(1, int(round(holdout * len(workloads))))
+    held = set(workloads[:k])
+    return [r for r in rows if r["workload"] not in held], [
+        r for r in rows if r["workload"] in held
+    ]
+
+
+def _groups(rows: list[dict]) -> list[list[dict]]:
+    """Valid rows grouped by (workload, target): the programs a ranking compares."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if not r["failed"]:
+            groups.setdefault((r["workload"], r["target"]), []).append(r)
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+class CostModel:
+    """The network, its target vocabulary, training and persistence."""
+
+    def __init__(self, cfg: ModelConfig | None = None, targets: Sequence[str] = ()):
+        self.cfg = cfg or ModelConfig()
+        self.targets = list(targets)
+        self.net = CostNet(self.cfg, len(self.targets))
+
+    def _target_ids(self, rows: Sequence[dict]) -> torch.Tensor:
+        index = {t: i for i, t in enumerate(self.targets)}
+        return torch.tensor([index.get(r["target"], 0) for r in rows], dtype=torch.long)
+
+    @torch.no_grad()
+    def predict(self, rows: Sequence[dict]) -> np.ndarray:
+        """Scores of the rows' programs (higher: predicted faster)."""
+        self.net.eval()
+        x, mask = _batch([r["features"] for r in rows])
+        return self.net(x, mask, self._target_ids(rows)).numpy()
+
+    def fit(self, rows: list[dict], *, seed: int = 0) -> list[float]:
+        """Train on ``rows`` with a pairwise logistic loss within each group; the mean loss per
+        epoch."""
+        rng = np.random.default_rng(seed)
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
+        groups = _groups(rows)
+        curve = []
+        for _ in range(self.cfg.epochs):
+            self.net.train()
+            losses = []
+            for g in (groups[i] for i in rng.permutation(len(groups))):
+                x, mask = _batch([r["features"] for r in g])
+                score = self.net(x, mask, self._target_ids(g))
+                lat = torch.tensor([r["run_us"] for r in g])
+                i = torch.from_numpy(rng.integers(0, len(g), self.cfg.pairs_per_group))
+                j = torch.from_numpy(rng.integers(0, len(g), self.cfg.pairs_per_group))
+                keep = lat[i] != lat[j]
+                if not keep.any():
+                    continue
+                i, j = i[keep], j[keep]
+                sign = torch.where(lat[i] < lat[j], 1.0, -1.0)  # i faster: score i higher
+                loss = nn.functional.softplus(-sign * (score[i] - score[j])).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            curve.append(float(np.mean(losses)) if losses else math.nan)
+        return curve
+
+    def evaluate(self, rows: list[dict]) -> dict[str, float]:
+        """Pairwise comparison accuracy and top-1 / top-5 (the best measured latency among the
+        predicted best k, relative to the best measured: 1.0 is perfect), averaged over groups."""
+        pair_ok = pair_n = 0
+        top1, top5 = [], []
+        for g in _groups(rows):
+            score = self.predict(g)
+            lat = np.array([r["run_us"] for r in g])
+            i, j = np.triu_indices(len(g), 1)
+            differ = lat[i] != lat[j]
+            pair_ok += int(((score[i] > score[j]) == (lat[i] < lat[j]))[differ].sum())
+            pair_n += int(differ.sum())
+            order = np.argsort(-score)
+            top1.append(lat.min() / lat[order[0]])
+            top5.append(lat.min() / lat[order[:5]].min())
+        return {
+            "pairwise_accuracy": pair_ok / pair_n if pair_n else math.nan,
+            "top1": float(np.mean(top1)) if top1 else math.nan,
+            "top5": float(np.mean(top5)) if top5 else math.nan,
+            "groups": len(top1),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Weights, config and target vocabulary (a plain state dict: ``weights_only`` loads)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        blob = {
+            "config": asdict(self.cfg),
+            "targets": self.targets,
+            "features": FEATURES,
+            "weights": self.net.state_dict(),
+        }
+        torch.save(blob, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        """A saved model; a corrupt or mismatched file is a :class:`BadInputError` naming it."""
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if blob.get("features") != FEATURES:
+                raise ValueError(f"it has {blob.get('features')} features per statement")
+            model = cls(ModelConfig(**blob["config"]), blob["targets"])
+            model.net.load_state_dict(blob["weights"])
+        except FileNotFoundError:
+            raise BadInputError(f"cost model file not found: {path}") from None
+        except Exception as e:
+            raise BadInputError(f"{path} is not a harlflow cost model: {e}") from None
+        return model
