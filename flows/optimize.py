@@ -54,6 +54,7 @@ def optimize(
                 "strategy": s.strategy,
                 "rewrite": s.rewrite,
                 "promote": s.promote,
+                "cost_model": s.cost_model,
                 "seed": s.seed,
                 "s3_uri": s.s3_uri,
                 "rpc": s.rpc,
@@ -94,6 +95,7 @@ def optimize(
                 min_trials_per_task=s.min_trials_per_task,
                 agent_path=harl_agent_path(),
                 rpc=s.rpc,
+                cost_model=s.cost_model,
                 log=logger.info,
             )
             log_tuning(c, rid, tuned, s.min_trials_per_task, harl_agent_path())

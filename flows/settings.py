@@ -48,6 +48,8 @@ class RunSettings:
     """allowed slowdown against production for ``promote`` (a fraction)"""
     rpc: str | None = None
     """measure on the RPC tracker HOST:PORT:KEY instead of locally"""
+    cost_model: str = "xgb"
+    """what ranks candidates: MetaSchedule's XGBoost, or a saved attention cost model's path"""
 
     def checked(self) -> RunSettings:
         """These settings validated, with the target resolved and the trial default applied;
@@ -79,4 +81,8 @@ class RunSettings:
             parse_s3_uri(self.s3_uri)
         if self.rpc:
             parse_rpc(self.rpc)
+        if self.cost_model != "xgb":
+            from harl.cost_model.model import CostModel
+
+            CostModel.load(self.cost_model)  # a missing or bad file fails here, named
         return dataclasses.replace(self, trials=trials, target=resolve_target(self.target))

@@ -22,6 +22,7 @@ from harl._fast_import import import_tensor_intrinsics
 from harl.budget import Allowance, BudgetedStrategy, Deadline
 from harl.builders import default_builder
 from harl.compilation import extract_tasks, task_flop
+from harl.cost_model.online import create_cost_model
 from harl.database import best_records, count_records, locked, mean_run_secs, open_database
 from harl.journal import RunJournal
 from harl.strategies import Strategy, create_strategy
@@ -203,6 +204,7 @@ def tune(
     runner=None,
     work_dir: str | Path | None = None,
     agent_path: str | Path | None = None,
+    cost_model: Any = "xgb",
 ) -> TuneResult:
     """Tune the tasks of a prepared module whose workloads the database has not measured yet.
 
@@ -217,6 +219,10 @@ def tune(
     measurement lands in the database. A module with no task (every operator a VM builtin)
     has nothing to tune: the result is empty.
 
+    ``cost_model`` is what both strategies rank candidates with: ``"xgb"`` (MetaSchedule's
+    XGBoost), a :class:`~harl.cost_model.model.CostModel` or the path of a saved one, which keeps
+    learning from the run's measurements (:mod:`harl.cost_model.online`).
+
     A learning strategy's agent starts from ``agent_path`` when that file exists and is saved
     there afterwards (warm start across runs). ``seed`` seeds the run: what it samples and
     the agent's initial weights (:func:`harlflow.rl.setup`).
@@ -229,6 +235,7 @@ def tune(
         raise BadInputError(f"--time-budget must be more than 0 seconds, got {time_budget_s}")
     rl.setup(seed)  # before the agent's network is built
     chosen = create_strategy(strategy, seed=seed, agent_path=agent_path)
+    ranker = create_cost_model(cost_model, target)
     import_tensor_intrinsics()
     use_target_threads(target)  # before the runner's worker process starts: it inherits it
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to files
@@ -247,6 +254,7 @@ def tune(
             runner=runner,
             work_dir=work_dir,
             agent_path=agent_path,
+            cost_model=ranker,
         )
 
 
@@ -265,6 +273,7 @@ def _tune(
     runner,
     work_dir,
     agent_path,
+    cost_model,
 ) -> TuneResult:
     """:func:`tune`'s body, run while holding the database's lock."""
     from harl.runners import make_runner
@@ -347,6 +356,7 @@ def _tune(
                 remaining=remaining,
                 seed=seed,
                 work_dir=work_dir,
+                cost_model=cost_model,
             )
             result.agent_metrics = list(strategy.metrics)
             if strategy.agent is not None and agent_path:
@@ -402,6 +412,7 @@ def _search(
     remaining: int,
     seed: int,
     work_dir,
+    cost_model,
 ) -> None:
     """MetaSchedule's ``tune_tasks`` over the searched tasks with ``strategy``, held to
     ``remaining`` trials and the deadline (:class:`~harl.budget.BudgetedStrategy`)."""
@@ -436,6 +447,7 @@ def _search(
                 tracker.callback([s for _, s in searched]),
             ],
             task_scheduler=strategy.task_scheduler,
+            cost_model=cost_model,
         )
 
 

@@ -119,6 +119,7 @@ def _settings(a: argparse.Namespace):
         promote=a.promote,
         max_regression=a.max_regression,
         rpc=a.rpc,
+        cost_model=a.cost_model,
     ).checked()
     if a.rpc:
         from harl.runners import count_servers, parse_rpc
@@ -433,6 +434,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default="evolutionary",
         choices=list(STRATEGIES),
         help="search strategy: evolutionary (MetaSchedule's, default) or harl",
+    )
+    p.add_argument(
+        "--cost-model",
+        default="xgb",
+        metavar="xgb|PATH",
+        help="what ranks candidates: xgb (MetaSchedule's XGBoost, default) or a saved attention "
+        "cost model (harl.cost_model), which keeps learning from the run's measurements",
     )
     p.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
     p.add_argument(

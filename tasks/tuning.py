@@ -26,11 +26,13 @@ def tune_model(
     time_budget_s: float | None = None,
     agent_path: str | Path | None = None,
     rpc: str | None = None,
+    cost_model: str = "xgb",
     log=print,
 ) -> TuneResult:
     """Tune every new workload of the model, measured locally or on the RPC tracker ``rpc``
     (``HOST:PORT:KEY``), for at most ``trials`` trials and ``time_budget_s`` seconds; progress
-    as trials are measured, with the best latency so far against onnxruntime's."""
+    as trials are measured, with the best latency so far against onnxruntime's. ``cost_model``:
+    ``"xgb"`` or a saved attention cost model (:mod:`harl.cost_model`)."""
     ort_ms = _onnxruntime_ms(imported)
     last = [0.0]
 
@@ -55,6 +57,7 @@ def tune_model(
             on_progress=progress,
             agent_path=agent_path,
             runner=runner,
+            cost_model=cost_model,
         )
     finally:
         if getattr(runner, "pool", None) is not None:

@@ -56,3 +56,12 @@ def test_run_settings_defaults():
     assert RunSettings(time_budget_s=60).checked().trials > 10_000  # the deadline decides
     with pytest.raises(BadInputError, match="--promote compares measured latencies"):
         RunSettings(promote=True, measure=False).checked()
+
+
+def test_run_settings_check_the_cost_model_file(tmp_path):
+    assert RunSettings(cost_model="xgb").checked().cost_model == "xgb"
+    with pytest.raises(BadInputError, match="cost model file not found"):
+        RunSettings(cost_model=str(tmp_path / "none.pt")).checked()
+    (tmp_path / "bad.pt").write_text("no")
+    with pytest.raises(BadInputError, match="is not a harlflow cost model"):
+        RunSettings(cost_model=str(tmp_path / "bad.pt")).checked()

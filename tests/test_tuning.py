@@ -200,3 +200,32 @@ def test_dataset_collect_from_a_tuning_database(matmul_tasks, tmp_path, capsys):
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(StoreError, match="is not a harlflow dataset"):
         dataset.collect([tmp_path / "db"], tmp_path / "bad.parquet")
+
+
+@pytest.mark.parametrize("strategy", ["evolutionary", "harl"])
+def test_learned_cost_model_plugs_into_both_strategies(matmul_tasks, tmp_path, strategy):
+    from harl.cost_model.online import create_cost_model, untrained
+    from harlflow import rl
+
+    mod, target, _ = matmul_tasks
+    rl.setup(0)
+    model = untrained(target)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    result = tuning.tune(
+        mod,
+        target,
+        tmp_path / "db",
+        trials=10,
+        min_trials_per_task=2,
+        strategy=strategy,
+        cost_model=model,
+        seed=1,
+    )
+    assert result.trials >= 10 and result.tasks[0].best_us is not None
+    after = model.net.state_dict()
+    assert any(not (before[k] == after[k]).all() for k in before)  # it learned online
+    model.save(tmp_path / "cm.pt")
+    assert create_cost_model(str(tmp_path / "cm.pt"), target) is not None
+    with pytest.raises(BadInputError, match="not a harlflow cost model"):
+        (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+        create_cost_model(str(tmp_path / "junk.pt"), target)

@@ -1,0 +1,113 @@
+"""The attention cost model as MetaSchedule's cost model: a ``PyCostModel`` that scores
+candidates with a :class:`~harl.cost_model.model.CostModel` and keeps learning online from the
+run's measurements (a few epochs on what the run measured so far, after every round).
+
+Both search strategies use it through ``tune(..., cost_model=...)``: ``"xgb"`` (MetaSchedule's
+XGBoost, the default), a :class:`~harl.cost_model.model.CostModel`, or the path of a saved one.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harl.cost_model.model import CostModel, ModelConfig
+from harl.database import mean_run_secs
+from harlflow.core.errors import BadInputError
+from harlflow.core.targets import target_key
+
+ONLINE_EPOCHS = 2  # passes over the run's measurements after each round
+ONLINE_WINDOW = 512  # the most recent measurements kept for online updates
+
+
+@functools.cache
+def _learned_cost_model_class():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class LearnedCostModel(ms.cost_model.PyCostModel):
+        """Scores candidates with an attention :class:`CostModel`; learns from each round."""
+
+        def __init__(self, model: CostModel, target: dict[str, Any]):
+            self.model = model
+            self.target = target_key(target)
+            if self.target not in self.model.targets:  # a new target: its own embedding row
+                self.model.targets.append(self.target)
+                self.model = _with_targets(self.model)
+            self.rows: list[dict] = []
+            self.extractor = ms.feature_extractor.PerStoreFeature()
+
+        def load(self, path: str) -> None:
+            self.model = CostModel.load(path)
+
+        def save(self, path: str) -> None:
+            self.model.save(path)
+
+        def _rows(self, context, candidates) -> list[dict]:
+            feats = self.extractor.extract_from(context, candidates)
+            workload = str(hash(context.mod))
+            return [
+                {
+                    "features": f.numpy().astype(np.float32),
+                    "target": self.target,
+                    "workload": workload,
+                }
+                for f in feats
+            ]
+
+        def predict(self, context, candidates) -> np.ndarray:
+            if not candidates:
+                return np.zeros(0)
+            return self.model.predict(self._rows(context, candidates)).astype("float64")
+
+        def update(self, context, candidates, results) -> None:
+            for row, res in zip(self._rows(context, candidates), results, strict=True):
+                ok = res.error_msg is None and res.run_secs
+                run_us = mean_run_secs(res.run_secs) * 1e6 if ok else np.nan
+                row.update(run_us=run_us, failed=not ok)
+                self.rows.append(row)
+            del self.rows[:-ONLINE_WINDOW]
+            epochs, self.model.cfg.epochs = self.model.cfg.epochs, ONLINE_EPOCHS
+            try:
+                self.model.fit(self.rows, seed=len(self.rows))
+            finally:
+                self.model.cfg.epochs = epochs
+
+    return LearnedCostModel
+
+
+def _with_targets(model: CostModel) -> CostModel:
+    """``model`` with an embedding row for every target in its vocabulary (new rows start as
+    the mean of the trained ones)."""
+    import torch
+
+    grown = CostModel(model.cfg, model.targets)
+    state = model.net.state_dict()
+    old = state["target.weight"]
+    new = old.mean(dim=0, keepdim=True).expand(len(model.targets) - old.shape[0], -1)
+    state["target.weight"] = torch.cat([old, new]) if old.shape[0] else new
+    grown.net.load_state_dict(state)
+    return grown
+
+
+def create_cost_model(spec: str | Path | CostModel, target: dict[str, Any]):
+    """MetaSchedule's cost model for ``spec``: ``"xgb"`` stays MetaSchedule's XGBoost; a
+    :class:`CostModel` or the path of a saved one becomes a learned, online-updated model."""
+    if isinstance(spec, str) and spec == "xgb":
+        return "xgb"
+    if isinstance(spec, CostModel):
+        model = spec
+    elif isinstance(spec, (str, Path)):
+        model = CostModel.load(spec)
+    else:
+        raise BadInputError(f"--cost-model must be 'xgb' or a model file, got {spec!r}")
+    return _learned_cost_model_class()(model, target)
+
+
+def untrained(target: dict[str, Any], cfg: ModelConfig | None = None) -> CostModel:
+    """A fresh model for one target (what online learning starts from without pre-training)."""
+    return CostModel(cfg, [target_key(target)])
