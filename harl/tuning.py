@@ -133,9 +133,17 @@ class _Tracker:
         self.measured_now = 0  # trials measured by this process (not resumed ones)
         self.t0 = deadline.elapsed()  # when measuring started (after task extraction)
 
-    def measured(self, summary: TaskSummary, count: int = 1) -> None:
-        self.trials += count
-        self.measured_now += count
+    def measured(self, summary: TaskSummary, run_secs: list[float] | None) -> None:
+        """One trial of ``summary``'s task: ``run_secs`` measured, or None when it failed."""
+        summary.trials += 1
+        if run_secs:
+            us = mean_run_secs(run_secs) * 1e6
+            if summary.best_us is None or us < summary.best_us:
+                summary.best_us = us
+        else:
+            summary.failed += 1
+        self.trials += 1
+        self.measured_now += 1
         self.deadline.per_trial_s = (self.deadline.elapsed() - self.t0) / self.measured_now
         known = [t.weight * t.best_us for t in self.summaries if t.best_us is not None]
         event = Progress(
@@ -167,14 +175,8 @@ class _Tracker:
             ):
                 summary = summaries[task_id]
                 for br, rr in zip(builder_results, runner_results, strict=True):
-                    summary.trials += 1
-                    if br.error_msg is None and rr.error_msg is None and rr.run_secs:
-                        us = mean_run_secs(rr.run_secs) * 1e6
-                        if summary.best_us is None or us < summary.best_us:
-                            summary.best_us = us
-                    else:
-                        summary.failed += 1
-                    tracker.measured(summary)
+                    ok = br.error_msg is None and rr.error_msg is None and rr.run_secs
+                    tracker.measured(summary, [float(x) for x in rr.run_secs] if ok else None)
 
         return _Progress()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from harl.budget import Deadline
-from harl.database import FAILED_RUN_SECS, mean_run_secs
+from harl.database import FAILED_RUN_SECS
 from harl.sampling import sample_schedules, unscheduled
 
 MICRO_KERNEL_SHARE = 0.75  # warm-up samples with register-blocked tiles (harl.sampling)
@@ -23,7 +23,7 @@ def measure_random(
     seed: int,
     builder,
     runner,
-    report: Callable[[Any], None],
+    report: Callable[[Any, list[float] | None], None],
     deadline: Deadline | None = None,
     chunk: int = 8,
     tiny: set[str] | None = None,
@@ -35,8 +35,8 @@ def measure_random(
     chunks of ``chunk``, so a ``deadline`` that cuts the warm-up short still leaves every big
     task measured. Most samples have register-blocked tiles (:mod:`harl.sampling`); each
     result is committed to ``db`` as it arrives (a killed run keeps every finished trial) and
-    reported (``report(summary)`` per trial; the summary's ``trials``, ``failed`` and
-    ``best_us`` are updated first). Failed builds and runs are recorded as MetaSchedule records
+    reported (``report(summary, run_secs)`` per trial, ``run_secs`` None for a failure).
+    Failed builds and runs are recorded as MetaSchedule records
     them (run_secs 1e10). Tasks named in ``tiny`` also measure their :func:`unscheduled` kernel.
     """
     import tvm
@@ -76,14 +76,8 @@ def measure_random(
             db.commit_tuning_record(
                 ms.database.TuningRecord(sch.trace, workload, run_secs, tgt, args[k])
             )
-            summary.trials += 1
-            summary.failed += secs is None
-            if secs is not None:
-                us = mean_run_secs(secs) * 1e6
-                if summary.best_us is None or us < summary.best_us:
-                    summary.best_us = us
             spent += 1
-            report(summary)
+            report(summary, secs)
         for b in built:
             if b.artifact_path:
                 shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)

@@ -120,14 +120,14 @@ class CostModel:
         x, mask = _batch([r["features"] for r in rows])
         return self.net(x, mask, self._target_ids(rows)).numpy()
 
-    def fit(self, rows: list[dict], *, seed: int = 0) -> list[float]:
-        """Train on ``rows`` with a pairwise logistic loss within each group; the mean loss per
-        epoch."""
+    def fit(self, rows: list[dict], *, seed: int = 0, epochs: int | None = None) -> list[float]:
+        """Train on ``rows`` with a pairwise logistic loss within each group, for ``epochs``
+        (default: the config's); the mean loss per epoch."""
         rng = np.random.default_rng(seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
         groups = _groups(rows)
         curve = []
-        for _ in range(self.cfg.epochs):
+        for _ in range(self.cfg.epochs if epochs is None else epochs):
             self.net.train()
             losses = []
             for g in (groups[i] for i in rng.permutation(len(groups))):

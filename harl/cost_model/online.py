@@ -71,11 +71,7 @@ def _learned_cost_model_class():
                 row.update(run_us=run_us, failed=not ok)
                 self.rows.append(row)
             del self.rows[:-ONLINE_WINDOW]
-            epochs, self.model.cfg.epochs = self.model.cfg.epochs, ONLINE_EPOCHS
-            try:
-                self.model.fit(self.rows, seed=len(self.rows))
-            finally:
-                self.model.cfg.epochs = epochs
+            self.model.fit(self.rows, seed=len(self.rows), epochs=ONLINE_EPOCHS)
 
     return LearnedCostModel
 
