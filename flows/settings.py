@@ -49,7 +49,9 @@ class RunSettings:
     rpc: str | None = None
     """measure on the RPC tracker HOST:PORT:KEY instead of locally"""
     cost_model: str = "xgb"
-    """what ranks candidates: MetaSchedule's XGBoost, or a saved attention cost model's path"""
+    """what ranks candidates: ``xgb`` (MetaSchedule's XGBoost), ``transfer`` (the pre-trained
+    attention cost model, fine-tuned on the team's records when it has been) or a saved one's
+    path"""
 
     def checked(self) -> RunSettings:
         """These settings validated, with the target resolved and the trial default applied;
@@ -83,6 +85,8 @@ class RunSettings:
             parse_rpc(self.rpc)
         if self.cost_model != "xgb":
             from harl.cost_model.model import CostModel
+            from harl.cost_model.online import transfer_model_path
 
-            CostModel.load(self.cost_model)  # a missing or bad file fails here, named
+            path = transfer_model_path() if self.cost_model == "transfer" else self.cost_model
+            CostModel.load(path)  # a missing or bad file fails here, named
         return dataclasses.replace(self, trials=trials, target=resolve_target(self.target))

@@ -398,6 +398,42 @@ def cmd_dataset_collect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_generate(a: argparse.Namespace) -> int:
+    """Measure the workload suite on each target, collected into a dataset (tasks.datasets)."""
+    from tasks import datasets
+
+    summary = datasets.generate(
+        a.out,
+        a.work,
+        a.target or datasets.DEFAULT_TARGETS,
+        units=a.units.split(",") if a.units else None,
+        trials_per_task=a.trials_per_task,
+        warm_up=a.warm_up,
+        seed=a.seed,
+        on_progress=lambda line: print(line, flush=True),
+    )
+    for key, counts in summary["targets"].items():
+        print(f"{key}: {counts['trials']} trials measured now, {counts['rows']} rows in {a.out}")
+    return 0
+
+
+def cmd_cost_model_train(a: argparse.Namespace) -> int:
+    """Fine-tune (or train) the learned cost model; save it and register it in MLflow."""
+    from tasks import cost_model
+
+    cost_model.train(
+        a.dataset or (),
+        start="scratch" if a.scratch else (a.start or "transfer"),
+        out=a.out,
+        epochs=a.epochs,
+        holdout=a.holdout,
+        seed=a.seed,
+        register=not a.no_register,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
 def cmd_export_example(a: argparse.Namespace) -> int:
     """Write one of the bundled example models as an ONNX file (to try the ONNX path)."""
     from harlflow.examples import EXAMPLES as FACTORIES
@@ -438,9 +474,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cost-model",
         default="xgb",
-        metavar="xgb|PATH",
-        help="what ranks candidates: xgb (MetaSchedule's XGBoost, default) or a saved attention "
-        "cost model (harl.cost_model), which keeps learning from the run's measurements",
+        metavar="xgb|transfer|PATH",
+        help="what ranks candidates: xgb (MetaSchedule's XGBoost, default), transfer (the "
+        "pre-trained attention cost model, or the team's from 'harlflow cost-model train') or a "
+        "saved one's path; the learned ones keep learning from the run's measurements",
     )
     p.add_argument("--target", help="TVM target as JSON, or cpu/host (default: this host's CPU)")
     p.add_argument(
@@ -543,6 +580,64 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("databases", nargs="+", metavar="DB", help="tuning database directories")
     dc.add_argument("--out", required=True, help="dataset file (.parquet), created or merged into")
     dc.set_defaults(func=cmd_dataset_collect)
+    dg = ds_sub.add_parser(
+        "generate",
+        help="measure the workload suite (bundled networks, operator shapes) on each target "
+        "and collect it; run again to resume",
+    )
+    dg.add_argument("--out", required=True, help="dataset file (.parquet), created or merged into")
+    dg.add_argument(
+        "--work", required=True, help="directory of the per-target tuning databases (kept)"
+    )
+    dg.add_argument(
+        "--target",
+        action="append",
+        help="a target (JSON or shorthand), repeatable (default: znver5 on 2 cores and on 1, "
+        "haswell on 2)",
+    )
+    dg.add_argument(
+        "--units",
+        help="comma-separated suite units: network names and ops_gemm, ops_dense, ops_bmm, "
+        "ops_conv, ops_depthwise (default: the whole suite)",
+    )
+    dg.add_argument(
+        "--trials-per-task", type=int, default=32, help="programs measured per task (default 32)"
+    )
+    dg.add_argument("--warm-up", type=int, default=8, help="of those, seeded samples (default 8)")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.set_defaults(func=cmd_dataset_generate)
+
+    cm = sub.add_parser("cost-model", help="the learned cost model (--cost-model transfer)")
+    cm_sub = cm.add_subparsers(dest="cost_model_command", required=True)
+    ct = cm_sub.add_parser(
+        "train",
+        help="fine-tune the cost model on the store's tuning records (or --dataset files), "
+        "save it as the team's model and register it in MLflow",
+    )
+    ct.add_argument(
+        "--dataset",
+        action="append",
+        help="dataset file (.parquet), repeatable (default: the store's tuning records)",
+    )
+    start = ct.add_mutually_exclusive_group()
+    start.add_argument(
+        "--from",
+        dest="start",
+        metavar="PATH",
+        help="model to fine-tune (default: the team's model, else the shipped one)",
+    )
+    start.add_argument("--scratch", action="store_true", help="train a new model")
+    ct.add_argument("--out", help="where to save it (default: $HARLFLOW_HOME/cost_model/model.pt)")
+    ct.add_argument("--epochs", type=int, help="passes over the data (default: the model's, 30)")
+    ct.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="fraction of workloads held out to report accuracy on (default 0.2; 0: none)",
+    )
+    ct.add_argument("--no-register", action="store_true", help="save the file only, no MLflow run")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.set_defaults(func=cmd_cost_model_train)
 
     rl_ = sub.add_parser("rules", help="list the graph rewrite rules, in the library's order")
     rl_.set_defaults(func=cmd_rules)

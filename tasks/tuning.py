@@ -32,7 +32,7 @@ def tune_model(
     """Tune every new workload of the model, measured locally or on the RPC tracker ``rpc``
     (``HOST:PORT:KEY``), for at most ``trials`` trials and ``time_budget_s`` seconds; progress
     as trials are measured, with the best latency so far against onnxruntime's. ``cost_model``:
-    ``"xgb"`` or a saved attention cost model (:mod:`harl.cost_model`)."""
+    ``"xgb"``, ``"transfer"`` or a saved attention cost model (:mod:`harl.cost_model`)."""
     ort_ms = _onnxruntime_ms(imported)
     last = [0.0]
 

@@ -58,3 +58,38 @@ def test_ranks_held_out_workloads_and_round_trips(tmp_path):
         CostModel.load(tmp_path / "bad.pt")
     with pytest.raises(BadInputError, match="not found"):
         CostModel.load(tmp_path / "none.pt")
+
+
+def test_pruning_drops_near_duplicates_first_and_keeps_the_extremes():
+    from harl.cost_model import pruning
+
+    rows = []
+    for p in range(20):  # 16 copies of one program (tiny latency noise), 4 distinct ones
+        f = np.zeros((2, FEATURES), np.float32)
+        f[:, 0] = 1.0 if p < 16 else 3.0 * p
+        rows.append({"workload": "w", "target": "t", "program": str(p), "features": f,
+                     "run_us": 100.0 + p, "failed": False})  # fmt: skip
+    kept = pruning.prune(rows, keep=0.3, seed=0)
+    names = {r["program"] for r in kept}
+    assert len(kept) == 6 and {"0", "19"} <= names  # the fastest and the slowest
+    assert {"16", "17", "18", "19"} <= names  # every distinct program before a second copy
+    assert len(pruning.random_subset(rows, keep=0.3, seed=0)) == 6
+    with pytest.raises(ValueError, match="keep"):
+        pruning.prune(rows, keep=0.0)
+
+
+def test_the_shipped_model_loads_and_is_what_transfer_starts_from(tmp_path, monkeypatch):
+    from harl.cost_model.online import PRETRAINED, create_cost_model, transfer_model_path
+
+    monkeypatch.setenv("HARLFLOW_HOME", str(tmp_path / "home"))
+    assert PRETRAINED.is_file() and PRETRAINED.stat().st_size <= 5 * 2**20
+    shipped = CostModel.load(PRETRAINED)
+    assert len(shipped.targets) >= 2  # pre-trained on more than one target
+    assert transfer_model_path() == PRETRAINED  # no team model yet
+    target = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}  # never trained on
+    learned = create_cost_model("transfer", target)
+    assert learned.model.targets[: len(shipped.targets)] == shipped.targets
+    assert len(learned.model.targets) == len(shipped.targets) + 1
+    team = tmp_path / "home" / "cost_model" / "model.pt"
+    shipped.save(team)
+    assert transfer_model_path() == team

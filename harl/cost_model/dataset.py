@@ -72,7 +72,7 @@ def database_rows(database_dir: str | Path) -> Iterable[dict]:
     workloads: dict[int, tuple[str, float]] = {}
     for rec in db.get_all_tuning_records():
         mod = rec.workload.mod
-        wid = id(rec.workload)
+        wid = int(structural_hash(mod))  # not id(): each access makes a new, short-lived wrapper
         if wid not in workloads:
             try:
                 flop = float(estimate_tir_flops(mod))

@@ -10,7 +10,7 @@ Scores rank programs: higher is faster. Evaluation is on **held-out workloads**
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,6 +101,30 @@ def _groups(rows: list[dict]) -> list[list[dict]]:
     return [g for g in groups.values() if len(g) >= 2]
 
 
+def evaluate(predict: Callable[[list[dict]], np.ndarray], rows: list[dict]) -> dict[str, float]:
+    """Pairwise comparison accuracy and top-1 / top-5 of the scores ``predict`` gives (the
+    best measured latency among the predicted best k, relative to the best measured: 1.0 is
+    perfect), averaged over (workload, target) groups."""
+    pair_ok = pair_n = 0
+    top1, top5 = [], []
+    for g in _groups(rows):
+        score = predict(g)
+        lat = np.array([r["run_us"] for r in g])
+        i, j = np.triu_indices(len(g), 1)
+        differ = lat[i] != lat[j]
+        pair_ok += int(((score[i] > score[j]) == (lat[i] < lat[j]))[differ].sum())
+        pair_n += int(differ.sum())
+        order = np.argsort(-score)
+        top1.append(lat.min() / lat[order[0]])
+        top5.append(lat.min() / lat[order[:5]].min())
+    return {
+        "pairwise_accuracy": pair_ok / pair_n if pair_n else math.nan,
+        "top1": float(np.mean(top1)) if top1 else math.nan,
+        "top5": float(np.mean(top5)) if top5 else math.nan,
+        "groups": len(top1),
+    }
+
+
 class CostModel:
     """The network, its target vocabulary, training and persistence."""
 
@@ -108,6 +132,23 @@ class CostModel:
         self.cfg = cfg or ModelConfig()
         self.targets = list(targets)
         self.net = CostNet(self.cfg, len(self.targets))
+
+    def with_targets(self, targets: Sequence[str]) -> CostModel:
+        """This model with an embedding row for each of ``targets`` it lacks (a new target's
+        row starts as the mean of the trained ones: "some CPU like those seen")."""
+        missing = [t for t in targets if t not in self.targets]
+        if not missing:
+            return self
+        grown = CostModel(self.cfg, [*self.targets, *missing])
+        state = self.net.state_dict()
+        old = state["target.weight"][: len(self.targets)]
+        if len(self.targets):
+            new = old.mean(dim=0, keepdim=True).expand(len(missing), -1)
+            state["target.weight"] = torch.cat([old, new])
+        else:
+            state["target.weight"] = grown.net.state_dict()["target.weight"]
+        grown.net.load_state_dict(state)
+        return grown
 
     def _target_ids(self, rows: Sequence[dict]) -> torch.Tensor:
         index = {t: i for i, t in enumerate(self.targets)}
@@ -120,9 +161,16 @@ class CostModel:
         x, mask = _batch([r["features"] for r in rows])
         return self.net(x, mask, self._target_ids(rows)).numpy()
 
-    def fit(self, rows: list[dict], *, seed: int = 0, epochs: int | None = None) -> list[float]:
+    def fit(
+        self,
+        rows: list[dict],
+        *,
+        seed: int = 0,
+        epochs: int | None = None,
+        on_epoch: Callable[[int, float], None] | None = None,
+    ) -> list[float]:
         """Train on ``rows`` with a pairwise logistic loss within each group, for ``epochs``
-        (default: the config's); the mean loss per epoch."""
+        (default: the config's); the mean loss per epoch (also given to ``on_epoch``)."""
         rng = np.random.default_rng(seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
         groups = _groups(rows)
@@ -147,29 +195,13 @@ class CostModel:
                 opt.step()
                 losses.append(loss.item())
             curve.append(float(np.mean(losses)) if losses else math.nan)
+            if on_epoch is not None:
+                on_epoch(len(curve), curve[-1])
         return curve
 
     def evaluate(self, rows: list[dict]) -> dict[str, float]:
-        """Pairwise comparison accuracy and top-1 / top-5 (the best measured latency among the
-        predicted best k, relative to the best measured: 1.0 is perfect), averaged over groups."""
-        pair_ok = pair_n = 0
-        top1, top5 = [], []
-        for g in _groups(rows):
-            score = self.predict(g)
-            lat = np.array([r["run_us"] for r in g])
-            i, j = np.triu_indices(len(g), 1)
-            differ = lat[i] != lat[j]
-            pair_ok += int(((score[i] > score[j]) == (lat[i] < lat[j]))[differ].sum())
-            pair_n += int(differ.sum())
-            order = np.argsort(-score)
-            top1.append(lat.min() / lat[order[0]])
-            top5.append(lat.min() / lat[order[:5]].min())
-        return {
-            "pairwise_accuracy": pair_ok / pair_n if pair_n else math.nan,
-            "top1": float(np.mean(top1)) if top1 else math.nan,
-            "top5": float(np.mean(top5)) if top5 else math.nan,
-            "groups": len(top1),
-        }
+        """:func:`evaluate` with this model's scores."""
+        return evaluate(self.predict, rows)
 
     def save(self, path: str | Path) -> None:
         """Weights, config and target vocabulary (a plain state dict: ``weights_only`` loads)."""

@@ -3,7 +3,11 @@ candidates with a :class:`~harl.cost_model.model.CostModel` and keeps learning o
 run's measurements (a few epochs on what the run measured so far, after every round).
 
 Both search strategies use it through ``tune(..., cost_model=...)``: ``"xgb"`` (MetaSchedule's
-XGBoost, the default), a :class:`~harl.cost_model.model.CostModel`, or the path of a saved one.
+XGBoost, the default), ``"transfer"`` (the team's model that ``harlflow cost-model train``
+fine-tuned on the store's records, else the model pre-trained on the dataset the package ships
+with, :data:`PRETRAINED`), a :class:`~harl.cost_model.model.CostModel`, or the path of a saved
+one. A target the model was not trained on gets an embedding of its own, started at the mean of
+the known targets' and learned online.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import numpy as np
 
 from harl.cost_model.model import CostModel, ModelConfig
 from harl.database import mean_run_secs
+from harlflow.core import config
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import target_key
 
+PRETRAINED = Path(__file__).with_name("pretrained.pt")  # regenerate: see the README
 ONLINE_EPOCHS = 2  # passes over the run's measurements after each round
 ONLINE_WINDOW = 512  # the most recent measurements kept for online updates
 
@@ -35,9 +41,7 @@ def _learned_cost_model_class():
         def __init__(self, model: CostModel, target: dict[str, Any]):
             self.model = model
             self.target = target_key(target)
-            if self.target not in self.model.targets:  # a new target: its own embedding row
-                self.model.targets.append(self.target)
-                self.model = _with_targets(self.model)
+            self.model = model.with_targets([self.target])  # a new target: its own embedding
             self.rows: list[dict] = []
             self.extractor = ms.feature_extractor.PerStoreFeature()
 
@@ -76,31 +80,26 @@ def _learned_cost_model_class():
     return LearnedCostModel
 
 
-def _with_targets(model: CostModel) -> CostModel:
-    """``model`` with an embedding row for every target in its vocabulary (new rows start as
-    the mean of the trained ones)."""
-    import torch
-
-    grown = CostModel(model.cfg, model.targets)
-    state = model.net.state_dict()
-    old = state["target.weight"]
-    new = old.mean(dim=0, keepdim=True).expand(len(model.targets) - old.shape[0], -1)
-    state["target.weight"] = torch.cat([old, new]) if old.shape[0] else new
-    grown.net.load_state_dict(state)
-    return grown
+def transfer_model_path() -> Path:
+    """What ``--cost-model transfer`` loads: the team's fine-tuned model, else the shipped one."""
+    team = config.cost_model_path()
+    return team if team.is_file() else PRETRAINED
 
 
 def create_cost_model(spec: str | Path | CostModel, target: dict[str, Any]):
-    """MetaSchedule's cost model for ``spec``: ``"xgb"`` stays MetaSchedule's XGBoost; a
-    :class:`CostModel` or the path of a saved one becomes a learned, online-updated model."""
+    """MetaSchedule's cost model for ``spec``: ``"xgb"`` stays MetaSchedule's XGBoost;
+    ``"transfer"``, a :class:`CostModel` or the path of a saved one becomes a learned,
+    online-updated model."""
     if isinstance(spec, str) and spec == "xgb":
         return "xgb"
+    if isinstance(spec, str) and spec == "transfer":
+        spec = transfer_model_path()
     if isinstance(spec, CostModel):
         model = spec
     elif isinstance(spec, (str, Path)):
         model = CostModel.load(spec)
     else:
-        raise BadInputError(f"--cost-model must be 'xgb' or a model file, got {spec!r}")
+        raise BadInputError(f"--cost-model must be 'xgb', 'transfer' or a model file, got {spec!r}")
     return _learned_cost_model_class()(model, target)
 
 

@@ -26,6 +26,17 @@ def harl_agent_path() -> Path:
     return home() / "harl" / "agent.pt"
 
 
+def cost_model_path() -> Path:
+    """The team's learned cost model (``harlflow cost-model train`` writes it); what
+    ``--cost-model transfer`` starts from when it exists (else the model the package ships)."""
+    return home() / "cost_model" / "model.pt"
+
+
+def cost_model_records() -> Path:
+    """The store's tuning records as a cost-model dataset (``harlflow cost-model train``)."""
+    return home() / "cost_model" / "records.parquet"
+
+
 def xrlflow_agent_path() -> Path:
     """The X-RLflow agent used by ``--rewrite xrlflow`` (``harlflow rewrite-train`` writes it)."""
     return home() / "xrlflow" / "agent.pt"

@@ -1,0 +1,190 @@
+"""``harlflow cost-model train``: the team's cost model, fine-tuned on every model it tuned.
+
+Every optimize run's measurements accumulate in the store's tuning database. Training collects
+them into ``$HARLFLOW_HOME/cost_model/records.parquet`` (merged, deduplicated), starts from the
+current transfer model (the team's, else the one the package ships) or from scratch, reports
+pairwise accuracy and top-1/top-5 on held-out workloads before and after, saves the model where
+``--cost-model transfer`` finds it, and logs the run to MLflow with the model registered as a
+version of ``harlflow-cost-model`` (tagged with its targets and accuracy), like the artifacts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harlflow.core import config
+from harlflow.core.errors import BadInputError, StoreError
+from tasks import tracking
+
+REGISTERED_NAME = "harlflow-cost-model"
+ARTIFACT_PATH = "cost_model"
+
+
+@dataclass
+class TrainResult:
+    path: str
+    rows: int
+    workloads: int
+    targets: list[str]
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    run_id: str | None = None
+    version: str | None = None
+
+
+def store_records(log: Callable[[str], None] = print) -> Path:
+    """The store's tuning database collected into the store's dataset file."""
+    from harl.cost_model import dataset
+
+    db = config.tuning_db_dir()
+    out = config.cost_model_records()
+    if not (db / "database_tuning_record.json").is_file():
+        raise BadInputError(
+            f"no tuning records in {db}: run 'harlflow optimize' first, or give --dataset"
+        )
+    counts = dataset.collect([db], out)
+    log(f"collected {db}: {counts['rows']} programs ({counts['new_rows']} new) in {out}")
+    return out
+
+
+def train(
+    datasets: Iterable[str | Path] = (),
+    *,
+    start: str = "transfer",
+    out: str | Path | None = None,
+    epochs: int | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    register: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Fine-tune (``start="transfer"`` or a model path) or train from scratch (``"scratch"``)
+    on ``datasets`` (default: the store's records), evaluate on held-out workloads, save to
+    ``out`` (default: the team's model) and, with ``register``, log and register in MLflow."""
+    from harl.cost_model import dataset
+    from harl.cost_model.model import CostModel, ModelConfig, split_by_workload
+    from harl.cost_model.online import transfer_model_path
+    from harlflow import rl
+
+    if not 0 <= holdout < 1:
+        raise BadInputError(f"--holdout must be in [0, 1), got {holdout}")
+    if epochs is not None and epochs < 1:
+        raise BadInputError(f"--epochs must be >= 1, got {epochs}")
+    paths = [Path(p) for p in datasets] or [store_records(log)]
+    rows: list[dict] = []
+    for p in paths:
+        if not p.is_file():
+            raise BadInputError(f"dataset not found: {p}")
+        try:
+            rows += dataset.load(p)
+        except Exception as e:
+            raise BadInputError(f"{p} is not a harlflow dataset: {e}") from None
+    targets = sorted({r["target"] for r in rows})
+    workloads = {r["workload"] for r in rows}
+    if not rows or len(workloads) < 2:
+        raise BadInputError(f"too few records to train on: {len(rows)} programs")
+    rl.setup(seed)
+    if start == "scratch":
+        model = CostModel(ModelConfig(), targets)
+    else:
+        model = CostModel.load(transfer_model_path() if start == "transfer" else start)
+        model = model.with_targets(targets)
+    train_rows, test_rows = split_by_workload(rows, holdout, seed) if holdout > 0 else (rows, [])
+    result = TrainResult(
+        path=str(Path(out) if out else config.cost_model_path()),
+        rows=len(rows),
+        workloads=len(workloads),
+        targets=targets,
+    )
+    if test_rows:
+        result.before = model.evaluate(test_rows)
+        log(f"held-out workloads before: {_fmt(result.before)}")
+    t0 = time.monotonic()
+    n_epochs = epochs or model.cfg.epochs
+
+    def progress(epoch: int, loss: float) -> None:
+        log(f"epoch {epoch}/{n_epochs}: ranking loss {loss:.4f}")
+
+    result.losses = model.fit(train_rows, seed=seed, epochs=n_epochs, on_epoch=progress)
+    result.seconds = time.monotonic() - t0
+    if test_rows:
+        result.after = model.evaluate(test_rows)
+        log(f"held-out workloads after:  {_fmt(result.after)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "model.pt"
+        model.save(staged)
+        if register:  # before the team's model changes: a failed registration changes nothing
+            _register(result, staged, start, seed, holdout)
+            log(f"registered {REGISTERED_NAME} version {result.version} (run {result.run_id})")
+        final = Path(result.path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(f".{final.name}.tmp")
+        shutil.copyfile(staged, partial)
+        partial.replace(final)
+    log(f"saved {result.path}")
+    return result
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return (
+        f"pairwise accuracy {m['pairwise_accuracy']:.3f}, top-1 {m['top1']:.3f}, "
+        f"top-5 {m['top5']:.3f} ({m['groups']} groups)"
+    )
+
+
+def _register(result: TrainResult, staged: Path, start: str, seed: int, holdout: float) -> None:
+    """Log the training run (params, metrics, the model file) and register the model."""
+    c = tracking.client()
+    with tracking.run(c, "cost-model-train", tags={"harlflow.kind": "cost-model"}) as run_id:
+        tracking.log_params(
+            c,
+            run_id,
+            {
+                "start": start,
+                "rows": result.rows,
+                "workloads": result.workloads,
+                "targets": ",".join(result.targets),
+                "epochs": len(result.losses),
+                "holdout": holdout,
+                "seed": seed,
+            },
+        )
+        for step, loss in enumerate(result.losses):
+            tracking.log_metrics(c, run_id, {"ranking_loss": loss}, step=step)
+        metrics: dict[str, Any] = {"train_seconds": result.seconds}
+        for when, m in (("before", result.before), ("after", result.after)):
+            for k in ("pairwise_accuracy", "top1", "top5"):
+                if k in m:
+                    metrics[f"{when}_{k}"] = m[k]
+        tracking.log_metrics(c, run_id, metrics)
+        try:
+            c.log_artifact(run_id, str(staged), ARTIFACT_PATH)
+            try:
+                c.get_registered_model(REGISTERED_NAME)
+            except Exception:
+                c.create_registered_model(
+                    REGISTERED_NAME,
+                    description="harlflow's learned cost model, fine-tuned on the team's records.",
+                )
+            tags = {"targets": ",".join(result.targets), "rows": str(result.rows)}
+            if "pairwise_accuracy" in result.after:
+                tags["pairwise_accuracy"] = f"{result.after['pairwise_accuracy']:.4f}"
+            mv = c.create_model_version(
+                REGISTERED_NAME,
+                source=f"{c.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}",
+                run_id=run_id,
+                tags=tags,
+            )
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"registering {REGISTERED_NAME} in MLflow failed: {e}") from None
+        result.run_id, result.version = run_id, str(mv.version)

@@ -1,0 +1,256 @@
+"""``harlflow dataset generate``: measure schedules of a workload suite on one or more targets and
+collect them into the learned cost model's dataset (:mod:`harl.cost_model.dataset`).
+
+The suite is the bundled networks' tuning tasks plus operators at varied shapes (GEMMs, dense
+layers, batched matmuls, convolutions with 1×1/3×3 kernels and strides 1/2, depthwise
+convolutions). ``HELD_OUT_NETWORKS`` are never generated: ``bench/cost_model.py`` tunes them
+with each cost model, as networks the model has not seen.
+
+Each unit (a network or a pack of operators) is tuned on each target with
+:func:`harl.tuning.tune` into one database per target: a warm-up of seeded samples (most of them
+register-blocked, a quarter uniformly random) then MetaSchedule's evolutionary search, so the
+dataset has both random and searched programs. Every trial is committed as it is measured, a
+task another unit already measured is not measured again, and an interrupted unit resumes
+(:class:`harl.journal.RunJournal`): the same command run again continues where it stopped.
+After each target, its database is collected into the dataset file (merged, deduplicated).
+
+Targets run on this machine stand in for different hardware: AVX2-only code (``"mcpu":
+"haswell"``), AVX-512 (``znver5``), one core or two (``num-cores``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harlflow.core.errors import BadInputError
+from harlflow.core.signature import TensorSpec
+from harlflow.core.targets import resolve_target, target_key
+
+SUITE_NETWORKS = ("tiny_mlp", "small_cnn", "resnet18", "bert_encoder", "inception_small")
+HELD_OUT_NETWORKS = ("vit_small", "squeezenet_small")
+
+# The stand-ins for different hardware (issue 12): AVX-512 on two cores and on one, AVX2 only.
+DEFAULT_TARGETS = (
+    {"kind": "llvm", "mcpu": "znver5", "num-cores": 2},
+    {"kind": "llvm", "mcpu": "znver5", "num-cores": 1},
+    {"kind": "llvm", "mcpu": "haswell", "num-cores": 2},
+)
+
+# Operator shape variations, a pack per family (one tuning call each). GEMMS: M, K, N;
+# CONVS: C_in, C_out, H=W, kernel, stride.
+GEMMS = [(64, 512, 512), (128, 512, 128), (256, 256, 1024), (384, 768, 768),
+         (512, 128, 512), (196, 384, 1536), (32, 1024, 1024), (768, 64, 768)]  # fmt: skip
+DENSES = [(1, 512, 1000), (16, 784, 256), (128, 1024, 256), (49, 512, 2048)]  # M, K, N; +bias, relu
+BMMS = [(8, 64, 64, 64), (4, 196, 64, 196), (12, 128, 32, 128), (2, 256, 128, 256)]  # B, M, K, N
+CONVS = [(3, 32, 112, 3, 2), (32, 64, 56, 3, 1), (64, 128, 56, 1, 2), (96, 96, 28, 3, 1),
+         (128, 256, 28, 3, 2), (256, 64, 14, 1, 1), (160, 160, 14, 3, 1), (384, 384, 7, 3, 1),
+         (64, 256, 28, 1, 1), (48, 48, 40, 5, 1)]  # fmt: skip
+DEPTHWISE = [(32, 112, 3, 1), (96, 56, 3, 2), (192, 28, 3, 1), (384, 14, 5, 1)]  # C, H=W, k, stride
+
+
+@dataclass
+class Unit:
+    """One tuning call of the suite: a network, or a pack of operators."""
+
+    name: str
+    build: Callable[[Path], tuple[Path, list[TensorSpec]]]
+    """writes the unit's ONNX file under a directory; its path and input specs"""
+
+
+def _onnx_ops(name: str, ops: list[tuple[list, list, list, list]]):
+    """One ONNX graph holding independent operators: each (nodes, inputs, outputs, weights)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes, inputs, outputs, inits = [], [], [], []
+    for n, i, o, w in ops:
+        nodes += n
+        inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, s) for k, s in i]
+        outputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in o]
+        inits += w
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model), [
+        TensorSpec(k, tuple(s), "float32") for _, i, _, _ in ops for k, s in i
+    ]
+
+
+def _weight(name: str, shape, rng: np.random.Generator):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype("float32"), name)
+
+
+def _operator_pack(family: str) -> list[tuple[list, list, list, list]]:
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    ops = []
+    if family == "gemm":
+        for k, (m, kk, n) in enumerate(GEMMS):
+            x, w, y = f"x{k}", f"w{k}", f"y{k}"
+            node = helper.make_node("MatMul", [x, w], [y])
+            ops.append(([node], [(x, [m, kk])], [y], [_weight(w, (kk, n), rng)]))
+    elif family == "dense":
+        for k, (m, kk, n) in enumerate(DENSES):
+            x, w, b, y = f"x{k}", f"w{k}", f"b{k}", f"y{k}"
+            nodes = [
+                helper.make_node("Gemm", [x, w, b], [f"g{k}"]),
+                helper.make_node("Relu", [f"g{k}"], [y]),
+            ]
+            weights = [_weight(w, (kk, n), rng), _weight(b, (n,), rng)]
+            ops.append((nodes, [(x, [m, kk])], [y], weights))
+    elif family == "bmm":
+        for k, (b, m, kk, n) in enumerate(BMMS):
+            p, q, y = f"p{k}", f"q{k}", f"y{k}"
+            node = helper.make_node("MatMul", [p, q], [y])
+            ops.append(([node], [(p, [b, m, kk]), (q, [b, kk, n])], [y], []))
+    elif family == "conv":
+        for k, (ci, co, hw, ks, s) in enumerate(CONVS):
+            x, w, y = f"x{k}", f"w{k}", f"y{k}"
+            node = helper.make_node(
+                "Conv", [x, w], [y], pads=[ks // 2] * 4, strides=[s, s], kernel_shape=[ks, ks]
+            )
+            ops.append(([node], [(x, [1, ci, hw, hw])], [y], [_weight(w, (co, ci, ks, ks), rng)]))
+    elif family == "depthwise":
+        for k, (c, hw, ks, s) in enumerate(DEPTHWISE):
+            x, w, y = f"x{k}", f"w{k}", f"y{k}"
+            node = helper.make_node(
+                "Conv", [x, w], [y], pads=[ks // 2] * 4, strides=[s, s], group=c,
+                kernel_shape=[ks, ks],
+            )  # fmt: skip
+            ops.append(([node], [(x, [1, c, hw, hw])], [y], [_weight(w, (c, 1, ks, ks), rng)]))
+    else:
+        raise BadInputError(f"unknown operator family {family!r}")
+    return ops
+
+
+OPERATOR_FAMILIES = ("gemm", "dense", "bmm", "conv", "depthwise")
+
+
+def _operators_unit(family: str) -> Unit:
+    def build(work: Path) -> tuple[Path, list[TensorSpec]]:
+        import onnx
+
+        proto, specs = _onnx_ops(f"ops_{family}", _operator_pack(family))
+        path = work / f"ops_{family}.onnx"
+        onnx.save(proto, str(path))
+        return path, specs
+
+    return Unit(f"ops_{family}", build)
+
+
+def _network_unit(name: str) -> Unit:
+    def build(work: Path) -> tuple[Path, list[TensorSpec]]:
+        from tasks.importing import import_model
+
+        m = import_model(f"harlflow.examples:{name}", cache_dir=work / "imports")
+        return Path(m.onnx_path), list(m.inputs)
+
+    return Unit(name, build)
+
+
+def suite(names: Iterable[str] | None = None) -> list[Unit]:
+    """The workload suite's units: ``names`` picks some (networks by example name, operator
+    packs as ``ops_<family>``); None is the whole suite (networks first)."""
+    from harlflow.examples import EXAMPLES
+
+    everything = {n: _network_unit(n) for n in SUITE_NETWORKS}
+    everything |= {f"ops_{f}": _operators_unit(f) for f in OPERATOR_FAMILIES}
+    if names is None:
+        return list(everything.values())
+    units = []
+    for n in names:
+        if n in everything:
+            units.append(everything[n])
+        elif n in EXAMPLES:  # any bundled network may be asked for, held-out ones included
+            units.append(_network_unit(n))
+        else:
+            raise BadInputError(
+                f"unknown suite unit {n!r}: choose from {', '.join([*everything, *EXAMPLES])}"
+            )
+    return units
+
+
+def target_slug(target: dict[str, Any]) -> str:
+    """A directory name for a target's database (readable, unique per :func:`target_key`)."""
+    key = target_key(target)
+    return re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-")
+
+
+def generate(
+    out: str | Path,
+    work: str | Path,
+    targets: Iterable[str | dict[str, Any]] = DEFAULT_TARGETS,
+    *,
+    units: Iterable[str] | None = None,
+    trials_per_task: int = 32,
+    warm_up: int = 8,
+    seed: int = 0,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure the suite on every target into ``work/<target>/`` and collect it into ``out``.
+
+    Each task gets about ``trials_per_task`` measured programs: ``warm_up`` seeded samples, the
+    rest from the evolutionary search. Run again after an interruption, the same command
+    measures only what is missing. Returns counts per target.
+    """
+    from harl import compilation, tuning
+    from harl.cost_model import dataset
+    from tasks.importing import to_relax
+
+    if trials_per_task < 1:
+        raise BadInputError(f"--trials-per-task must be >= 1, got {trials_per_task}")
+    if not 0 <= warm_up <= trials_per_task:
+        raise BadInputError(f"--warm-up must be within 0..{trials_per_task}, got {warm_up}")
+    resolved = [resolve_target(t) for t in targets]
+    chosen = suite(units)
+    if not resolved:
+        raise BadInputError("give at least one --target")
+    say = on_progress or (lambda line: None)
+    work = Path(work)
+    (work / "onnx").mkdir(parents=True, exist_ok=True)
+    modules = {}
+    summary: dict[str, Any] = {"targets": {}}
+    for ti, target in enumerate(resolved, 1):
+        db_dir = work / target_slug(target)
+        measured = 0
+        for ui, unit in enumerate(chosen, 1):
+            if unit.name not in modules:
+                path, specs = unit.build(work / "onnx")
+                modules[unit.name] = compilation.prepare(to_relax(path, specs))
+            mod = modules[unit.name]
+            n_tasks = len(compilation.extract_tasks(mod, target))
+            where = f"[target {ti}/{len(resolved)} {target_key(target)}] {ui}/{len(chosen)}"
+            say(f"{where} {unit.name}: {n_tasks} tasks")
+
+            shown = [0]
+
+            def progress(p, where=where, name=unit.name, shown=shown) -> None:
+                if p.trials >= shown[0] + 32 or p.trials >= p.budget:
+                    shown[0] = p.trials
+                    say(f"{where} {name}: {p.trials}/{p.budget} trials")
+
+            result = tuning.tune(
+                mod,
+                target,
+                db_dir,
+                trials=trials_per_task * n_tasks,
+                strategy="evolutionary",
+                seed=seed + ui,
+                min_trials_per_task=warm_up,
+                on_progress=progress,
+            )
+            measured += result.trials
+            new = sum(1 for t in result.tasks if t.schedule == "tuned")
+            say(f"{where} {unit.name}: {result.trials} trials ({new} tasks measured now)")
+        counts = dataset.collect([db_dir], out)
+        say(f"[target {ti}/{len(resolved)}] collected into {out}: {counts['rows']} rows")
+        summary["targets"][target_key(target)] = {"trials": measured, **counts}
+    return summary

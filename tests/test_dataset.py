@@ -1,0 +1,127 @@
+"""``harlflow dataset generate`` (killed and resumed) and ``harlflow cost-model train`` (fine-tuning
+on a store's records, registered in MLflow), as a user runs them: through the CLI, in
+subprocesses, on the embedded stores of a fresh home."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from services import BIN, harlflow, kill_tree
+
+from harlflow.core.targets import target_key
+
+TARGET = '{"kind": "llvm", "mcpu": "znver5", "num-cores": 1}'
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("dataset-home")
+    e = {**os.environ, "HARLFLOW_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
+    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL"):
+        e.pop(k, None)
+    return e
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+@pytest.fixture(scope="module")
+def generated(env, tmp_path_factory) -> dict:
+    """A generation of the tiny MLP's tasks, SIGKILLed after its first trials, then the same
+    command again (it resumes), then once more (nothing left to measure)."""
+    from harl.cost_model import dataset
+
+    tmp = tmp_path_factory.mktemp("generate")
+    out, work = tmp / "records.parquet", tmp / "work"
+    cmd = [str(BIN / "harlflow"), "dataset", "generate", "--out", str(out), "--work", str(work),
+           "--units", "tiny_mlp", "--trials-per-task", "6", "--warm-up", "2",
+           "--target", TARGET]  # fmt: skip
+    records = work / "kind-llvm-mcpu-znver5-num-cores-1" / "database_tuning_record.json"
+    with open(tmp / "killed.log", "wb") as log:
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 400
+            while len(_lines(records)) < 2 and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            os.killpg(p.pid, signal.SIGKILL)  # the run and its build/measure workers
+            p.wait()
+            kill_tree(p.pid)
+    killed = len(_lines(records))
+    assert p.returncode == -9 and 2 <= killed < 12, (tmp / "killed.log").read_text()[-2000:]
+    assert not out.exists()  # nothing collected from a half-measured target
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = len(_lines(records))
+    rows = dataset.load(out)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return {"out": out, "records": records, "killed": killed, "after": after, "rows": rows,
+            "resumed": resumed, "again": again}  # fmt: skip
+
+
+def test_generate_resumes_after_a_kill_without_measuring_twice(generated):
+    from harl.cost_model import dataset
+
+    resumed = generated["resumed"]
+    assert "resuming an interrupted run" in resumed.stderr + resumed.stdout
+    assert generated["after"] == 12  # 2 tasks × 6 trials: what was measured before is kept
+    rows = generated["rows"]
+    keys = [tuple(r[k] for k in dataset.KEY) for r in rows]
+    assert len(keys) == len(set(keys)) and len(rows) <= generated["after"]
+    assert len({r["workload"] for r in rows}) == 2  # one workload per task, not one per record
+    assert {r["target"] for r in rows} == {target_key(json.loads(TARGET))}
+    again = generated["again"]
+    assert "0 trials measured now" in again.stdout  # a finished generation measures nothing
+    assert len(_lines(generated["records"])) == generated["after"]
+    assert len(dataset.load(generated["out"])) == len(rows)
+
+
+def test_cost_model_train_on_the_store_registers_it_and_transfer_uses_it(env, generated):
+    home = Path(env["HARLFLOW_HOME"])
+    r = harlflow(env, "cost-model", "train")  # an empty store: nothing to train on
+    assert r.returncode != 0 and "no tuning records" in r.stderr
+    assert not (home / "cost_model" / "model.pt").exists()
+    # the store's tuning database is the generated one (as if optimize had measured it)
+    (home / "tuning_db").symlink_to(generated["records"].parent, target_is_directory=True)
+    r = harlflow(env, "cost-model", "train", "--epochs", "2", "--holdout", "0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out workloads after" in r.stdout
+    assert "registered harlflow-cost-model version 1" in r.stdout
+    model_file = home / "cost_model" / "model.pt"
+    assert model_file.is_file() and (home / "cost_model" / "records.parquet").is_file()
+
+    os.environ["HARLFLOW_HOME"], saved = str(home), os.environ["HARLFLOW_HOME"]
+    try:
+        from mlflow import MlflowClient
+
+        from harl.cost_model.model import CostModel
+        from harl.cost_model.online import create_cost_model, transfer_model_path
+        from harlflow.core import config
+
+        assert transfer_model_path() == model_file
+        c = MlflowClient(tracking_uri=config.embedded_tracking_uri())
+        (mv,) = c.search_model_versions("name='harlflow-cost-model'")
+        assert mv.tags["targets"] == target_key(json.loads(TARGET))
+        run = c.get_run(mv.run_id)
+        assert run.info.status == "FINISHED" and "after_pairwise_accuracy" in run.data.metrics
+        assert [a.path for a in c.list_artifacts(mv.run_id, "cost_model")] == [
+            "cost_model/model.pt"
+        ]
+        learned = create_cost_model("transfer", json.loads(TARGET))
+        assert learned.model.targets == CostModel.load(model_file).targets
+    finally:
+        os.environ["HARLFLOW_HOME"] = saved
+
+    bad = home / "bad.parquet"
+    bad.write_text("not a dataset")
+    r = harlflow(env, "cost-model", "train", "--dataset", str(bad))
+    assert r.returncode != 0 and "is not a harlflow dataset" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
