@@ -43,7 +43,7 @@ from harlflow import rl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.01, 0.05, 0.10, 1.0)
-KEEP = (1.0, 0.6, 0.45, 0.3)
+KEEP = (1.0, 0.55, 0.4)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -309,7 +309,7 @@ def main() -> None:
     acc.add_argument("--dataset", required=True)
     acc.add_argument("--holdout", type=float, default=0.25)
     acc.add_argument("--epochs", type=int, default=30)
-    acc.add_argument("--fine-tune-epochs", type=int, default=30)
+    acc.add_argument("--fine-tune-epochs", type=int, default=5)
     acc.add_argument("--seed", type=int, default=0)
     acc.add_argument("--out", default=str(RESULTS / "cost_model_accuracy.json"))
     tun = sub.add_parser("tuning")

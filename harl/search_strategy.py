@@ -191,7 +191,10 @@ def _make_strategy_class():
         def notify_runner_results(self, measure_candidates, results) -> None:
             self.trials += len(results)
             improved = False
-            for (h, k), cand, res in zip(self.pending, measure_candidates, results, strict=True):
+            # a budget (harl.budget.BudgetedStrategy) may cut a round short: what was measured
+            # is a prefix of what was proposed
+            pending = self.pending[: len(results)]
+            for (h, k), cand, res in zip(pending, measure_candidates, results, strict=True):
                 self.measured.add(h)
                 ok = res.error_msg is None and res.run_secs
                 secs = mean_run_secs(res.run_secs) if ok else math.inf

@@ -165,3 +165,21 @@ def test_same_seed_same_decisions(matmul):
 
     a, b, c = first_round(0), first_round(0), first_round(1)
     assert len(a) == 4 and a == b and a != c
+
+
+@pytest.mark.slow
+def test_harl_accepts_a_round_the_budget_cut_short(tmp_path):
+    """Several searched tasks share one allowance: a task's round can be cut to the trials that
+    are left, and HARL then hears back about a prefix of what it proposed (this crashed on
+    ViT's tasks at 64 trials)."""
+    from harl import tuning
+    from tasks import datasets
+
+    path, specs = datasets.suite(["ops_bmm"])[0].build(tmp_path)
+    mod = compilation.prepare(to_relax(path, specs))
+    target = {"kind": "llvm", "mcpu": "znver5", "num-cores": 1}
+    res = tuning.tune(
+        mod, target, tmp_path / "db", trials=21, min_trials_per_task=0, strategy="harl", seed=0
+    )
+    assert res.trials == 21  # the budget, exactly: the last round was cut
+    assert sum(t.schedule == "tuned" for t in res.tasks) >= 2
