@@ -167,24 +167,19 @@ def _register(result: TrainResult, staged: Path, start: str, seed: int, holdout:
         tracking.log_metrics(c, run_id, metrics)
         try:
             c.log_artifact(run_id, str(staged), ARTIFACT_PATH)
-            try:
-                c.get_registered_model(REGISTERED_NAME)
-            except Exception:
-                c.create_registered_model(
-                    REGISTERED_NAME,
-                    description="harlflow's learned cost model, fine-tuned on the team's records.",
-                )
-            tags = {"targets": ",".join(result.targets), "rows": str(result.rows)}
-            if "pairwise_accuracy" in result.after:
-                tags["pairwise_accuracy"] = f"{result.after['pairwise_accuracy']:.4f}"
-            mv = c.create_model_version(
-                REGISTERED_NAME,
-                source=f"{c.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}",
-                run_id=run_id,
-                tags=tags,
-            )
         except StoreError:
             raise
         except Exception as e:
             raise StoreError(f"registering {REGISTERED_NAME} in MLflow failed: {e}") from None
-        result.run_id, result.version = run_id, str(mv.version)
+        tags = {"targets": ",".join(result.targets), "rows": str(result.rows)}
+        if "pairwise_accuracy" in result.after:
+            tags["pairwise_accuracy"] = f"{result.after['pairwise_accuracy']:.4f}"
+        result.version = tracking.register_version(
+            c,
+            REGISTERED_NAME,
+            run_id,
+            ARTIFACT_PATH,
+            description="harlflow's learned cost model, fine-tuned on the team's records.",
+            tags=tags,
+        )
+        result.run_id = run_id

@@ -22,12 +22,6 @@ def register(c, run_id: str, artifact: Artifact) -> str:
     """Log the artifact directory to ``run_id`` and register it as a new model version."""
     try:
         c.log_artifacts(run_id, artifact.directory, ARTIFACT_PATH)
-        try:
-            c.get_registered_model(artifact.name)
-        except Exception:
-            c.create_registered_model(
-                artifact.name, description="Compiled, verified harlflow artifacts of this model."
-            )
         m = artifact.manifest
         tags = {
             "target": target_tag(m["target"]),
@@ -39,17 +33,18 @@ def register(c, run_id: str, artifact: Artifact) -> str:
         tuned = m.get("latency_ms", {}).get("tvm_tuned")
         if tuned:
             tags["latency_ms"] = f"{tuned['median_ms']:.6g}"
-        mv = c.create_model_version(
-            artifact.name,
-            source=f"{c.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}",
-            run_id=run_id,
-            tags=tags,
-        )
-        return str(mv.version)
     except StoreError:
         raise
     except Exception as e:
         raise StoreError(f"registering {artifact.name} in MLflow failed: {e}") from None
+    return tracking.register_version(
+        c,
+        artifact.name,
+        run_id,
+        ARTIFACT_PATH,
+        description="Compiled, verified harlflow artifacts of this model.",
+        tags=tags,
+    )
 
 
 def target_tag(target: dict[str, Any]) -> str:

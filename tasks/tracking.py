@@ -137,6 +137,31 @@ def log_metrics(c, run_id: str, metrics: dict[str, float | None], step: int = 0)
     )
 
 
+def register_version(
+    c, name: str, run_id: str, artifact_path: str, *, description: str, tags: dict[str, str]
+) -> str:
+    """Register what ``run_id`` logged under ``artifact_path`` as a new version of the registered
+    model ``name`` (created, with ``description``, the first time); the version number.
+    MLflow's registry takes arbitrary files this way (``mlflow.register_model`` on plain
+    artifacts fails and leaves an empty registered model behind)."""
+    try:
+        try:
+            c.get_registered_model(name)
+        except Exception:
+            c.create_registered_model(name, description=description)
+        mv = c.create_model_version(
+            name,
+            source=f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}",
+            run_id=run_id,
+            tags=tags,
+        )
+        return str(mv.version)
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(f"registering {name} in MLflow failed: {e}") from None
+
+
 @contextlib.contextmanager
 def run(
     c, name: str, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None

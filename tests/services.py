@@ -17,6 +17,15 @@ import psutil
 BIN = Path(sys.executable).parent
 
 
+def embedded_env(home: Path) -> dict[str, str]:
+    """The environment of harlflow commands on the embedded stores (sqlite MLflow, local
+    artifacts, a temporary Prefect) of ``home``: no server or S3 endpoint from the outside."""
+    e = {**os.environ, "HARLFLOW_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
+    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL"):
+        e.pop(k, None)
+    return e
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from services import BIN, harlflow, kill_tree
+from services import BIN, embedded_env, harlflow, kill_tree
 
 from harlflow.core.targets import target_key
 
@@ -21,11 +21,7 @@ TARGET = '{"kind": "llvm", "mcpu": "znver5", "num-cores": 1}'
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
-    home = tmp_path_factory.mktemp("dataset-home")
-    e = {**os.environ, "HARLFLOW_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
-    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL"):
-        e.pop(k, None)
-    return e
+    return embedded_env(tmp_path_factory.mktemp("dataset-home"))
 
 
 def _lines(path: Path) -> list[str]:

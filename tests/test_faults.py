@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from services import BIN, free_port, harlflow, kill_tree, start_mlflow_server
+from services import BIN, embedded_env, free_port, harlflow, kill_tree, start_mlflow_server
 
 from tasks.pulling import verify_directory
 
@@ -31,11 +31,7 @@ QUICK = ["--rewrite", "none", "--no-measure", "--ci"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     """The embedded stores (sqlite MLflow, local artifacts, a temporary Prefect) in a fresh home."""
-    home = tmp_path_factory.mktemp("faults-home")
-    e = {**os.environ, "HARLFLOW_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
-    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL"):
-        e.pop(k, None)
-    return e
+    return embedded_env(tmp_path_factory.mktemp("faults-home"))
 
 
 @pytest.fixture(scope="module")
