@@ -1,6 +1,7 @@
 """HARL against MetaSchedule's evolutionary search at equal trial budgets, side by side.
 
     python bench/harl_vs_ms.py [--ops gemm512,conv56,...] [--budgets 32,64,128] [--seeds 0,1,2]
+                               [--cost-model xgb|transfer|PATH] [--agent pretrained|fresh|PATH]
 
 The network-level comparison (BERT encoder, ResNet-18 at equal global budgets: weighted task
 latency and the compiled model's end-to-end latency) is ``bench/e2e.py --strategies
@@ -8,7 +9,10 @@ evolutionary,harl``.
 
 For every (seed, operator, budget) both strategies run back to back (interleaved, never one
 strategy's whole suite first), each from an empty database, with no random warm-up
-(min_trials_per_task=0) so that only the search strategy differs. Reported per operator: best
+(min_trials_per_task=0) so that only the search strategy differs: both rank candidates with
+the same ``--cost-model``. HARL's agent starts from ``--agent``: the one the package ships
+(pre-trained offline by ``harlflow harl-train``), a fresh one, or a file; every run starts from
+a copy, so no run learns from another. Reported per operator: best
 latency ratio HARL/MS (geometric mean over seeds), trials HARL needs to reach MS's final best
 (search speed = budget / those trials), wall seconds per trial, GFLOP/s and the fraction of
 ``--peak-gflops``. Latencies are MetaSchedule runner measurements (what both searches see).
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -115,9 +120,31 @@ def operator_module(name: str, work: Path):
     return compilation.prepare(to_relax(path, specs))
 
 
-def run_one(mod, target, strategy: str, budget: int, seed: int, work: Path) -> dict:
+def agent_copy(agent: str, seed: int, work: Path) -> Path:
+    """A copy of the agent a HARL run starts from (the run saves its agent back there)."""
+    from harl.agent import PRETRAINED, EditAgent
+
+    path = work / f"agent-{time.monotonic_ns()}.pt"
+    if agent == "fresh":
+        EditAgent(seed=seed).save(path)
+    else:
+        shutil.copy(PRETRAINED if agent == "pretrained" else agent, path)
+    return path
+
+
+def run_one(
+    mod,
+    target,
+    strategy: str,
+    budget: int,
+    seed: int,
+    work: Path,
+    cost_model: str = "xgb",
+    agent: str = "pretrained",
+) -> dict:
     """One tuning run from an empty database; the best-so-far curve of the heaviest task."""
     curve: list[tuple[int, float]] = []
+    agent_path = agent_copy(agent, seed, work) if strategy == "harl" else None
     t0 = time.monotonic()
     res = tuning.tune(
         mod,
@@ -128,6 +155,8 @@ def run_one(mod, target, strategy: str, budget: int, seed: int, work: Path) -> d
         seed=seed,
         min_trials_per_task=0,
         on_progress=lambda p: curve.append((p.trials, p.weighted_us)),
+        cost_model=cost_model,
+        agent_path=agent_path,
     )
     wall = time.monotonic() - t0
     main = max(res.tasks, key=lambda t: (t.flop if math.isfinite(t.flop) else 0, t.weight))
@@ -159,12 +188,23 @@ def main() -> None:
         default=520.0,
         help="machine peak for the fraction column (ENVIRONMENT.md: ~520 on 2 Zen 5 cores)",
     )
+    p.add_argument(
+        "--cost-model", default="xgb", help="both strategies' cost model: xgb, transfer or a file"
+    )
+    p.add_argument(
+        "--agent",
+        default="pretrained",
+        help="HARL's starting agent: pretrained (shipped), fresh, or an agent file",
+    )
     p.add_argument("--out", default="bench/results/harl_vs_ms.json")
     a = p.parse_args()
     target = resolve_target(None)
     ops, budgets = a.ops.split(","), [int(b) for b in a.budgets.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     runs = []
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")  # the runs so far, in case the bench is stopped
     with tempfile.TemporaryDirectory(prefix="harl-bench-") as tmp:
         work = Path(tmp)
         mods = {op: operator_module(op, work) for op in ops}
@@ -172,8 +212,11 @@ def main() -> None:
             for op in ops:
                 for budget in budgets:
                     for strategy in ("evolutionary", "harl"):  # interleaved
-                        r = run_one(mods[op], target, strategy, budget, seed, work) | {"op": op}
+                        r = run_one(
+                            mods[op], target, strategy, budget, seed, work, a.cost_model, a.agent
+                        ) | {"op": op}
                         runs.append(r)
+                        partial.write_text(json.dumps({"target": target, "runs": runs}))
                         print(
                             f"seed {seed} {op:10s} {budget:4d} {strategy:12s} "
                             f"best {r['best_us']:10.2f} us"
@@ -201,9 +244,13 @@ def main() -> None:
             f"budget {budget}: geometric-mean latency HARL/MS = "
             f"{math.exp(np.mean(np.log(ratios))):.3f}"
         )
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"target": target, "runs": runs, "summary": rows}, indent=2))
+    settings = {"cost_model": a.cost_model, "agent": a.agent}
+    out.write_text(
+        json.dumps(
+            {"target": target, "settings": settings, "runs": runs, "summary": rows}, indent=2
+        )
+    )
+    partial.unlink(missing_ok=True)
     plot(runs, ops, budgets, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

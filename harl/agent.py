@@ -19,6 +19,10 @@ from torch import nn
 
 from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
 
+PRETRAINED = Path(__file__).with_name("pretrained_agent.pt")
+"""the agent pre-trained offline against the shipped cost model (``harlflow harl-train``; the
+README names the command that regenerates it): where a HARL run with no agent of its own starts"""
+
 STATE_DIM = 2 * 164 + 24 + 4  # PerStoreFeature mean+max, decision encoding, search context
 ACTION_DIM = 12
 

@@ -212,6 +212,29 @@ def _make_strategy_class():
             self._adapt_after_round(improved)
             self.pending = []
 
+        def imagine_round(self, *, learn: bool = True) -> dict[str, float]:
+            """One round in imagination (offline pre-training, :mod:`harl.pretraining`): the
+            cost model's predictions stand in for measurements. Explores as a real round does,
+            updates the agent when ``learn``, and takes the picks as measured, ranked by
+            predicted score (``best`` then holds negated scores, not seconds). Returns the
+            round's mean trajectory return (predicted gain) and trajectory count."""
+            pool, trajectories = self._explore()
+            if trajectories and learn:
+                m = self.shared.agent.update(trajectories)
+                if m:
+                    self.shared.metrics.append(m)
+            for h, _, sch in self._select(pool, self.per_iter):
+                self.measured.add(h)
+                score = pool[h][0] if h in pool else 0.0
+                self.best.append((-score, sch.trace))
+            self.best.sort(key=lambda x: x[0])
+            del self.best[32:]
+            returns = [sum(s.reward for s in t) for t in trajectories]
+            return {
+                "return": float(np.mean(returns)) if returns else 0.0,
+                "trajectories": float(len(trajectories)),
+            }
+
         def clone(self):
             return HARLSearchStrategy(seed=self.seed + 1, exploration=self.cfg, _shared=self.shared)
 

@@ -47,18 +47,20 @@ def evolutionary(*, seed: int = 0, agent_path: str | Path | None = None) -> Stra
 
 
 def harl(*, seed: int = 0, agent_path: str | Path | None = None) -> Strategy:
-    """HARL: learned task scheduling, sketch bandit and PPO edits; the agent starts from
-    ``agent_path`` when that file exists (and is saved there after the run)."""
+    """HARL: learned task scheduling, sketch bandit and PPO edits. The agent starts from
+    ``agent_path`` when that file exists (and is saved there after the run), else from the one
+    the package ships, pre-trained offline (:data:`harl.agent.PRETRAINED`)."""
     import logging
 
-    from harl.agent import EditAgent
+    from harl.agent import PRETRAINED, EditAgent
     from harl.search_strategy import HARLSearchStrategy
     from harl.task_scheduler import HARLTaskScheduler
 
-    if agent_path and Path(agent_path).is_file():
-        agent = EditAgent.load(agent_path, seed=seed)
+    start = next((p for p in (agent_path, PRETRAINED) if p and Path(p).is_file()), None)
+    if start is not None:
+        agent = EditAgent.load(start, seed=seed)
         logging.getLogger("harl.strategies").info(
-            "HARL agent warm-started from %s (%d updates)", agent_path, agent.updates
+            "HARL agent warm-started from %s (%d updates)", start, agent.updates
         )
     else:
         agent = EditAgent(seed=seed)

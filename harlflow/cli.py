@@ -434,6 +434,25 @@ def cmd_cost_model_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_harl_train(a: argparse.Namespace) -> int:
+    """Pre-train HARL's parameter-level agent offline against the learned cost model."""
+    from tasks import harl_training
+
+    harl_training.train(
+        a.out,
+        units=a.units.split(",") if a.units else None,
+        held_out=None if a.held_out is None else [n for n in a.held_out.split(",") if n],
+        target=a.target,
+        cost_model=a.cost_model,
+        start=a.start,
+        epochs=a.epochs,
+        rounds=a.rounds,
+        seed=a.seed,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
 def cmd_export_example(a: argparse.Namespace) -> int:
     """Write one of the bundled example models as an ONNX file (to try the ONNX path)."""
     from harlflow.examples import EXAMPLES as FACTORIES
@@ -638,6 +657,36 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--no-register", action="store_true", help="save the file only, no MLflow run")
     ct.add_argument("--seed", type=int, default=0)
     ct.set_defaults(func=cmd_cost_model_train)
+
+    ht = sub.add_parser(
+        "harl-train",
+        help="pre-train HARL's parameter agent offline on the workload suite, rewarded by the "
+        "learned cost model's predictions (nothing is measured)",
+    )
+    ht.add_argument("--out", help="where to save the agent (default: $HARLFLOW_HOME/harl/agent.pt)")
+    ht.add_argument(
+        "--units",
+        help="comma-separated suite units to train on (default: the whole suite; see "
+        "'dataset generate')",
+    )
+    ht.add_argument(
+        "--held-out",
+        help="comma-separated networks to score the agent on before and after, never trained "
+        "on (default: vit_small,squeezenet_small; '' for none)",
+    )
+    ht.add_argument("--target", help="target (JSON or shorthand; default: this machine)")
+    ht.add_argument(
+        "--cost-model",
+        default="transfer",
+        help="the reward's cost model: 'transfer' (default) or a model file",
+    )
+    ht.add_argument("--from", dest="start", metavar="PATH", help="agent to continue training")
+    ht.add_argument("--epochs", type=int, default=2, help="passes over the tasks (default 2)")
+    ht.add_argument(
+        "--rounds", type=int, default=6, help="imagined HARL rounds per task and pass (default 6)"
+    )
+    ht.add_argument("--seed", type=int, default=0)
+    ht.set_defaults(func=cmd_harl_train)
 
     rl_ = sub.add_parser("rules", help="list the graph rewrite rules, in the library's order")
     rl_.set_defaults(func=cmd_rules)

@@ -178,6 +178,16 @@ def suite(names: Iterable[str] | None = None) -> list[Unit]:
     return units
 
 
+def unit_module(unit: Unit, work: Path):
+    """The unit's model, imported and prepared for task extraction (its ONNX file under
+    ``work``)."""
+    from harl import compilation
+    from tasks.importing import to_relax
+
+    path, specs = unit.build(work)
+    return compilation.prepare(to_relax(path, specs))
+
+
 def target_slug(target: dict[str, Any]) -> str:
     """A directory name for a target's database (readable, unique per :func:`target_key`)."""
     key = target_key(target)
@@ -203,7 +213,6 @@ def generate(
     """
     from harl import compilation, tuning
     from harl.cost_model import dataset
-    from tasks.importing import to_relax
 
     if trials_per_task < 1:
         raise BadInputError(f"--trials-per-task must be >= 1, got {trials_per_task}")
@@ -223,8 +232,7 @@ def generate(
         measured = 0
         for ui, unit in enumerate(chosen, 1):
             if unit.name not in modules:
-                path, specs = unit.build(work / "onnx")
-                modules[unit.name] = compilation.prepare(to_relax(path, specs))
+                modules[unit.name] = unit_module(unit, work / "onnx")
             mod = modules[unit.name]
             n_tasks = len(compilation.extract_tasks(mod, target))
             where = f"[target {ti}/{len(resolved)} {target_key(target)}] {ui}/{len(chosen)}"
