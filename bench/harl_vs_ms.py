@@ -1,22 +1,23 @@
 """HARL against MetaSchedule's evolutionary search at equal trial budgets, side by side.
 
     python bench/harl_vs_ms.py [--ops gemm512,conv56,...] [--budgets 32,64,128] [--seeds 0,1,2]
-                               [--cost-model xgb|transfer|PATH] [--agent pretrained|fresh|PATH]
+                               [--cost-model xgb|transfer|PATH] [--agent pretrained,fresh,PATH]
+    python bench/harl_vs_ms.py --summarise bench/results/harl_vs_ms.json   # its table again
 
 The network-level comparison (BERT encoder, ResNet-18 at equal global budgets: weighted task
 latency and the compiled model's end-to-end latency) is ``bench/e2e.py --strategies
 evolutionary,harl``.
 
-For every (seed, operator, budget) both strategies run back to back (interleaved, never one
+For every (seed, operator, budget) the strategies run back to back (interleaved, never one
 strategy's whole suite first), each from an empty database, with no random warm-up
-(min_trials_per_task=0) so that only the search strategy differs: both rank candidates with
-the same ``--cost-model``. HARL's agent starts from ``--agent``: the one the package ships
-(pre-trained offline by ``harlflow harl-train``), a fresh one, or a file; every run starts from
-a copy, so no run learns from another. Reported per operator: best
+(min_trials_per_task=0) so that only the search strategy differs: all rank candidates with the
+same ``--cost-model``. HARL's agent starts from each ``--agent`` in turn: the one the package
+ships (pre-trained offline by ``harlflow harl-train``), a fresh one, or a file; every run starts
+from a copy, so no run learns from another. Reported per operator and HARL variant: best
 latency ratio HARL/MS (geometric mean over seeds), trials HARL needs to reach MS's final best
 (search speed = budget / those trials), wall seconds per trial, GFLOP/s and the fraction of
-``--peak-gflops``. Latencies are MetaSchedule runner measurements (what both searches see).
-Writes JSON and a convergence plot next to it.
+``--peak-gflops``. Latencies are MetaSchedule runner measurements (what the searches see).
+Writes JSON (runs so far in ``*.partial.json`` while it runs) and a convergence plot.
 """
 
 from __future__ import annotations
@@ -177,6 +178,11 @@ def trials_to_reach(curve, target_us: float) -> int | None:
     return next((t for t, u in curve if u <= target_us * 1.0001), None)
 
 
+def variant(run: dict) -> str:
+    """A run's label: ``evolutionary`` or ``harl:<agent it started from>``."""
+    return run.get("variant") or run["strategy"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(OPERATORS))
@@ -194,13 +200,38 @@ def main() -> None:
     p.add_argument(
         "--agent",
         default="pretrained",
-        help="HARL's starting agent: pretrained (shipped), fresh, or an agent file",
+        help="HARL's starting agent: pretrained (shipped), fresh, or an agent file; several, "
+        "comma-separated, run side by side against the same MetaSchedule runs",
     )
     p.add_argument("--out", default="bench/results/harl_vs_ms.json")
+    p.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="JSON",
+        help="print the table of results files (.partial.json too; several, with the same settings "
+        "and different seeds: their runs pooled) and measure nothing",
+    )
     a = p.parse_args()
+    if a.summarise:
+        runs = []
+        for f in a.summarise:
+            doc = json.loads(Path(f).read_text())
+            agent = doc.get("settings", {}).get("agent")  # files from before --agent took a list
+            runs += [
+                r | {"variant": f"harl:{agent}"} if r["strategy"] == "harl" and agent else r
+                for r in doc["runs"]
+            ]
+        ops = list(dict.fromkeys(r["op"] for r in runs))
+        budgets = sorted({r["budget"] for r in runs})
+        report(summarise(runs, ops, budgets, a.peak_gflops), budgets, a.peak_gflops)
+        return
     target = resolve_target(None)
     ops, budgets = a.ops.split(","), [int(b) for b in a.budgets.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
+    agents = a.agent.split(",")
+    labels = {
+        ag: f"harl:{Path(ag).stem if ag not in ('pretrained', 'fresh') else ag}" for ag in agents
+    }
     runs = []
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -211,40 +242,22 @@ def main() -> None:
         for seed in seeds:
             for op in ops:
                 for budget in budgets:
-                    for strategy in ("evolutionary", "harl"):  # interleaved
+                    plan = [("evolutionary", None)] + [("harl", ag) for ag in agents]
+                    for strategy, ag in plan:  # interleaved
                         r = run_one(
-                            mods[op], target, strategy, budget, seed, work, a.cost_model, a.agent
-                        ) | {"op": op}
+                            mods[op], target, strategy, budget, seed, work, a.cost_model, ag
+                        ) | {"op": op, "variant": labels[ag] if ag else strategy}
                         runs.append(r)
                         partial.write_text(json.dumps({"target": target, "runs": runs}))
                         print(
-                            f"seed {seed} {op:10s} {budget:4d} {strategy:12s} "
+                            f"seed {seed} {op:10s} {budget:4d} {r['variant']:16s} "
                             f"best {r['best_us']:10.2f} us"
                             f"  {r['trials']} trials  {r['wall_s']:.0f} s",
                             flush=True,
                         )
     rows = summarise(runs, ops, budgets, a.peak_gflops)
-    print()
-    print(
-        f"{'op':10s} {'budget':>6s} {'MS us':>9s} {'HARL us':>9s} {'HARL/MS':>8s} {'speed':>6s} "
-        f"{'s/trial MS':>10s} {'s/trial HARL':>12s} {'GFLOP/s MS':>10s} {'GFLOP/s HARL':>12s} "
-        f"{'%peak HARL':>10s}"
-    )
-    for r in rows:
-        speed = f"{r['search_speed']:.2f}" if r["search_speed"] else "never"
-        print(
-            f"{r['op']:10s} {r['budget']:6d} {r['ms_us']:9.2f} {r['harl_us']:9.2f} "
-            f"{r['ratio']:8.3f} {speed:>6s} "
-            f"{r['ms_s_per_trial']:10.2f} {r['harl_s_per_trial']:12.2f} {r['ms_gflops']:10.1f} "
-            f"{r['harl_gflops']:12.1f} {100 * r['harl_gflops'] / a.peak_gflops:9.1f}%"
-        )
-    for budget in budgets:
-        ratios = [r["ratio"] for r in rows if r["budget"] == budget]
-        print(
-            f"budget {budget}: geometric-mean latency HARL/MS = "
-            f"{math.exp(np.mean(np.log(ratios))):.3f}"
-        )
-    settings = {"cost_model": a.cost_model, "agent": a.agent}
+    report(rows, budgets, a.peak_gflops)
+    settings = {"cost_model": a.cost_model, "agents": agents}
     out.write_text(
         json.dumps(
             {"target": target, "settings": settings, "runs": runs, "summary": rows}, indent=2
@@ -255,41 +268,71 @@ def main() -> None:
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def report(rows: list[dict], budgets: list[int], peak: float) -> None:
+    """The table (one row per operator, budget and HARL variant) and the geometric means."""
+    print()
+    print(
+        f"{'op':10s} {'budget':>6s} {'HARL variant':16s} {'MS us':>9s} {'HARL us':>9s} "
+        f"{'HARL/MS':>8s} {'speed':>6s} {'s/trial MS':>10s} {'s/trial HARL':>12s} "
+        f"{'GFLOP/s MS':>10s} {'GFLOP/s HARL':>12s} {'%peak HARL':>10s}"
+    )
+    for r in rows:
+        speed = f"{r['search_speed']:.2f}" if r["search_speed"] else "never"
+        print(
+            f"{r['op']:10s} {r['budget']:6d} {r['variant']:16s} {r['ms_us']:9.2f} "
+            f"{r['harl_us']:9.2f} {r['ratio']:8.3f} {speed:>6s} "
+            f"{r['ms_s_per_trial']:10.2f} {r['harl_s_per_trial']:12.2f} {r['ms_gflops']:10.1f} "
+            f"{r['harl_gflops']:12.1f} {100 * r['harl_gflops'] / peak:9.1f}%"
+        )
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        for budget in budgets:
+            ratios = [r["ratio"] for r in rows if r["budget"] == budget and r["variant"] == name]
+            print(
+                f"budget {budget}: geometric-mean latency {name}/MS = "
+                f"{math.exp(np.mean(np.log(ratios))):.3f}"
+            )
+
+
 def summarise(runs, ops, budgets, peak) -> list[dict]:
+    """Per operator, budget and HARL variant: latencies (geometric means over seeds), the
+    HARL/MS ratio, search speed, seconds per trial and GFLOP/s."""
+    gm = lambda rs: math.exp(np.mean([math.log(r["best_us"]) for r in rs]))  # noqa: E731
+    names = [v for v in dict.fromkeys(variant(r) for r in runs) if v != "evolutionary"]
     rows = []
     for op in ops:
         for budget in budgets:
-            ms_runs = [
-                r
-                for r in runs
-                if r["op"] == op and r["budget"] == budget and r["strategy"] == "evolutionary"
-            ]
-            harl = [
-                r
-                for r in runs
-                if r["op"] == op and r["budget"] == budget and r["strategy"] == "harl"
-            ]
-            gm = lambda rs: math.exp(np.mean([math.log(r["best_us"]) for r in rs]))  # noqa: E731
-            reach = []
-            for m, h in zip(ms_runs, harl, strict=True):  # same seed
-                t = trials_to_reach(h["curve"], m["best_us"])
-                reach.append(m["trials"] / t if t else 0.0)
-            flop = ms_runs[0]["flop"]
-            rows.append(
-                {
-                    "op": op,
-                    "budget": budget,
-                    "ms_us": gm(ms_runs),
-                    "harl_us": gm(harl),
-                    "ratio": gm(harl) / gm(ms_runs),
-                    "search_speed": float(np.mean(reach)) if all(reach) else None,
-                    "ms_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in ms_runs])),
-                    "harl_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in harl])),
-                    "ms_gflops": flop / gm(ms_runs) / 1e3,
-                    "harl_gflops": flop / gm(harl) / 1e3,
-                    "peak_gflops": peak,
-                }
-            )
+            here = [r for r in runs if r["op"] == op and r["budget"] == budget]
+            for name in names:
+                harl = sorted((r for r in here if variant(r) == name), key=lambda r: r["seed"])
+                seeds = {r["seed"] for r in harl}  # compared on the seeds both ran
+                ms_runs = sorted(
+                    (r for r in here if variant(r) == "evolutionary" and r["seed"] in seeds),
+                    key=lambda r: r["seed"],
+                )
+                harl = [r for r in harl if r["seed"] in {m["seed"] for m in ms_runs}]
+                if not ms_runs or not harl:
+                    continue  # a partial file: this pair was not run
+                reach = []
+                for m, h in zip(ms_runs, harl, strict=True):  # same seed
+                    t = trials_to_reach(h["curve"], m["best_us"])
+                    reach.append(m["trials"] / t if t else 0.0)
+                flop = ms_runs[0]["flop"]
+                rows.append(
+                    {
+                        "op": op,
+                        "budget": budget,
+                        "variant": name,
+                        "ms_us": gm(ms_runs),
+                        "harl_us": gm(harl),
+                        "ratio": gm(harl) / gm(ms_runs),
+                        "search_speed": float(np.mean(reach)) if all(reach) else None,
+                        "ms_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in ms_runs])),
+                        "harl_s_per_trial": float(np.mean([r["wall_per_trial_s"] for r in harl])),
+                        "ms_gflops": flop / gm(ms_runs) / 1e3,
+                        "harl_gflops": flop / gm(harl) / 1e3,
+                        "peak_gflops": peak,
+                    }
+                )
     return rows
 
 
@@ -300,6 +343,8 @@ def plot(runs, ops, budgets, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     budget = max(budgets)
+    names = list(dict.fromkeys(variant(r) for r in runs))
+    colors = dict(zip(names, ["tab:blue", "tab:red", "tab:green", "tab:orange"], strict=False))
     cols = min(4, len(ops))
     fig, axes = plt.subplots(
         math.ceil(len(ops) / cols),
@@ -308,19 +353,17 @@ def plot(runs, ops, budgets, path: Path) -> None:
         squeeze=False,
     )
     for ax, op in zip(axes.flat, ops, strict=False):
-        for strategy, color in (("evolutionary", "tab:blue"), ("harl", "tab:red")):
+        for name in names:
             for r in (
-                r
-                for r in runs
-                if r["op"] == op and r["budget"] == budget and r["strategy"] == strategy
+                r for r in runs if r["op"] == op and r["budget"] == budget and variant(r) == name
             ):
                 if r["curve"]:
                     ax.step(
                         *zip(*r["curve"], strict=True),
                         where="post",
-                        color=color,
+                        color=colors.get(name, "gray"),
                         alpha=0.6,
-                        label=strategy if r["seed"] == runs[0]["seed"] else None,
+                        label=name if r["seed"] == runs[0]["seed"] else None,
                     )
         ax.set_title(op)
         ax.set_xlabel("trials")

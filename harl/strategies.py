@@ -39,24 +39,31 @@ class Strategy:
     """the agent's training metrics, appended during the run"""
 
 
-def evolutionary(*, seed: int = 0, agent_path: str | Path | None = None) -> Strategy:
-    """MetaSchedule's evolutionary search (at :data:`EVOLUTIONARY`) and gradient task scheduler."""
+def evolutionary(
+    *, seed: int = 0, agent_path: str | Path | None = None, pretrained: bool = True
+) -> Strategy:
+    """MetaSchedule's evolutionary search (at :data:`EVOLUTIONARY`) and gradient task scheduler
+    (nothing to warm-start: ``agent_path`` and ``pretrained`` are ignored)."""
     from tvm.s_tir import meta_schedule as ms
 
     return Strategy("evolutionary", ms.search_strategy.EvolutionarySearch(**EVOLUTIONARY))
 
 
-def harl(*, seed: int = 0, agent_path: str | Path | None = None) -> Strategy:
+def harl(
+    *, seed: int = 0, agent_path: str | Path | None = None, pretrained: bool = True
+) -> Strategy:
     """HARL: learned task scheduling, sketch bandit and PPO edits. The agent starts from
-    ``agent_path`` when that file exists (and is saved there after the run), else from the one
-    the package ships, pre-trained offline (:data:`harl.agent.PRETRAINED`)."""
+    ``agent_path`` when that file exists (and is saved there after the run), else, with
+    ``pretrained``, from the one the package ships (:data:`harl.agent.PRETRAINED`, pre-trained
+    offline on the learned cost model's rewards), else fresh."""
     import logging
 
     from harl.agent import PRETRAINED, EditAgent
     from harl.search_strategy import HARLSearchStrategy
     from harl.task_scheduler import HARLTaskScheduler
 
-    start = next((p for p in (agent_path, PRETRAINED) if p and Path(p).is_file()), None)
+    candidates = (agent_path, PRETRAINED if pretrained else None)
+    start = next((p for p in candidates if p and Path(p).is_file()), None)
     if start is not None:
         agent = EditAgent.load(start, seed=seed)
         logging.getLogger("harl.strategies").info(
@@ -72,17 +79,22 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {"evolutionary": evolutionary, 
 
 
 def create_strategy(
-    strategy: str | Strategy | Any, *, seed: int = 0, agent_path: str | Path | None = None
+    strategy: str | Strategy | Any,
+    *,
+    seed: int = 0,
+    agent_path: str | Path | None = None,
+    pretrained: bool = True,
 ) -> Strategy:
     """A :class:`Strategy` from a name in :data:`STRATEGIES`, a :class:`Strategy`, or a
-    MetaSchedule ``SearchStrategy`` instance (run with the gradient task scheduler)."""
+    MetaSchedule ``SearchStrategy`` instance (run with the gradient task scheduler).
+    ``pretrained``: a learning strategy without an agent file starts from the shipped agent."""
     if isinstance(strategy, Strategy):
         return strategy
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
             choices = ", ".join(STRATEGIES)
             raise BadInputError(f"unknown strategy {strategy!r}: choose one of {choices}")
-        return STRATEGIES[strategy](seed=seed, agent_path=agent_path)
+        return STRATEGIES[strategy](seed=seed, agent_path=agent_path, pretrained=pretrained)
     from tvm.s_tir import meta_schedule as ms
 
     if isinstance(strategy, ms.search_strategy.SearchStrategy):

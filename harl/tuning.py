@@ -226,8 +226,9 @@ def tune(
     learning from the run's measurements (:mod:`harl.cost_model.online`).
 
     A learning strategy's agent starts from ``agent_path`` when that file exists and is saved
-    there afterwards (warm start across runs). ``seed`` seeds the run: what it samples and
-    the agent's initial weights (:func:`harlflow.rl.setup`).
+    there afterwards (warm start across runs); without one, HARL with a learned cost model starts
+    from the agent pre-trained offline on its rewards (:mod:`harl.pretraining`). ``seed`` seeds
+    the run: what it samples and the agent's initial weights (:func:`harlflow.rl.setup`).
     """
     if trials < 0:
         raise BadInputError(f"--trials must be >= 0, got {trials}")
@@ -236,7 +237,10 @@ def tune(
     if time_budget_s is not None and not time_budget_s > 0:
         raise BadInputError(f"--time-budget must be more than 0 seconds, got {time_budget_s}")
     rl.setup(seed)  # before the agent's network is built
-    chosen = create_strategy(strategy, seed=seed, agent_path=agent_path)
+    # the shipped HARL agent learned from the learned cost model's rewards; with XGBoost's (a
+    # different scale and ranking) it measured worse than a fresh agent (bench/harl_vs_ms.py)
+    learned = not (isinstance(cost_model, str) and cost_model == "xgb")
+    chosen = create_strategy(strategy, seed=seed, agent_path=agent_path, pretrained=learned)
     ranker = create_cost_model(cost_model, target)
     import_tensor_intrinsics()
     use_target_threads(target)  # before the runner's worker process starts: it inherits it

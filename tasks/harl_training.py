@@ -59,8 +59,11 @@ def train(
     from harl.agent import EditAgent
     from harl.pretraining import imagine
     from harlflow import rl
-    from tasks.datasets import HELD_OUT_NETWORKS
+    from tasks.datasets import HELD_OUT_NETWORKS, suite
 
+    held_out = HELD_OUT_NETWORKS if held_out is None else held_out
+    for names in (units, held_out):
+        suite(names)  # unknown names fail here, before any import or extraction
     if epochs < 1 or rounds < 1:
         raise BadInputError(f"--epochs and --rounds must be >= 1, got {epochs} and {rounds}")
     if cost_model == "xgb":
@@ -74,7 +77,7 @@ def train(
     agent = EditAgent.load(start, seed=seed) if start else EditAgent(seed=seed)
     with tempfile.TemporaryDirectory(prefix="harl-train-") as tmp:
         seen: set = set()
-        test = _tasks(HELD_OUT_NETWORKS if held_out is None else held_out, target, Path(tmp), seen)
+        test = _tasks(held_out, target, Path(tmp), seen)
         train_tasks = _tasks(units, target, Path(tmp), seen)
     if not train_tasks:
         raise BadInputError("no tasks to train on: every unit's tasks are in the held-out set")

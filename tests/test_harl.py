@@ -105,6 +105,10 @@ def test_harl_through_the_tuning_stage_saves_its_agent(tmp_path):
     assert res.strategy == "harl" and res.trials >= 8
     assert all(t.schedule == "tuned" for t in res.tasks)
     assert agent.is_file() and res.agent_metrics and "losses/policy" in res.agent_metrics[-1]
+    # with XGBoost's rewards the run started fresh, not from the shipped pre-trained agent
+    from harl.agent import PRETRAINED, EditAgent
+
+    assert EditAgent.load(agent).updates < EditAgent.load(PRETRAINED).updates
 
 
 def test_edits_give_valid_schedules(matmul):

@@ -1,7 +1,7 @@
 """HARL's parameter agent pre-trained offline, in imagination: rewarded by the shipped cost model's
 predictions (nothing measured), it learns edits that raise the predicted score of a task it never
-trained on; ``harlflow harl-train`` end to end and on bad input; HARL runs without an agent of
-their own start from the shipped one."""
+trained on; ``harlflow harl-train`` end to end and on bad input; HARL runs with a learned cost
+model and no agent of their own start from the shipped one."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_imagined_rounds_teach_edits_that_help_an_unseen_task(two_matmuls):
 def test_harl_train_end_to_end(tmp_path):
     env = embedded_env(tmp_path / "home")
     out = tmp_path / "agent.pt"
-    cmd = [str(BIN / "harlflow"), "harl-train", "--units", "tiny_mlp", "--held-out", "small_cnn",
+    cmd = [str(BIN / "harlflow"), "harl-train", "--units", "small_cnn", "--held-out", "tiny_mlp",
            "--epochs", "1", "--rounds", "2", "--out", str(out)]  # fmt: skip
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -88,23 +88,19 @@ def test_harl_train_end_to_end(tmp_path):
         (["--units", "nosuchnet"], "unknown suite unit 'nosuchnet'"),
     ],
 )
-def test_harl_train_bad_input_is_one_clear_line(tmp_path, args, message):
-    env = embedded_env(tmp_path / "home")
+def test_harl_train_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
+    from harlflow.cli import main
+
+    monkeypatch.setenv("HARLFLOW_HOME", str(tmp_path / "home"))
     out = tmp_path / "agent.pt"
-    p = subprocess.run(
-        [str(BIN / "harlflow"), "harl-train", "--out", str(out), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode != 0
-    errors = [line for line in p.stderr.splitlines() if line.startswith("harlflow: error")]
-    assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
+    assert main(["harl-train", "--out", str(out), *args]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("harlflow: error: "), errors
+    assert message in errors[0]
     assert not out.exists()
 
 
-def test_harl_starts_from_the_shipped_agent_unless_it_has_its_own(tmp_path):
+def test_harl_starts_from_the_shipped_agent_unless_it_has_its_own_or_uses_xgb(tmp_path):
     from harl.strategies import harl
 
     assert PRETRAINED.is_file() and PRETRAINED.stat().st_size <= 5 * 2**20
@@ -113,6 +109,7 @@ def test_harl_starts_from_the_shipped_agent_unless_it_has_its_own(tmp_path):
     started = harl(seed=1, agent_path=tmp_path / "none-yet.pt").agent
     assert started.updates == shipped.updates
     assert all(torch.equal(a, b) for a, b in zip(_weights(started), _weights(shipped), strict=True))
+    assert harl(seed=1, agent_path=None, pretrained=False).agent.updates == 0  # with xgb
     own = EditAgent(seed=5)
     own.save(tmp_path / "own.pt")
     mine = harl(seed=1, agent_path=tmp_path / "own.pt").agent
