@@ -100,6 +100,19 @@ def test_harl_train_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, a
     assert not out.exists()
 
 
+def test_a_corrupt_agent_file_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    from harlflow.cli import main
+
+    monkeypatch.setenv("HARLFLOW_HOME", str(tmp_path / "home"))
+    bad = tmp_path / "agent.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["harl-train", "--units", "tiny_mlp", "--from", str(bad)]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"harlflow: error: {bad} is not a HARL agent: ")
+    assert not (tmp_path / "home" / "harl" / "agent.pt").exists()
+
+
 def test_harl_starts_from_the_shipped_agent_unless_it_has_its_own_or_uses_xgb(tmp_path):
     from harl.strategies import harl
 
