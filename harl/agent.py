@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harlflow.core.errors import BadInputError, first_line
+from harlflow.core.errors import loading
 from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
 
 PRETRAINED = Path(__file__).with_name("pretrained_agent.pt")
@@ -137,14 +137,10 @@ class EditAgent:
     @classmethod
     def load(cls, path: str | Path, *, seed: int = 0) -> EditAgent:
         """A saved agent; a corrupt or mismatched file is a :class:`BadInputError` naming it."""
-        try:
+        with loading(path, "HARL agent"):
             state = torch.load(path, map_location="cpu", weights_only=True)
             agent = cls(EditAgentConfig(**state["config"]), seed=seed)
             agent.net.load_state_dict(state["net"])
             agent.opt.load_state_dict(state["opt"])
             agent.updates = int(state["updates"])
-        except FileNotFoundError:
-            raise BadInputError(f"HARL agent file not found: {path}") from None
-        except Exception as e:
-            raise BadInputError(f"{path} is not a HARL agent: {first_line(e)}") from None
         return agent

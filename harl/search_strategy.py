@@ -177,11 +177,7 @@ def _make_strategy_class():
             if self.trials >= self.max_trials or self.stale_rounds >= self.cfg.converge_rounds:
                 return None
             want = min(self.per_iter, self.max_trials - self.trials)
-            pool, trajectories = self._explore()
-            if trajectories:
-                m = self.shared.agent.update(trajectories)
-                if m:
-                    self.shared.metrics.append(m)
+            pool, _ = self._explore_and_learn()
             picks = self._select(pool, want)
             if not picks:
                 return None
@@ -205,8 +201,7 @@ def _make_strategy_class():
                     if secs < self.best_secs * (1 - self.cfg.min_gain):
                         improved = True
                     self.best.append((secs, cand.sch.trace))
-            self.best.sort(key=lambda x: x[0])
-            del self.best[32:]
+            self._trim_best()
             if self.best:
                 self.best_secs = min(self.best_secs, self.best[0][0])
             self._adapt_after_round(improved)
@@ -218,17 +213,12 @@ def _make_strategy_class():
             updates the agent when ``learn``, and takes the picks as measured, ranked by
             predicted score (``best`` then holds negated scores, not seconds). Returns the
             round's mean trajectory return (predicted gain) and trajectory count."""
-            pool, trajectories = self._explore()
-            if trajectories and learn:
-                m = self.shared.agent.update(trajectories)
-                if m:
-                    self.shared.metrics.append(m)
+            pool, trajectories = self._explore_and_learn(learn=learn)
             for h, _, sch in self._select(pool, self.per_iter):
                 self.measured.add(h)
                 score = pool[h][0] if h in pool else 0.0
                 self.best.append((-score, sch.trace))
-            self.best.sort(key=lambda x: x[0])
-            del self.best[32:]
+            self._trim_best()
             returns = [sum(s.reward for s in t) for t in trajectories]
             return {
                 "return": float(np.mean(returns)) if returns else 0.0,
@@ -239,6 +229,21 @@ def _make_strategy_class():
             return HARLSearchStrategy(seed=self.seed + 1, exploration=self.cfg, _shared=self.shared)
 
         # ------------------------------------------------------------ search
+        def _explore_and_learn(self, learn: bool = True):
+            """This round's trajectories (:meth:`_explore`), then, with ``learn``, one PPO
+            update of the shared agent on them; returns (candidate pool, trajectories)."""
+            pool, trajectories = self._explore()
+            if trajectories and learn:
+                m = self.shared.agent.update(trajectories)
+                if m:
+                    self.shared.metrics.append(m)
+            return pool, trajectories
+
+        def _trim_best(self) -> None:
+            """Keep the 32 best schedules, best first (the trajectories' measured starts)."""
+            self.best.sort(key=lambda x: x[0])
+            del self.best[32:]
+
         def _explore(self):
             """Run this round's trajectories; returns (candidate pool, trajectories)."""
             cfg, agent = self.cfg, self.shared.agent

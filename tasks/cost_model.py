@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harlflow.core import config
-from harlflow.core.errors import BadInputError, StoreError
+from harlflow.core.errors import BadInputError, StoreError, loading
 from tasks import tracking
 
 REGISTERED_NAME = "harlflow-cost-model"
@@ -83,10 +83,8 @@ def train(
     for p in paths:
         if not p.is_file():
             raise BadInputError(f"dataset not found: {p}")
-        try:
+        with loading(p, "harlflow dataset"):
             rows += dataset.load(p)
-        except Exception as e:
-            raise BadInputError(f"{p} is not a harlflow dataset: {e}") from None
     targets = sorted({r["target"] for r in rows})
     workloads = {r["workload"] for r in rows}
     if not rows or len(workloads) < 2:

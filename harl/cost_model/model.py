@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from harl.cost_model.dataset import FEATURES
-from harlflow.core.errors import BadInputError
+from harlflow.core.errors import loading
 
 MAX_STORES = 32  # statements kept per program (the rest are rare: fused kernels have a few)
 
@@ -220,14 +220,10 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         """A saved model; a corrupt or mismatched file is a :class:`BadInputError` naming it."""
-        try:
+        with loading(path, "harlflow cost model"):
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if blob.get("features") != FEATURES:
                 raise ValueError(f"it has {blob.get('features')} features per statement")
             model = cls(ModelConfig(**blob["config"]), blob["targets"])
             model.net.load_state_dict(blob["weights"])
-        except FileNotFoundError:
-            raise BadInputError(f"cost model file not found: {path}") from None
-        except Exception as e:
-            raise BadInputError(f"{path} is not a harlflow cost model: {e}") from None
         return model

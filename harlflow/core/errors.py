@@ -6,6 +6,10 @@ The CLI turns any :class:`HarlflowError` into one line on stderr and a non-zero 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class HarlflowError(Exception):
     """Base of every error harlflow reports to a user."""
@@ -64,3 +68,18 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
         return type(exc).__name__
     line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
     return line[:limit]
+
+
+@contextlib.contextmanager
+def loading(path: str | Path, kind: str) -> Iterator[None]:
+    """Any failure while loading ``path``, a saved ``kind`` (e.g. "HARL agent"), becomes one
+    :class:`BadInputError` naming the file: "<kind> file not found: PATH", or "PATH is not a
+    <kind>: <what went wrong>" for a corrupt or mismatched one."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise BadInputError(f"{kind} file not found: {path}") from None
+    except BadInputError:
+        raise
+    except Exception as e:
+        raise BadInputError(f"{path} is not a {kind}: {first_line(e)}") from None
