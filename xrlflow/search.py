@@ -60,23 +60,43 @@ def greedy(
     oracle: CostOracle,
     rules: list[R.Rule] | None = None,
     max_steps: int = 200,
-    min_gain: float = 1e-4,
+    min_gain: float | None = None,
 ) -> Result:
+    """Take the candidate with the lowest estimate while it gains more than ``min_gain``
+    (default: the oracle's ``decision_margin``) and, for an oracle that times operators, while
+    the gain stands out of the timing noise (``oracle.significant``); of the three best
+    candidates, the first that passes both is taken."""
     t0, rules = time.monotonic(), rules or R.RULES
     g = check(g)
+    margin = oracle.decision_margin if min_gain is None else min_gain
     before, est, steps, explored = oracle.measure(g), oracle.estimate(g), [], 0
     for _ in range(max_steps):
         cands = R.candidates(g, rules)
         explored += len(cands)
-        scored = [(oracle.estimate(c.graph), i, c) for i, c in enumerate(cands)]
-        if not scored:
+        scored = sorted(
+            ((oracle.estimate(c.graph), i, c) for i, c in enumerate(cands)),
+            key=lambda x: (x[0], x[1]),
+        )
+        taken = next(
+            (
+                (e, c)
+                for e, _, c in scored[:3]
+                if e < est * (1 - margin) and _significant(oracle, g, c.graph)
+            ),
+            None,
+        )
+        if taken is None:
             break
-        best_est, _, c = min(scored, key=lambda x: (x[0], x[1]))
-        if best_est >= est * (1 - min_gain):
-            break
-        g, est = c.graph, best_est
+        est, c = taken
+        g = c.graph
         steps.append(Step(c.rule, c.node, est))
     return Result("greedy", g, steps, before, oracle.measure(g), time.monotonic() - t0, explored)
+
+
+def _significant(oracle: CostOracle, before: Graph, after: Graph) -> bool:
+    """A deterministic oracle's estimate decides alone; a timing oracle re-times the difference."""
+    check = getattr(oracle, "significant", None)
+    return check is None or check(before, after)
 
 
 def backtracking(

@@ -1,0 +1,217 @@
+"""The rewrite environment's cost oracle for the target that ships: TVM.
+
+The artifact harlflow ships is compiled by TVM, whose fusion decides what a rewrite is worth: a
+merged projection followed by a Split may be one kernel fewer on onnxruntime and two copy kernels
+more on TVM. :class:`TvmOracle` prices a graph the way the compiled artifact runs it:
+
+1. the graph goes through the same import, preparation and fusion as tuning
+   (``harl.compilation.extract_tasks``), giving MetaSchedule's tasks (one per distinct kernel)
+   and how many times each runs (its weight);
+2. each kernel's latency is the best *measured* record of that workload on this target in the
+   tuning database, where there is one;
+3. otherwise a roofline estimate, ``overhead + max(flops / peak, bytes / bandwidth)``, with the
+   peak FLOP/s and bandwidth calibrated on the database's tuned kernels for this target (the
+   median achieved by compute-bound and by memory-bound kernels; built-in defaults until there
+   are three of each);
+4. the graph's cost is the weighted sum.
+
+Everything is a pure function of the graph and of the database as it was when the oracle was
+made (a snapshot), so the same model and seed give the same decisions in every run: no single
+noisy timing decides a substitution. ``measure`` is therefore the estimate itself; the artifact's
+real latency is measured after tuning by the package stage.
+
+The learned cost model is not used to price unseen kernels: it is trained with a pairwise loss to
+rank programs *within* one workload, so its scores do not compare kernels of different workloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from harlflow.core.errors import first_line
+from xrlflow.cost import FlopsOracle
+from xrlflow.ir import Graph, Node
+
+log = logging.getLogger("tasks.rewrite_oracle")
+
+DEFAULT_PEAK = 20e9
+"""FLOP/s a tuned compute-bound kernel reaches before calibration (a 2-core AVX-512 host reaches
+15-40 GFLOP/s on the suite's matmuls and convolutions after a few dozen trials)"""
+DEFAULT_BANDWIDTH = 8e9
+"""bytes/s a tuned memory-bound kernel moves before calibration"""
+KERNEL_OVERHEAD = 2e-6
+"""seconds per kernel launch by the Relax VM (call, argument checks, the thread pool's wake-up)"""
+COMPUTE_BOUND = 4.0
+"""FLOPs per byte above which a kernel's calibration sample counts as compute-bound"""
+
+
+class TvmOracle:
+    """Prices graphs by their TVM kernels (see the module docstring). Deterministic."""
+
+    name = "tvm"
+    decision_margin = 1e-4
+    """relative gain a search needs to accept a step: the estimate is deterministic"""
+
+    def __init__(self, target: dict[str, Any], database_dir: str | Path | None = None):
+        from harl.database import open_database
+
+        self.target = target
+        self.db = (
+            open_database(database_dir)
+            if database_dir is not None and Path(database_dir).is_dir()
+            else None
+        )
+        self.peak, self.bandwidth = self._calibrate()
+        self._ops = FlopsOracle(self.peak, self.bandwidth, KERNEL_OVERHEAD)
+        self._graphs: dict[str, tuple[float, list[dict]]] = {}
+        self._kernels: dict[int, tuple[float, str]] = {}
+        self.failures = 0
+
+    # ------------------------------------------------------------------ the CostOracle protocol
+    def op_cost(self, g: Graph, node: Node) -> float:
+        """One operator's analytical cost with the calibrated peak (the agents' node feature)."""
+        return self._ops.op_cost(g, node)
+
+    def estimate(self, g: Graph) -> float:
+        """The graph's compiled latency in seconds; ``inf`` when TVM cannot compile it."""
+        return self._priced(g)[0]
+
+    def measure(self, g: Graph) -> float:
+        return self.estimate(g)
+
+    # ------------------------------------------------------------------ reports
+    def kernels(self, g: Graph) -> list[dict]:
+        """Each kernel of ``g``: task name, weight, seconds per call and where that came from
+        (``database`` or ``roofline``)."""
+        return list(self._priced(g)[1])
+
+    def sources(self, g: Graph) -> dict[str, int]:
+        return dict(Counter(k["source"] for k in self.kernels(g)))
+
+    # ------------------------------------------------------------------ internals
+    def _priced(self, g: Graph) -> tuple[float, list[dict]]:
+        key = g.structural_hash()
+        if key not in self._graphs:
+            if len(self._graphs) > 4096:
+                self._graphs.clear()
+            try:
+                tasks = _tasks(g, self.target)
+            except Exception as e:  # noqa: BLE001 - a candidate TVM cannot compile is never chosen
+                self.failures += 1
+                log.debug("TVM cannot compile a candidate graph: %s", first_line(e))
+                self._graphs[key] = (math.inf, [])
+                return self._graphs[key]
+            rows = []
+            for t in tasks:
+                seconds, source = self._kernel(t)
+                rows.append(
+                    {
+                        "task": t.task_name,
+                        "weight": int(t.weight),
+                        "seconds": seconds,
+                        "source": source,
+                    }  # fmt: skip
+                )
+            self._graphs[key] = (sum(r["weight"] * r["seconds"] for r in rows), rows)
+        return self._graphs[key]
+
+    def _kernel(self, task) -> tuple[float, str]:
+        from tvm_ffi import structural_hash
+
+        from harl.database import best_records, mean_run_secs
+
+        mod = task.dispatched[0]
+        key = int(structural_hash(mod))
+        if key not in self._kernels:
+            best = best_records(self.db, mod, self.target) if self.db is not None else []
+            if best:
+                self._kernels[key] = (mean_run_secs(best[0].run_secs), "database")
+            else:
+                flops, moved = _work(mod)
+                self._kernels[key] = (self._roofline(flops, moved), "roofline")
+        return self._kernels[key]
+
+    def _roofline(self, flops: float, moved: float) -> float:
+        return KERNEL_OVERHEAD + max(flops / self.peak, moved / self.bandwidth)
+
+    def _calibrate(self) -> tuple[float, float]:
+        """Peak FLOP/s and bandwidth: medians over this target's tuned kernels in the database."""
+        if self.db is None:
+            return DEFAULT_PEAK, DEFAULT_BANDWIDTH
+        from tvm_ffi import structural_hash
+
+        from harl.database import best_records, mean_run_secs
+
+        compute, memory = [], []
+        workloads = {
+            structural_hash(r.workload.mod): r.workload.mod
+            for r in self.db.get_all_tuning_records()
+        }
+        for wl in workloads.values():
+            best = best_records(self.db, wl, self.target)
+            if not best:
+                continue
+            secs = max(mean_run_secs(best[0].run_secs) - KERNEL_OVERHEAD, 1e-9)
+            flops, moved = _work(wl)
+            if moved > 0 and flops / moved >= COMPUTE_BOUND:
+                compute.append(flops / secs)
+            elif moved > 0:
+                memory.append(moved / secs)
+        peak = statistics.median(compute) if len(compute) >= 3 else DEFAULT_PEAK
+        bandwidth = statistics.median(memory) if len(memory) >= 3 else DEFAULT_BANDWIDTH
+        return peak, bandwidth
+
+
+def _tasks(g: Graph, target: dict[str, Any]) -> list:
+    """MetaSchedule's tasks of ``g``, prepared and fused as tuning and compilation do."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from harl.compilation import extract_tasks, prepare
+    from xrlflow.ir import to_onnx
+
+    # the importer prints the operator it failed on before raising: the caller reports failures
+    with contextlib.redirect_stdout(io.StringIO()):
+        mod = from_onnx(
+            to_onnx(g),
+            shape_dict={v.name: list(v.shape) for v in g.inputs},
+            dtype_dict={v.name: str(v.dtype) for v in g.inputs},
+        )
+    return extract_tasks(prepare(mod), target)
+
+
+def _work(mod) -> tuple[float, float]:
+    """A kernel's floating-point operations and the bytes of its buffers (inputs and outputs)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        flops = float(estimate_tir_flops(mod))
+    except Exception:  # noqa: BLE001 - data-dependent loops: price it by its memory traffic
+        flops = 0.0
+    moved = 0.0
+    for arg in ms.arg_info.ArgInfo.from_prim_func(mod["main"]):
+        shape = list(getattr(arg, "shape", None) or [])
+        if all(_static(d) for d in shape):
+            moved += math.prod(int(d) for d in shape) * _bytes(str(arg.dtype))
+    return flops, moved
+
+
+def _static(d) -> bool:
+    try:
+        int(d)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _bytes(dtype: str) -> int:
+    digits = "".join(c for c in dtype if c.isdigit())
+    return max(int(digits) // 8, 1) if digits else 4
