@@ -39,6 +39,7 @@ def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
                 "time_budget_s": s.time_budget_s,
                 "strategy": s.strategy,
                 "rewrite": s.rewrite,
+                "rewrite_oracle": s.rewrite_oracle,
                 "target": json.dumps(s.target),
                 "promote": s.promote,
                 "seed": s.seed,

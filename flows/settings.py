@@ -13,7 +13,7 @@ from harl.strategies import STRATEGIES
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import resolve_target
 from tasks.publishing import parse_s3_uri
-from tasks.rewriting import METHODS
+from tasks.rewriting import METHODS, ORACLES
 
 DEFAULT_TRIALS = 64
 
@@ -31,7 +31,9 @@ class RunSettings:
     target: str | dict[str, Any] | None = None
     """TVM target dict (or JSON, or cpu/host); None: this host's CPU"""
     rewrite: str = "greedy"
-    """graph rewriting before tuning: none, greedy or xrlflow"""
+    """graph rewriting before tuning: none, greedy, xrlflow or rlflow"""
+    rewrite_oracle: str = "tvm"
+    """what judges a rewrite: ``tvm`` (the compiled artifact's kernels) or ``onnxruntime``"""
     seed: int = 0
     """seeds sampling, the agents' weights and the import's reference inputs"""
     min_trials_per_task: int = 4
@@ -70,6 +72,11 @@ class RunSettings:
         if self.rewrite not in METHODS:
             raise BadInputError(
                 f"unknown rewrite method {self.rewrite!r}: choose one of {', '.join(METHODS)}"
+            )
+        if self.rewrite_oracle not in ORACLES:
+            raise BadInputError(
+                f"unknown rewrite oracle {self.rewrite_oracle!r}: choose one of "
+                f"{', '.join(ORACLES)}"
             )
         if self.min_trials_per_task < 0:
             raise BadInputError(

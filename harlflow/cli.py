@@ -111,6 +111,7 @@ def _settings(a: argparse.Namespace):
         strategy=a.strategy,
         target=a.target,
         rewrite=a.rewrite,
+        rewrite_oracle=a.rewrite_oracle,
         seed=a.seed,
         min_trials_per_task=a.min_trials_per_task,
         measure=not a.no_measure,
@@ -248,13 +249,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_rewrite_train(a: argparse.Namespace) -> int:
-    from harlflow import rl
-    from harlflow.core.config import import_cache_dir, xrlflow_agent_path
+    from harlflow.core.config import (
+        import_cache_dir,
+        rlflow_agent_path,
+        tuning_db_dir,
+        xrlflow_agent_path,
+    )
     from tasks.importing import default_name, import_model
-    from xrlflow import agent as A
+    from tasks.rewrite_training import train_agent
+    from tasks.rewriting import make_oracle
     from xrlflow import ir
-    from xrlflow.cost import OrtOracle
-    from xrlflow.env import RewriteEnv
 
     if a.iterations < 1 or a.episodes < 1 or a.max_steps < 1:
         raise BadInputError("--iterations, --episodes and --max-steps must be >= 1")
@@ -262,28 +266,18 @@ def cmd_rewrite_train(a: argparse.Namespace) -> int:
     for m in a.models:
         imported = import_model(m, cache_dir=import_cache_dir(), seed=a.seed)
         graphs[default_name(m)] = ir.normalize(ir.check(ir.load(imported.onnx_path)))
-    out = Path(a.out) if a.out else xrlflow_agent_path()
-    env = RewriteEnv(graphs, OrtOracle(), max_steps=a.max_steps)
-    rl.setup(a.seed)
-    agent = A.XRLflowAgent(seed=a.seed)
-
-    def progress(i: int, m: dict) -> None:
-        print(
-            f"iteration {i + 1}/{a.iterations}: mean return {m['charts/mean_return']:+.4f}, "
-            f"best gain {m['charts/mean_best_gain']:+.2%}, policy loss {m['losses/policy']:+.4f}",
-            flush=True,
-        )
-
-    A.train(
-        env,
-        agent,
+    default = rlflow_agent_path() if a.agent == "rlflow" else xrlflow_agent_path()
+    train_agent(
+        graphs,
+        a.agent,
+        make_oracle(a.oracle, a.target, tuning_db_dir() if a.oracle == "tvm" else None),
+        out=Path(a.out) if a.out else default,
         iterations=a.iterations,
-        episodes_per_iter=a.episodes,
-        callback=progress,
+        episodes=a.episodes,
+        max_steps=a.max_steps,
         seed=a.seed,
+        log=lambda s: print(s, flush=True),
     )
-    agent.save(out)
-    print(f"saved {out}")
     return 0
 
 
@@ -296,7 +290,10 @@ def _print_summary(s: dict) -> None:
     rw = s.get("rewrite") or {}
     if rw.get("method") not in (None, "none"):
         rules = ", ".join(f"{k}×{v}" for k, v in (rw.get("rules_applied") or {}).items()) or "none"
-        print(f"rewrite   {rw['method']}: {rw['speedup']:.3f}x on onnxruntime; rules {rules}")
+        print(
+            f"rewrite   {rw['method']}: {rw['speedup']:.3f}x on {rw.get('oracle', 'onnxruntime')}; "
+            f"rules {rules}"
+        )
     budget = f" of a {s['time_budget']} budget" if s.get("time_budget") else ""
     per = f", {s['seconds_per_trial']:.2f} s/trial" if s.get("seconds_per_trial") else ""
     print(f"tuning    {s['trials']} trials in {s['tuning_seconds']} s{budget}{per}")
@@ -516,10 +513,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
     p.add_argument(
         "--rewrite",
-        choices=["none", "greedy", "xrlflow"],
+        choices=["none", "greedy", "xrlflow", "rlflow"],
         default="greedy",
-        help="graph rewriting before tuning (default greedy; xrlflow uses the agent "
-        "from 'harlflow rewrite-train', or trains one on this model)",
+        help="graph rewriting before tuning (default greedy; xrlflow and rlflow use the agent "
+        "from 'harlflow rewrite-train --agent ...', or train one on this model)",
+    )
+    p.add_argument(
+        "--rewrite-oracle",
+        choices=["tvm", "onnxruntime"],
+        default="tvm",
+        help="what judges a rewrite (default tvm: the kernels of the compiled artifact, from "
+        "the tuning database's records or a calibrated roofline; onnxruntime: per-operator "
+        "timings)",
     )
     p.add_argument(
         "--measure-seconds",
@@ -691,14 +696,33 @@ def build_parser() -> argparse.ArgumentParser:
     rl_ = sub.add_parser("rules", help="list the graph rewrite rules, in the library's order")
     rl_.set_defaults(func=cmd_rules)
 
-    t = sub.add_parser("rewrite-train", help="train the X-RLflow rewrite agent on a set of models")
+    t = sub.add_parser(
+        "rewrite-train", help="train a rewrite agent (X-RLflow or RLFlow) on a set of models"
+    )
     t.add_argument("models", nargs="+", help="models as for optimize (ONNX, .pt2, module:function)")
+    t.add_argument(
+        "--agent",
+        choices=["xrlflow", "rlflow"],
+        default="xrlflow",
+        help="xrlflow: PPO on the real environment; rlflow: a world model of it, the controller "
+        "trained in imagination (default xrlflow)",
+    )
+    t.add_argument(
+        "--oracle",
+        choices=["tvm", "onnxruntime"],
+        default="tvm",
+        help="what judges a rewrite (default tvm, as --rewrite-oracle)",
+    )
+    t.add_argument("--target", help="TVM target for the tvm oracle (default: this host)")
     t.add_argument("--iterations", type=int, default=30, help="PPO iterations (default 30)")
     t.add_argument("--episodes", type=int, default=4, help="episodes per iteration (default 4)")
     t.add_argument(
         "--max-steps", type=int, default=20, help="substitutions per episode (default 20)"
     )
-    t.add_argument("--out", help="checkpoint path (default $HARLFLOW_HOME/xrlflow/agent.pt)")
+    t.add_argument(
+        "--out",
+        help="checkpoint path (default $HARLFLOW_HOME/xrlflow/agent.pt, or rlflow.pt)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_rewrite_train)
 

@@ -1,4 +1,10 @@
-"""Rewrite stage: X-RLflow (or greedy) graph rewriting between import and tuning.
+"""Rewrite stage: graph rewriting between import and tuning, by greedy search, X-RLflow or RLFlow.
+
+Rewrites are judged by a cost oracle: ``tvm`` (default: the artifact is compiled by TVM, so a
+rewrite that helps onnxruntime but adds kernels to the compiled model is not taken; see
+:mod:`tasks.rewrite_oracle`) or ``onnxruntime`` (per-operator timings on this CPU). The stage
+reports both oracles' estimates of the input and of the rewritten graph, and onnxruntime's
+measured latency of each; the compiled artifact's latency is measured by the package stage.
 
 The rewritten graph is checked against the imported model's reference outputs before it moves
 on (a wrong rewrite stops here with a VerificationError), and the package stage verifies the
@@ -18,11 +24,27 @@ from pathlib import Path
 from typing import Any
 
 from harlflow import rl
-from harlflow.core.errors import BadInputError, VerificationError
+from harlflow.core.errors import BadInputError, VerificationError, loading
 from harlflow.core.outputs import compare, mismatches
 from tasks.importing import ImportedModel
 
-METHODS = ("none", "greedy", "xrlflow")
+METHODS = ("none", "greedy", "xrlflow", "rlflow")
+ORACLES = ("tvm", "onnxruntime")
+
+
+def make_oracle(name: str, target: dict | None = None, database_dir: str | Path | None = None):
+    """The cost oracle called ``name``: TVM for ``target`` (priced from ``database_dir``'s
+    records where it has them) or onnxruntime."""
+    if name == "onnxruntime":
+        from xrlflow.cost import OrtOracle
+
+        return OrtOracle()
+    if name == "tvm":
+        from harlflow.core.targets import resolve_target
+        from tasks.rewrite_oracle import TvmOracle
+
+        return TvmOracle(resolve_target(target), database_dir)
+    raise BadInputError(f"unknown rewrite oracle {name!r}; choose one of {', '.join(ORACLES)}")
 
 
 @dataclass
@@ -42,45 +64,85 @@ def rewrite_model(
     *,
     work_dir: str | Path,
     agent_path: str | Path | None = None,
+    rlflow_agent_path: str | Path | None = None,
+    oracle: str = "tvm",
+    target: dict | None = None,
+    database_dir: str | Path | None = None,
     train_iterations: int = 10,
     rollouts: int = 2,
     max_steps: int = 30,
     seed: int = 0,
     log=print,
 ) -> RewriteOutcome:
-    """Rewrite ``imported`` with ``method``; returns the model the next stages should use."""
+    """Rewrite ``imported`` with ``method``, judged by ``oracle``; returns the model the next
+    stages should use."""
     if method not in METHODS:
         raise BadInputError(
             f"unknown rewrite method {method!r}; choose one of {', '.join(METHODS)}"
         )
+    if oracle not in ORACLES:
+        raise BadInputError(
+            f"unknown rewrite oracle {oracle!r}; choose one of {', '.join(ORACLES)}"
+        )
     if method == "none":
         return RewriteOutcome(imported, "none", {"method": "none"})
     from xrlflow import ir, search
-    from xrlflow.cost import OrtOracle
 
     rl.setup(seed)  # the agent's initial weights; one torch thread for small graphs
     t0 = time.monotonic()
     original = ir.check(ir.load(imported.onnx_path))
     g = ir.normalize(original)
-    oracle = OrtOracle()
+    judge = make_oracle(oracle, target, database_dir)
+    if judge.estimate(g) == float("inf"):
+        raise BadInputError(
+            f"{imported.name}: the TVM oracle cannot compile this model; "
+            "use --rewrite-oracle onnxruntime"
+        )
     curve: list[dict[str, float]] = []
     if method == "greedy":
-        log(f"rewrite: greedy over {len(g.nodes)} nodes")
-        result = search.greedy(g, oracle)
+        log(f"rewrite: greedy over {len(g.nodes)} nodes, judged on {judge.name}")
+        result = search.greedy(g, judge)
+    elif method == "xrlflow":
+        agent = _agent(g, judge, agent_path, train_iterations, seed, curve, log)
+        log(f"rewrite: X-RLflow policy, greedy + {rollouts} sampled rollouts on {judge.name}")
+        result = search.xrlflow(g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed)
     else:
-        agent = _agent(g, oracle, agent_path, train_iterations, seed, curve, log)
-        log(f"rewrite: X-RLflow policy, greedy + {rollouts} sampled rollouts")
-        result = search.xrlflow(g, agent, oracle, rollouts=rollouts, max_steps=max_steps, seed=seed)
+        agent = _rlflow_agent(g, judge, rlflow_agent_path, train_iterations, seed, curve, log)
+        log(f"rewrite: RLFlow controller, greedy + {rollouts} sampled rollouts on {judge.name}")
+        result = search.rlflow(g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed)
     result = search.best_of(original, result)
-    summary = result.summary() | {"oracle": oracle.name, "stage_seconds": time.monotonic() - t0}
+    summary = result.summary() | {
+        "oracle": judge.name,
+        "estimates": _both_oracles(g, result.graph, judge),
+        "stage_seconds": time.monotonic() - t0,
+    }
     log(
         f"rewrite: {len(result.steps)} substitutions, {summary['latency_before_ms']:.3f} ms -> "
-        f"{summary['latency_after_ms']:.3f} ms on {oracle.name} ({result.speedup:.3f}x)"
+        f"{summary['latency_after_ms']:.3f} ms on {judge.name} ({result.speedup:.3f}x); "
+        + "; ".join(
+            f"{k} {v['before_ms']:.3f} -> {v['after_ms']:.3f} ms"
+            for k, v in summary["estimates"].items()
+        )
     )
     if not result.steps:
         return RewriteOutcome(imported, method, summary, curve)
     model, path = _write(imported, result.graph, work_dir, summary)
     return RewriteOutcome(model, method, summary, curve, path)
+
+
+def _both_oracles(before, after, judge) -> dict[str, dict[str, float]]:
+    """Each oracle's view of the input and the output graph, in ms: the TVM estimate, the sum
+    of onnxruntime's per-operator timings and onnxruntime's end-to-end measurement."""
+    from xrlflow.cost import OrtOracle
+
+    ort = judge if judge.name == "onnxruntime" else OrtOracle()
+    tvm = judge if judge.name == "tvm" else make_oracle("tvm")
+    rows = {
+        "tvm_estimate": tvm.estimate,
+        "onnxruntime_estimate": ort.estimate,
+        "onnxruntime_measured": ort.measure,
+    }
+    return {k: {"before_ms": f(before) * 1e3, "after_ms": f(after) * 1e3} for k, f in rows.items()}
 
 
 def _agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
@@ -107,6 +169,40 @@ def _agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
         )
 
     A.train(env, agent, iterations=iterations, episodes_per_iter=2, callback=progress, seed=seed)
+    if agent_path:
+        agent.save(agent_path)
+    return agent
+
+
+def _rlflow_agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
+    """The saved RLFlow agent when there is one; else one trained on this graph (and saved):
+    a world model from random real episodes, the controller in imagination."""
+    from xrlflow import rlflow as RF
+    from xrlflow.env import RewriteEnv
+
+    if agent_path and Path(agent_path).is_file():
+        log(f"rewrite: loading the RLFlow agent from {agent_path}")
+        with loading(agent_path, "RLFlow agent"):
+            return RF.RLFlowAgent.load(agent_path, seed=seed)
+    iterations = max(iterations, 1) * 3  # imagined iterations are cheap
+    log(
+        f"rewrite: no trained RLFlow agent at {agent_path}; training one on this model "
+        f"(world model from random episodes, {iterations} PPO iterations in imagination)"
+    )
+    agent = RF.RLFlowAgent(seed=seed)
+    env = RewriteEnv({"model": g}, oracle, max_steps=10, measure_every=5)
+
+    def progress(i: int, m: dict) -> None:
+        curve.append(m)
+        if "charts/real_return" in m:
+            log(
+                f"rewrite: RLFlow iteration {i + 1}/{iterations} | imagined return "
+                f"{m['charts/imagined_return']:+.4f} | real return {m['charts/real_return']:+.4f}"
+                f" | real steps {m['charts/real_steps']:.0f}"
+            )
+
+    RF.train(env, agent, iterations=iterations, random_episodes=12, ground_every=10,
+             callback=progress, seed=seed)  # fmt: skip
     if agent_path:
         agent.save(agent_path)
     return agent
@@ -157,6 +253,11 @@ def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:
     tracking.log_params(c, run_id, {"rewrite": out.method, "oracle": s.get("oracle")})
     if out.method == "none":
         return
+    both = {
+        f"rewrite/{k}_{when}_ms": v[f"{when}_ms"]
+        for k, v in s.get("estimates", {}).items()
+        for when in ("before", "after")
+    }
     tracking.log_metrics(
         c,
         run_id,
@@ -166,6 +267,7 @@ def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:
             "rewrite/speedup": s["speedup"],
             "rewrite/substitutions": len(s["steps"]),
             "rewrite/seconds": s["stage_seconds"],
+            **both,
         },
     )
     c.log_dict(run_id, s, "rewrite.json")

@@ -146,6 +146,21 @@ class GATLayer(nn.Module):
         return self.norm(h + nn.functional.elu(self.self_w(h) + agg))
 
 
+def gat_pool(inp: nn.Module, gat: nn.ModuleList, graphs: list[GraphTensors]) -> torch.Tensor:
+    """Each graph's node embeddings after the GAT layers, pooled: ``[mean, max, global]``,
+    shape ``(graphs, 2 * hidden + GLOBAL_DIM)`` (X-RLflow's policy and RLFlow's encoder)."""
+    x, src, dst, e, batch, glob = _union(graphs)
+    h = torch.relu(inp(x))
+    for layer in gat:
+        h = layer(h, src, dst, e)
+    b, d = len(graphs), h.shape[1]
+    count = torch.zeros(b).index_add(0, batch, torch.ones(len(batch))).clamp(min=1)
+    mean = torch.zeros(b, d).index_add(0, batch, h) / count[:, None]
+    mx = torch.full((b, d), -1e9).scatter_reduce(0, batch[:, None].expand(-1, d), h, "amax")
+    mx = torch.where(mx < -1e8, torch.zeros_like(mx), mx)
+    return torch.cat([mean, mx, glob], dim=1)
+
+
 @dataclass
 class AgentConfig(PPOConfig):
     """The X-RLflow agent's network and PPO settings (PPO's defaults from the X-RLflow paper)."""
@@ -173,16 +188,7 @@ class GraphPolicy(nn.Module):
         self.n_rules = n_rules
 
     def embed(self, graphs: list[GraphTensors]) -> torch.Tensor:
-        x, src, dst, e, batch, glob = _union(graphs)
-        h = torch.relu(self.inp(x))
-        for layer in self.gat:
-            h = layer(h, src, dst, e)
-        b, d = len(graphs), h.shape[1]
-        count = torch.zeros(b).index_add(0, batch, torch.ones(len(batch))).clamp(min=1)
-        mean = torch.zeros(b, d).index_add(0, batch, h) / count[:, None]
-        mx = torch.full((b, d), -1e9).scatter_reduce(0, batch[:, None].expand(-1, d), h, "amax")
-        mx = torch.where(mx < -1e8, torch.zeros_like(mx), mx)
-        return self.readout(torch.cat([mean, mx, glob], dim=1))
+        return self.readout(gat_pool(self.inp, self.gat, graphs))
 
     def forward(self, states: list[State]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per state: logits over [stop, candidates...]; and the states' values."""

@@ -4,8 +4,8 @@
 - :func:`backtracking`: TASO's cost-bounded search — a priority queue of graphs by estimated
   cost; a candidate is kept when its cost is below ``alpha`` × the best so far (α > 1 admits
   temporary slowdowns), until ``budget`` graphs have been expanded.
-- :func:`xrlflow`: the trained policy run greedily plus ``rollouts`` sampled episodes; the best
-  *measured* graph wins.
+- :func:`xrlflow` / :func:`rlflow`: the trained policy (X-RLflow's, or RLFlow's controller) run
+  greedily plus ``rollouts`` sampled episodes; the best *measured* graph wins.
 
 Every result reports the input's and the output's measured latency; ``best_of`` never returns a
 graph measured slower than the input.
@@ -152,9 +152,37 @@ def xrlflow(
     measure_every: int = 5,
     seed: int = 0,
 ) -> Result:
-    """The policy greedily, then ``rollouts`` sampled episodes; the best measured graph wins."""
+    """The X-RLflow policy greedily, then ``rollouts`` sampled episodes; the best measured
+    graph wins."""
     from xrlflow.agent import run_episode
 
+    def episode(env, greedy: bool, k: int) -> dict:
+        return run_episode(env, agent, model="model", greedy=greedy, seed=k)[2]
+
+    return _policy("xrlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed)
+
+
+def rlflow(
+    g: Graph,
+    agent,
+    oracle: CostOracle,
+    rules: list[R.Rule] | None = None,
+    rollouts: int = 4,
+    max_steps: int = 40,
+    measure_every: int = 5,
+    seed: int = 0,
+) -> Result:
+    """The RLFlow controller greedily, then ``rollouts`` sampled episodes, in the real
+    environment; the best measured graph wins."""
+    from xrlflow.rlflow import run_episode
+
+    def episode(env, greedy: bool, k: int) -> dict:
+        return run_episode(env, agent, model="model", greedy=greedy, seed=k)[1]
+
+    return _policy("rlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed)
+
+
+def _policy(method, g, episode, oracle, rules, rollouts, max_steps, measure_every, seed) -> Result:
     t0 = time.monotonic()
     env = RewriteEnv(
         {"model": g}, oracle, rules or R.RULES, max_steps=max_steps, measure_every=measure_every
@@ -162,14 +190,14 @@ def xrlflow(
     best: tuple[float, Graph, list[Step]] | None = None
     before = None
     for k in range(rollouts + 1):
-        _, _, info = run_episode(env, agent, model="model", greedy=(k == 0), seed=seed + k)
+        info = episode(env, k == 0, seed + k)
         before = info["start_latency"]
         lat, graph, n = info["best"]
         steps = info["steps"][:n]
         if best is None or lat < best[0]:
             best = (lat, graph, steps)
     return Result(
-        "xrlflow",
+        method,
         best[1],
         best[2],
         before,

@@ -42,6 +42,12 @@ def xrlflow_agent_path() -> Path:
     return home() / "xrlflow" / "agent.pt"
 
 
+def rlflow_agent_path() -> Path:
+    """The RLFlow world model and controller used by ``--rewrite rlflow``
+    (``harlflow rewrite-train --agent rlflow`` writes it)."""
+    return home() / "xrlflow" / "rlflow.pt"
+
+
 def rewrite_dir() -> Path:
     """Rewritten models, content-addressed (each with the original model's reference outputs)."""
     return home() / "rewrites"
