@@ -1,5 +1,5 @@
 """Graph rewriting side by side: input graph, onnxruntime's own optimiser, greedy, TASO-style
-backtracking and X-RLflow trained leave-one-out.
+backtracking, X-RLflow and RLFlow, both agents trained leave-one-out.
 
     python bench/rewrite.py [--models bert_encoder,vit_small,...] [--iterations 6]
                             [--tvm-models bert_encoder,squeezenet_small --tvm-budget 32]
@@ -10,8 +10,11 @@ For each model (all latencies measured in this one run, onnxruntime CPU, 1 threa
 - ``ort_all``: the same graph with ORT_ENABLE_ALL (what users reach for today);
 - ``greedy`` / ``backtracking`` / ``xrlflow``: our rewrites, run with optimisations off (so the
   rewrite is what is measured) and also with ORT_ENABLE_ALL on top (``+ort``);
-- X-RLflow's agent is trained on the *other* models only (leave-one-out), then run greedily plus
-  ``--rollouts`` sampled episodes on the scored model.
+- X-RLflow's agent and RLFlow's world model + controller are trained on the *other* models only
+  (leave-one-out), then run greedily plus ``--rollouts`` sampled episodes on the scored model;
+- sample efficiency: the real environment steps each agent took in training, and how many
+  RLFlow needed before its real (grounding) return reached X-RLflow's final training return
+  (the mean of its last three iterations), as a fraction of X-RLflow's real steps.
 
 With ``--tvm-models``, those models are also tuned with HARL's pipeline tuner at equal budgets
 with and without the X-RLflow rewrite, and the compiled modules measured end to end.
@@ -27,12 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harlflow import rl  # noqa: E402
 from tasks.importing import import_model  # noqa: E402
 from xrlflow import agent as A  # noqa: E402
 from xrlflow import ir, search  # noqa: E402
+from xrlflow import rlflow as RF  # noqa: E402
 from xrlflow.cost import OrtOracle, _time  # noqa: E402
 from xrlflow.env import RewriteEnv  # noqa: E402
 from xrlflow.verify import max_mismatch, random_inputs, session  # noqa: E402
@@ -68,6 +74,13 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=2, help="sampled rollouts at inference")
     p.add_argument("--max-steps", type=int, default=25, help="substitutions per inference episode")
     p.add_argument("--bt-budget", type=int, default=20, help="graphs backtracking expands")
+    p.add_argument("--rl-iterations", type=int, default=30, help="RLFlow PPO iterations")
+    p.add_argument(
+        "--rl-random-episodes", type=int, default=12, help="random real episodes RLFlow starts on"
+    )
+    p.add_argument(
+        "--rl-ground-every", type=int, default=5, help="RLFlow re-grounds every N iterations"
+    )
     p.add_argument("--tvm-models", default="", help="also tune these with and without rewriting")
     p.add_argument("--tvm-budget", type=int, default=32)
     p.add_argument("--out", default="bench/results/rewrite.json")
@@ -99,6 +112,29 @@ def main() -> None:
             results["xrlflow"] = search.xrlflow(
                 g, agent, oracle, rollouts=a.rollouts, max_steps=a.max_steps
             )
+            xrl_steps = np.cumsum([m["charts/mean_steps"] * a.episodes for m in curve])
+            t0 = time.monotonic()
+            rl.setup(0)
+            rlflow_agent = RF.RLFlowAgent(seed=0)
+            rl_curve: list[dict] = []
+            if others:
+                env = RewriteEnv(others, oracle, max_steps=a.train_steps, candidate_cache=cands)
+                rl_curve = RF.train(
+                    env,
+                    rlflow_agent,
+                    iterations=a.rl_iterations,
+                    random_episodes=a.rl_random_episodes,
+                    ground_every=a.rl_ground_every,
+                    ground_episodes=a.episodes,
+                    seed=0,
+                )
+            rl_train_s = time.monotonic() - t0
+            results["rlflow"] = search.rlflow(
+                g, rlflow_agent, oracle, rollouts=a.rollouts, max_steps=a.max_steps
+            )
+            row |= efficiency(curve, xrl_steps, rl_curve)
+            row["rlflow_train_s"] = rl_train_s
+            row["rlflow_curve"] = rl_curve
             configs = {"input": (g, "disable"), "ort_all": (g, "all")}
             for method, r in results.items():
                 r = search.best_of(g, r)
@@ -137,7 +173,11 @@ def main() -> None:
         "X-RL/input",
         "X-RL/greedy",
         "X-RL+ORT",
-        "train s",
+        "RLFlow",
+        "RLF/X-RL",
+        "X-RL steps",
+        "RLF steps",
+        "RLF→X-RL",
     ]
     print(" ".join(f"{h:>11s}" for h in head))
     for r in rows:
@@ -145,7 +185,14 @@ def main() -> None:
             f"{r['model']:>11.11s} {r['input_ms']:11.3f} {r['ort_all_ms']:11.3f} "
             f"{r['greedy_ms']:11.3f} {r['backtracking_ms']:11.3f} {r['xrlflow_ms']:11.3f} "
             f"{r['input_ms'] / r['xrlflow_ms']:11.3f} {r['greedy_ms'] / r['xrlflow_ms']:11.3f} "
-            f"{r['xrlflow+ort_ms']:11.3f} {r['xrlflow_train_s']:11.0f}"
+            f"{r['xrlflow+ort_ms']:11.3f} {r['rlflow_ms']:11.3f} "
+            f"{r['rlflow_ms'] / r['xrlflow_ms']:11.3f} {r['xrlflow_real_steps']:11.0f} "
+            f"{r['rlflow_real_steps']:11.0f} "
+            + (
+                f"{r['rlflow_fraction']:11.2f}"
+                if r["rlflow_fraction"] is not None
+                else "      never"
+            )
         )
     for t in tvm_rows:
         print(
@@ -157,6 +204,30 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": rows, "tvm": tvm_rows}, indent=2, default=str))
     print(f"wrote {out}")
+
+
+def efficiency(xrl_curve: list[dict], xrl_steps, rl_curve: list[dict]) -> dict:
+    """Real steps each agent trained on; RLFlow's steps to reach X-RLflow's final return."""
+    if not xrl_curve or not rl_curve:
+        return {"xrlflow_real_steps": 0, "rlflow_real_steps": 0, "rlflow_fraction": None}
+    target = float(np.mean([m["charts/mean_return"] for m in xrl_curve[-3:]]))
+    reached = next(
+        (
+            m["charts/real_steps"]
+            for m in rl_curve
+            if "charts/real_return" in m and m["charts/real_return"] >= target
+        ),
+        None,
+    )
+    total = float(xrl_steps[-1])
+    return {
+        "xrlflow_final_return": target,
+        "xrlflow_real_steps": total,
+        "rlflow_real_steps": rl_curve[-1]["charts/real_steps"],
+        "rlflow_final_real_return": rl_curve[-1].get("charts/real_return"),
+        "rlflow_steps_to_xrlflow_return": reached,
+        "rlflow_fraction": reached / total if reached is not None and total else None,
+    }
 
 
 def tvm_compare(name: str, cache: Path, budget: int, rewritten, log) -> dict:

@@ -355,6 +355,63 @@ def test_xrlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
     assert np.allclose(np.load(art / "reference.npz")["output/y"], original[0], atol=1e-5)
 
 
+def test_rlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
+    """--rewrite rlflow (judged on TVM, the default oracle): a world model and controller are
+    trained (none saved yet) with their curves in MLflow, both oracles' estimates are logged,
+    and the artifact is verified against the ORIGINAL model's reference outputs."""
+    from harlflow.core.config import rlflow_agent_path
+
+    model = _redundant_model(tmp_path / "redundant_rl.onnx")
+    assert not rlflow_agent_path().exists()
+    args = ["optimize", str(model), "--name", "redundant-rl", "--rewrite", "rlflow"]
+    assert main([*args, "--trials", "2", "--min-trials-per-task", "1", "--no-measure"]) == 0
+    assert "rewrite   rlflow:" in capsys.readouterr().out
+    assert rlflow_agent_path().is_file()  # trained here, saved for the next run
+
+    c = _client()
+    exp = c.get_experiment_by_name("harlflow")
+    parent = c.search_runs([exp.experiment_id], "tags.model = 'redundant-rl'")[0]
+    rw = c.search_runs(
+        [exp.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'rewrite'",
+    )[0]
+    m = rw.data.metrics
+    assert rw.data.params["rewrite"] == "rlflow" and rw.data.params["oracle"] == "tvm"
+    assert m["rewrite/substitutions"] >= 1
+    assert m["rewrite/tvm_estimate_after_ms"] < m["rewrite/tvm_estimate_before_ms"]
+    assert m["rewrite/onnxruntime_measured_before_ms"] > 0
+    assert c.get_metric_history(rw.info.run_id, "charts/real_return")  # grounded in real runs
+    assert c.get_metric_history(rw.info.run_id, "world/latent_nll")
+    art = Path(parent.data.tags["artifact"])
+    assert verify_directory(art)["verification"]["y"]["within_tolerance"]
+    original = ort.InferenceSession(str(model)).run(
+        None, {"x": np.load(art / "reference.npz")["input/x"]}
+    )
+    assert np.allclose(np.load(art / "reference.npz")["output/y"], original[0], atol=1e-5)
+
+
+def test_rewrite_train_rlflow_logs_its_run(first_run, tmp_path, capsys):
+    """rewrite-train --agent rlflow: the curve, the world model's losses and the agent file go
+    to one MLflow run; the file loads; a bad option is one line."""
+    from xrlflow.rlflow import RLFlowAgent
+
+    model = _redundant_model(tmp_path / "train.onnx")
+    out = tmp_path / "agent.pt"
+    args = ["rewrite-train", str(model), "--agent", "rlflow", "--out", str(out)]
+    assert main([*args, "--iterations", "2", "--episodes", "1", "--max-steps", "4"]) == 0
+    assert "saved" in capsys.readouterr().out
+    RLFlowAgent.load(out)
+    c = _client()
+    exp = c.get_experiment_by_name("harlflow")
+    run = c.search_runs([exp.experiment_id], "attributes.run_name = 'rewrite-train'")[0]
+    assert run.info.status == "FINISHED" and run.data.params["agent"] == "rlflow"
+    assert len(c.get_metric_history(run.info.run_id, "charts/imagined_return")) == 2
+    assert c.get_metric_history(run.info.run_id, "world/latent_nll_fit")
+    assert [f.path for f in c.list_artifacts(run.info.run_id, "agent")] == ["agent/agent.pt"]
+    assert main([*args, "--iterations", "0"]) == 2
+    assert "--iterations" in capsys.readouterr().err
+
+
 def test_credentials_never_reach_stores_or_manifests(first_run, session_home):
     """After runs that uploaded to S3: the AWS key id and secret appear in no MLflow param, tag
     or model-version tag, and in no byte of any file under HARLFLOW_HOME (sqlite store, run

@@ -45,7 +45,8 @@ def test_world_model_fits_the_fire_environment(fire, tmp_path):
     save_episodes(train, tmp_path / "rollouts.pt")
     loaded = load_episodes(tmp_path / "rollouts.pt")
     assert [ep.actions for ep in loaded] == [ep.actions for ep in train]
-    assert all(np.array_equal(a.x, b.x) for a, b in zip(loaded[0].states, train[0].states))
+    pairs = zip(loaded[0].states, train[0].states, strict=True)
+    assert all(np.array_equal(a.x, b.x) for a, b in pairs)
 
     before = model.evaluate(held_out)
     history = model.fit(loaded, epochs=30, seed=0)

@@ -246,6 +246,17 @@ def concat_unary(rng):
     return model(rng, nodes, {"x": [2, 3], "z": [2, 4]}, ["y"])
 
 
+def unary_concat(rng):
+    nodes = [
+        ("Conv", ["x", "w1"], ["a"], None),
+        ("Conv", ["x", "w2"], ["b"], None),
+        ("Concat", ["a", "b"], ["c"], {"axis": 1}),
+        ("Relu", ["c"], ["y"], None),
+    ]
+    return model(rng, nodes, {"x": [1, 3, 4, 4]}, ["y"],
+                 {"w1": rand(rng, 2, 3, 1, 1), "w2": rand(rng, 3, 3, 1, 1)})  # fmt: skip
+
+
 def transposes(rng):
     nodes = [
         ("Transpose", ["x"], ["a"], {"perm": [0, 2, 1]}),
@@ -350,6 +361,19 @@ def parallel_matmul(n: int, bias: bool):
         return model(rng, nodes, {"x": [2, 3, 8]}, outs, inits)
 
     return ex
+
+
+def matmul_split(rng):
+    nodes = [
+        ("MatMul", ["x", "w"], ["m"], None),
+        ("Add", ["m", "b"], ["a"], None),
+        ("Split", ["a", "s"], ["q", "k", "v"], {"axis": -1}),
+        ("Relu", ["q"], ["y1"], None),
+        ("Sigmoid", ["k"], ["y2"], None),
+        ("Tanh", ["v"], ["y3"], None),
+    ]
+    inits = {"w": rand(rng, 8, 12), "b": rand(rng, 12), "s": i64(4, 4, 4)}
+    return model(rng, nodes, {"x": [2, 3, 8]}, ["y1", "y2", "y3"], inits)
 
 
 def parallel_gemm(rng):

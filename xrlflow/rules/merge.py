@@ -185,6 +185,49 @@ def merge_parallel_gemm(m: Match, a: Node):
         yield Rewrite([g, split], rename, inits | ci | si)
 
 
+def split_matmul(m: Match, split: Node):
+    """x·W (+ b) → Split on the last axis → one matmul (+ bias) per piece: the reverse of
+    merge_parallel_matmul. On TVM the Split is a copy kernel per piece, so a merged projection
+    can cost more than the matmuls it replaced."""
+    src = m.src(split.inputs[0])
+    if src is None or m.sole_use(src.outputs[0]) is not split:
+        return
+    mm, bias = src, None
+    if src.op == "Add":
+        bc = C.binary_const(m, src)
+        mm = m.src(bc[0], "MatMul") if bc is not None else None
+        if mm is None or m.sole_use(mm.outputs[0]) is not src:
+            return
+        bias = bc[1]
+    w = m.c(mm.inputs[1]) if mm.op == "MatMul" else None
+    shape = m.shape(split.inputs[0])
+    if not C.is_float(w) or w.ndim != 2 or shape is None or len(shape) < 2:
+        return
+    if split.attrs.get("axis", 0) % len(shape) != len(shape) - 1:
+        return
+    sizes = [(m.shape(o) or (None,))[-1] for o in split.outputs]
+    if None in sizes or sum(sizes) != w.shape[1]:
+        return
+    if bias is not None:
+        bias = C.channel_vec(bias, w.shape[1], len(shape), -1)
+        if bias is None or not C.same_out_shape(m, src, mm.outputs[0]):
+            return
+    nodes, inits, rename, start = [], {}, {}, 0
+    for out, k in zip(split.outputs, sizes, strict=True):
+        wn, wi = m.init(np.ascontiguousarray(w[:, start : start + k]), "split_w")
+        piece = m.new("MatMul", (mm.inputs[0], wn))
+        nodes.append(piece)
+        inits |= wi
+        if bias is not None:
+            bn, bi = m.init(np.ascontiguousarray(bias[start : start + k]), "split_b")
+            piece = m.new("Add", (piece.outputs[0], bn))
+            nodes.append(piece)
+            inits |= bi
+        rename[out] = piece.outputs[0]
+        start += k
+    yield Rewrite(nodes, rename, inits)
+
+
 RULES: list[Rule] = [
     Rule("merge_parallel_conv", "merge", "Conv", merge_parallel_conv, ex.parallel_conv(3),
          "Sibling convs of one input with equal attributes → one conv + Split."),
@@ -198,4 +241,6 @@ RULES: list[Rule] = [
          "Every projection x·W_i (+ b_i) of one input (Q, K, V) → one matmul + Split."),
     Rule("merge_parallel_gemm", "merge", "Gemm", merge_parallel_gemm, ex.parallel_gemm,
          "Sibling Gemms of one input with equal attributes → one Gemm + Split."),
+    Rule("split_matmul", "merge", "Split", split_matmul, ex.matmul_split,
+         "x·W (+ b) → Split on the last axis → one matmul (+ bias) per piece (for TVM)."),
 ]  # fmt: skip

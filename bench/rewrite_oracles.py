@@ -1,0 +1,136 @@
+"""Which oracle should judge rewrites: the compiled artifact's latency after equal-budget tuning.
+
+    python bench/rewrite_oracles.py [--models bert_encoder,vit_small,squeezenet_small]
+                                    [--budget 32] [--strategy evolutionary]
+
+For each model, three graphs: the input (``none``), greedy rewriting judged on onnxruntime and
+greedy rewriting judged on TVM (:class:`tasks.rewrite_oracle.TvmOracle`, empty database: the
+calibrated roofline, as a first run sees it). Each graph is tuned from an empty database with the
+same budget, strategy and seed, compiled, and all are timed interleaved in one run (3 rounds,
+best round kept). A rewrite that leaves the graph unchanged reuses the input's build. Reported:
+each oracle's estimates, the substitutions, and compiled latency as a ratio to ``none``.
+Writes ``bench/results/rewrite_oracles.json`` (and ``.partial.json`` as models finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harlflow.core.targets import resolve_target  # noqa: E402
+from tasks.importing import import_model, to_relax  # noqa: E402
+from tasks.rewrite_oracle import TvmOracle  # noqa: E402
+from xrlflow import ir, search  # noqa: E402
+from xrlflow.cost import OrtOracle, _time  # noqa: E402
+from xrlflow.verify import max_mismatch  # noqa: E402
+
+
+def tune_and_build(path, inputs, target, db_dir, budget, strategy):
+    from harl import compilation, database, tuning
+
+    mod = compilation.prepare(to_relax(path, inputs))
+    res = tuning.tune(
+        mod, target, db_dir, trials=budget, strategy=strategy, seed=0, min_trials_per_task=0
+    )
+    tasks = compilation.extract_tasks(mod, target)
+    memdb, _ = compilation.compile_database(database.open_database(db_dir), tasks, target, 0)
+    return compilation.compile_module(mod, target, memdb), res.trials, len(tasks)
+
+
+def timed(libs: dict, imported, rounds: int = 3) -> dict[str, float]:
+    import tvm
+    from tvm import relax
+
+    ins, _ = imported.reference()
+    runs = {}
+    for k, lib in libs.items():
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+        runs[k] = (vm, [tvm.runtime.tensor(ins[s.name]) for s in imported.inputs])
+    best = dict.fromkeys(libs, float("inf"))
+    for _ in range(rounds):
+        for k, (vm, args) in runs.items():
+            t = _time(lambda vm=vm, args=args: vm["main"](*args), 1.0, warmup=3)
+            best[k] = min(best[k], t * 1e3)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="bert_encoder,vit_small,squeezenet_small")
+    p.add_argument("--budget", type=int, default=32)
+    p.add_argument("--strategy", default="evolutionary")
+    p.add_argument("--out", default="bench/results/rewrite_oracles.json")
+    a = p.parse_args()
+    target = resolve_target(None)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rewrite-oracles-") as tmp:
+        tmp = Path(tmp)
+        for name in a.models.split(","):
+            m = import_model(f"harlflow.examples:{name}", cache_dir=tmp / "imports")
+            g = ir.normalize(ir.check(ir.load(m.onnx_path)))
+            tvm_oracle, ort_oracle = TvmOracle(target), OrtOracle()
+            row = {"model": name, "budget": a.budget, "strategy": a.strategy}
+            graphs = {"none": g}
+            for oname, oracle in (("onnxruntime", ort_oracle), ("tvm", tvm_oracle)):
+                r = search.best_of(g, search.greedy(g, oracle))
+                bad = max_mismatch(g, r.graph)
+                if bad:
+                    raise SystemExit(f"{name}/{oname}: rewritten graph differs: {bad}")
+                graphs[oname] = r.graph
+                row[f"{oname}_rules"] = r.summary()["rules_applied"]
+                row[f"{oname}_search_s"] = r.seconds
+            for k, gr in graphs.items():
+                row[f"{k}_tvm_estimate_ms"] = tvm_oracle.estimate(gr) * 1e3
+                row[f"{k}_ort_estimate_ms"] = ort_oracle.estimate(gr) * 1e3
+            libs, same = {}, {}
+            for k, gr in graphs.items():
+                twin = next(
+                    (j for j in libs if graphs[j].structural_hash() == gr.structural_hash()), None
+                )
+                if twin is not None:
+                    same[k] = twin
+                    continue
+                path = tmp / f"{name}-{k}.onnx"
+                ir.save(gr, path)
+                libs[k], row[f"{k}_trials"], row[f"{k}_tasks"] = tune_and_build(
+                    path, m.inputs, target, tmp / f"db-{name}-{k}", a.budget, a.strategy
+                )
+                print(
+                    f"{name} {k}: tuned {row[f'{k}_trials']} trials, {row[f'{k}_tasks']} tasks",
+                    flush=True,
+                )
+            ms = timed(libs, m)
+            for k in graphs:
+                row[f"{k}_ms"] = ms[same.get(k, k)]
+                row[f"{k}_same_as"] = same.get(k)
+            for k in ("onnxruntime", "tvm"):
+                row[f"{k}_ratio"] = row[f"{k}_ms"] / row["none_ms"]
+            print(
+                f"{name}: none {row['none_ms']:.3f} ms | greedy/onnxruntime "
+                f"{row['onnxruntime_ms']:.3f} ({row['onnxruntime_ratio']:.3f}x) "
+                f"{row['onnxruntime_rules']} | greedy/tvm "
+                f"{row['tvm_ms']:.3f} ({row['tvm_ratio']:.3f}x) {row['tvm_rules']}",
+                flush=True,
+            )
+            rows.append(row)
+            out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str))
+    print()
+    print(f"{'model':>16s} {'none ms':>9s} {'ort-greedy':>11s} {'tvm-greedy':>11s}")
+    for r in rows:
+        print(
+            f"{r['model']:>16s} {r['none_ms']:9.3f} {r['onnxruntime_ratio']:11.3f} "
+            f"{r['tvm_ratio']:11.3f}"
+        )
+    out.write_text(json.dumps(rows, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
