@@ -1,14 +1,15 @@
 """Which oracle should judge rewrites: the compiled artifact's latency after equal-budget tuning.
 
     python bench/rewrite_oracles.py [--models bert_encoder,vit_small,squeezenet_small]
-                                    [--budget 32] [--strategy evolutionary]
+                                    [--budget 32] [--strategy evolutionary] [--seeds 0,1,2]
 
 For each model, three graphs: the input (``none``), greedy rewriting judged on onnxruntime and
 greedy rewriting judged on TVM (:class:`tasks.rewrite_oracle.TvmOracle`, empty database: the
 calibrated roofline, as a first run sees it). Each graph is tuned from an empty database with the
-same budget, strategy and seed, compiled, and all are timed interleaved in one run (3 rounds,
-best round kept). A rewrite that leaves the graph unchanged reuses the input's build. Reported:
-each oracle's estimates, the substitutions, and compiled latency as a ratio to ``none``.
+same budget and strategy, once per seed (32-trial runs of one graph vary by up to 30%), compiled,
+and all builds are timed interleaved in one run (3 rounds, best round kept). A rewrite that
+leaves the graph unchanged reuses the input's builds. Reported: each oracle's estimates, the
+substitutions, and the median compiled latency over seeds as a ratio to ``none``.
 Writes ``bench/results/rewrite_oracles.json`` (and ``.partial.json`` as models finish).
 """
 
@@ -20,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harlflow.core.targets import resolve_target  # noqa: E402
@@ -30,19 +33,24 @@ from xrlflow.cost import OrtOracle, _time  # noqa: E402
 from xrlflow.verify import max_mismatch  # noqa: E402
 
 
-def tune_and_build(path, inputs, target, db_dir, budget, strategy):
+def tune_and_build(path, inputs, target, db_dir, budget, strategy, seed):
     from harl import compilation, database, tuning
 
     mod = compilation.prepare(to_relax(path, inputs))
     res = tuning.tune(
-        mod, target, db_dir, trials=budget, strategy=strategy, seed=0, min_trials_per_task=0
+        mod, target, db_dir, trials=budget, strategy=strategy, seed=seed, min_trials_per_task=0
     )
     tasks = compilation.extract_tasks(mod, target)
-    memdb, _ = compilation.compile_database(database.open_database(db_dir), tasks, target, 0)
+    memdb, _ = compilation.compile_database(database.open_database(db_dir), tasks, target, seed)
     return compilation.compile_module(mod, target, memdb), res.trials, len(tasks)
 
 
-def timed(libs: dict, imported, rounds: int = 3) -> dict[str, float]:
+def _built(libs: dict):
+    """(variant, graph hash) of each variant built so far."""
+    return {(k, h) for k, _, h in libs}
+
+
+def timed(libs: dict, imported, rounds: int = 3) -> dict:
     import tvm
     from tvm import relax
 
@@ -64,6 +72,9 @@ def main() -> None:
     p.add_argument("--models", default="bert_encoder,vit_small,squeezenet_small")
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--strategy", default="evolutionary")
+    p.add_argument(
+        "--seeds", default="0", help="tuning seeds: each graph is tuned once per seed (median kept)"
+    )
     p.add_argument("--out", default="bench/results/rewrite_oracles.json")
     a = p.parse_args()
     target = resolve_target(None)
@@ -89,26 +100,30 @@ def main() -> None:
             for k, gr in graphs.items():
                 row[f"{k}_tvm_estimate_ms"] = tvm_oracle.estimate(gr) * 1e3
                 row[f"{k}_ort_estimate_ms"] = ort_oracle.estimate(gr) * 1e3
+            seeds = [int(x) for x in a.seeds.split(",")]
             libs, same = {}, {}
             for k, gr in graphs.items():
-                twin = next(
-                    (j for j in libs if graphs[j].structural_hash() == gr.structural_hash()), None
-                )
+                twin = next((j for j, h in _built(libs) if h == gr.structural_hash()), None)
                 if twin is not None:
                     same[k] = twin
                     continue
                 path = tmp / f"{name}-{k}.onnx"
                 ir.save(gr, path)
-                libs[k], row[f"{k}_trials"], row[f"{k}_tasks"] = tune_and_build(
-                    path, m.inputs, target, tmp / f"db-{name}-{k}", a.budget, a.strategy
-                )
-                print(
-                    f"{name} {k}: tuned {row[f'{k}_trials']} trials, {row[f'{k}_tasks']} tasks",
-                    flush=True,
-                )
+                for seed in seeds:
+                    libs[(k, seed, gr.structural_hash())], trials, tasks = tune_and_build(
+                        path, m.inputs, target, tmp / f"db-{name}-{k}-{seed}", a.budget,
+                        a.strategy, seed,
+                    )  # fmt: skip
+                    row[f"{k}_tasks"] = tasks
+                    print(
+                        f"{name} {k} seed {seed}: tuned {trials} trials, {tasks} tasks", flush=True
+                    )
             ms = timed(libs, m)
             for k in graphs:
-                row[f"{k}_ms"] = ms[same.get(k, k)]
+                src = same.get(k, k)
+                runs = [ms[key] for key in libs if key[0] == src]
+                row[f"{k}_ms_per_seed"] = runs
+                row[f"{k}_ms"] = float(np.median(runs))
                 row[f"{k}_same_as"] = same.get(k)
             for k in ("onnxruntime", "tvm"):
                 row[f"{k}_ratio"] = row[f"{k}_ms"] / row["none_ms"]

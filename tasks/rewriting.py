@@ -113,7 +113,7 @@ def rewrite_model(
     result = search.best_of(original, result)
     summary = result.summary() | {
         "oracle": judge.name,
-        "estimates": _both_oracles(g, result.graph, judge),
+        "estimates": _both_oracles(g, result.graph, judge, target),
         "stage_seconds": time.monotonic() - t0,
     }
     log(
@@ -130,13 +130,13 @@ def rewrite_model(
     return RewriteOutcome(model, method, summary, curve, path)
 
 
-def _both_oracles(before, after, judge) -> dict[str, dict[str, float]]:
+def _both_oracles(before, after, judge, target) -> dict[str, dict[str, float]]:
     """Each oracle's view of the input and the output graph, in ms: the TVM estimate, the sum
     of onnxruntime's per-operator timings and onnxruntime's end-to-end measurement."""
     from xrlflow.cost import OrtOracle
 
     ort = judge if judge.name == "onnxruntime" else OrtOracle()
-    tvm = judge if judge.name == "tvm" else make_oracle("tvm")
+    tvm = judge if judge.name == "tvm" else make_oracle("tvm", target)
     rows = {
         "tvm_estimate": tvm.estimate,
         "onnxruntime_estimate": ort.estimate,

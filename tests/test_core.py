@@ -37,6 +37,7 @@ def test_one_notion_of_the_same_target():
     [
         ("strategy", "foo", "unknown strategy 'foo': choose one of evolutionary, harl"),
         ("rewrite", "magic", "unknown rewrite method 'magic'"),
+        ("rewrite_oracle", "tensorrt", "unknown rewrite oracle 'tensorrt': choose one of tvm"),
         ("trials", -1, "--trials must be >= 0"),
         ("time_budget_s", 0.0, "more than 0 seconds"),
         ("min_trials_per_task", -2, "--min-trials-per-task must be >= 0"),
@@ -53,6 +54,7 @@ def test_run_settings_refuse_bad_values(field, value, message):
 def test_run_settings_defaults():
     s = RunSettings().checked()
     assert s.trials == 64 and s.target == resolve_target("cpu")
+    assert s.rewrite_oracle == "tvm"  # the artifact is compiled by TVM: judge rewrites there
     assert RunSettings(time_budget_s=60).checked().trials > 10_000  # the deadline decides
     with pytest.raises(BadInputError, match="--promote compares measured latencies"):
         RunSettings(promote=True, measure=False).checked()
