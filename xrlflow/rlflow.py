@@ -138,8 +138,8 @@ class RLFlowAgent:
             h = hc[0]
             a, logp, v = self.act(z, h, mask)
             hc = wm.step(z, a, hc)
-            reward = wm.reward(hc[0]).squeeze(1) / wm.cfg.reward_scale
             done = (a == 0) | (wm.done(hc[0]).squeeze(1) > 0)
+            reward = wm.reward(hc[0]).squeeze(1) / wm.cfg.reward_scale
             for i in torch.nonzero(alive).flatten().tolist():
                 trajs[i].append(
                     Sample(

@@ -12,7 +12,8 @@ generation and latency measurement. The pieces, as in its reference design:
   (``summary``) and which actions are legal in it (``mask``).
 - **Dynamics**: an MDN-RNN, an LSTM (256 units) over ``(z_t, action embedding)``, whose hidden
   state ``h_{t+1}`` gives a mixture of ``gaussians`` (8) diagonal Gaussians over ``z_{t+1}``,
-  the reward of the step, whether the episode ended and which actions are legal next.
+  the reward of the step, whether the episode ended (*stop* always ends it; the head learns when
+  no rule applies any more) and which actions are legal next.
 - **Data** (:func:`collect`): real episodes of a random agent (or of a controller), stored as a
   dataset (:func:`save_episodes`); :meth:`WorldModel.fit` trains on them and
   :meth:`WorldModel.evaluate` reports the prediction error on held-out episodes: latent NLL,
@@ -189,7 +190,7 @@ class WorldModel(nn.Module):
         starts = np.cumsum([0] + [len(ep.states) for ep in episodes])[:-1]
         horizon = max(len(ep.actions) for ep in episodes)
         hc = self.initial(len(episodes))
-        nll, rew, done, legal, n = [], [], [], [], 0
+        nll, rew, done, moves, legal = [], [], [], [], []
         for t in range(horizon):
             alive = [i for i, ep in enumerate(episodes) if t < len(ep.actions)]
             if not alive:
@@ -207,21 +208,25 @@ class WorldModel(nn.Module):
             nll.append(-torch.logsumexp(logpi + log_n.sum(-1), dim=1))
             r = torch.tensor([episodes[i].rewards[t] for i in alive]) * self.cfg.reward_scale
             rew.append((self.reward(h).squeeze(1) - r) ** 2)
+            # stop always ends the episode (known, not learned): the head learns the rest, the
+            # end of a rewrite sequence when no rule applies any more
             d = torch.tensor([float(episodes[i].dones[t]) for i in alive])
+            moved = (a != 0).float()
             done.append(
-                nn.functional.binary_cross_entropy_with_logits(
+                moved
+                * nn.functional.binary_cross_entropy_with_logits(
                     self.done(h).squeeze(1), d, reduction="none"
                 )
             )
+            moves.append(moved)
             legal.append(
                 nn.functional.binary_cross_entropy_with_logits(
                     self.next_mask(h), masks[idx + 1], reduction="none"
                 ).mean(1)
             )
-            n += len(alive)
         losses["latent_nll"] = torch.cat(nll).mean() / self.cfg.latent
         losses["reward"] = torch.cat(rew).mean()
-        losses["done"] = torch.cat(done).mean()
+        losses["done"] = torch.cat(done).sum() / torch.cat(moves).sum().clamp(min=1)
         losses["next_mask"] = torch.cat(legal).mean()
         return losses
 
@@ -273,7 +278,8 @@ class WorldModel(nn.Module):
                 hc = self.step(z[t : t + 1], torch.tensor([a]), hc)
                 predicted.append(float(self.reward(hc[0])) / self.cfg.reward_scale)
                 rewards.append(ep.rewards[t])
-                done_hits.append((float(self.done(hc[0])) > 0) == ep.dones[t])
+                ended = a == 0 or float(self.done(hc[0])) > 0
+                done_hits.append(ended == ep.dones[t])
         rewards, predicted = np.array(rewards), np.array(predicted)
         return {
             "world/latent_nll": float(losses["latent_nll"]),

@@ -91,17 +91,6 @@ def concat_unary_hoist(m: Match, cat: Node):
     yield Rewrite([c, u], {cat.outputs[0]: u.outputs[0]})
 
 
-def concat_unary_sink(m: Match, u: Node):
-    """u(Concat(a, b, ...)) → Concat(u(a), u(b), ...): on TVM the unary then joins each piece's
-    producer (a convolution's epilogue) instead of a pass over the concatenation."""
-    cat = m.src(u.inputs[0], "Concat")
-    if cat is None or m.sole_use(cat.outputs[0]) is not u or len(cat.inputs) < 2:
-        return
-    pieces = [m.new(u.op, (i,), **u.attrs) for i in cat.inputs]
-    c = m.new("Concat", [p.outputs[0] for p in pieces], **cat.attrs)
-    yield Rewrite([*pieces, c], {u.outputs[0]: c.outputs[0]})
-
-
 def relu_idempotent(m: Match, n: Node):
     inner = m.src(n.inputs[0], "Relu")
     if inner is not None:
@@ -123,8 +112,6 @@ RULES: list[Rule] = [
          "Split of a Concat into the concatenated pieces → the pieces."),
     Rule("concat_unary_hoist", "layout", "Concat", concat_unary_hoist, ex.concat_unary,
          "Concat(u(a), u(b), …) → u(Concat(a, b, …)) for one elementwise unary u."),
-    Rule("concat_unary_sink", "layout", C.UNARY, concat_unary_sink, ex.unary_concat,
-         "u(Concat(a, b, …)) → Concat(u(a), u(b), …): the unary fuses into each producer (TVM)."),
     Rule("relu_idempotent", "eliminate", "Relu", relu_idempotent, ex.unary("Relu"),
          "Relu(Relu(x)) → Relu(x)."),
 ]  # fmt: skip

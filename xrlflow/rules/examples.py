@@ -246,17 +246,6 @@ def concat_unary(rng):
     return model(rng, nodes, {"x": [2, 3], "z": [2, 4]}, ["y"])
 
 
-def unary_concat(rng):
-    nodes = [
-        ("Conv", ["x", "w1"], ["a"], None),
-        ("Conv", ["x", "w2"], ["b"], None),
-        ("Concat", ["a", "b"], ["c"], {"axis": 1}),
-        ("Relu", ["c"], ["y"], None),
-    ]
-    return model(rng, nodes, {"x": [1, 3, 4, 4]}, ["y"],
-                 {"w1": rand(rng, 2, 3, 1, 1), "w2": rand(rng, 3, 3, 1, 1)})  # fmt: skip
-
-
 def transposes(rng):
     nodes = [
         ("Transpose", ["x"], ["a"], {"perm": [0, 2, 1]}),
