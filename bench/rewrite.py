@@ -160,6 +160,9 @@ def main() -> None:
             row["xrlflow_train_s"] = train_s
             row["xrlflow_curve"] = curve
             rows.append(row)
+            partial = Path(a.out).with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"models": rows}, indent=2, default=str))
         for name in [m for m in a.tvm_models.split(",") if m]:
             tvm_rows.append(tvm_compare(name, cache, a.tvm_budget, rewritten[name], log=print))
     print()

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from harlflow.core.errors import BadInputError
+from harlflow.core.errors import BadInputError, StoreError, first_line
 from tasks import tracking
 
 AGENTS = ("xrlflow", "rlflow")
@@ -96,7 +96,10 @@ def train_agent(
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / Path(out).name
             agent.save(staged)
-            c.log_artifact(run_id, str(staged), "agent")
+            try:
+                c.log_artifact(run_id, str(staged), "agent")
+            except Exception as e:  # the agent file is not written: one line, no partial state
+                raise StoreError(f"logging the agent to MLflow failed: {first_line(e)}") from None
             final = Path(out)
             final.parent.mkdir(parents=True, exist_ok=True)
             partial = final.with_name(f".{final.name}.tmp")
