@@ -32,9 +32,9 @@ def fire():
 
 def test_world_model_fits_the_fire_environment(fire, tmp_path):
     """Fitted on random episodes, the world model predicts held-out episodes: rewards with under
-    a third of the error of always predicting their mean, terminations and legal actions with
-    over 90% and 95% accuracy, and a lower latent NLL than before fitting. The rollouts dataset
-    round-trips through its file."""
+    a third of the error of always predicting their mean, terminations with over 90% accuracy,
+    legal actions with over 95%, and a lower latent NLL than before fitting. The rollouts
+    dataset round-trips through its file."""
     g, _ = fire
     rl.setup(0)
     env = RewriteEnv({"fire": g}, ORACLE, max_steps=6, measure_every=3)
@@ -58,9 +58,9 @@ def test_world_model_fits_the_fire_environment(fire, tmp_path):
 
 
 def test_ppo_in_imagination_reaches_the_fire_optimum(fire, tmp_path):
-    """The controller trained in the world model finds the optimum greedy search misses, with
-    fewer real environment steps than X-RLflow's 40 iterations of 4 real episodes
-    (test_xrlflow); the checkpoint round-trips."""
+    """The controller trained in the world model finds the optimum greedy search misses, on a
+    bounded number of real environment steps (the world model's random episodes plus the
+    re-grounding episodes: 196-220 for seeds 0-3); the checkpoint round-trips."""
     g, best = fire
     assert search.greedy(g, ORACLE).latency_after > best * 1.01
     rl.setup(0)
@@ -69,7 +69,7 @@ def test_ppo_in_imagination_reaches_the_fire_optimum(fire, tmp_path):
     curve = RF.train(env, agent, iterations=60, random_episodes=48, seed=0)
     assert all(np.isfinite(m["losses/policy"]) for m in curve)
     real_steps = curve[-1]["charts/real_steps"]
-    assert real_steps < 40 * 4 * 3  # X-RLflow's episodes take 3+ steps each on this problem
+    assert real_steps <= 300
     found = search.rlflow(g, agent, ORACLE, rollouts=0, max_steps=6)  # the greedy controller
     assert found.latency_after == pytest.approx(best), found.summary()
     assert "enlarge_conv_kernel" in [s.rule for s in found.steps]
