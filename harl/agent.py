@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from harlflow.core.errors import loading
+from harlflow.core.files import replacing
 from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
 
 PRETRAINED = Path(__file__).with_name("pretrained_agent.pt")
@@ -120,19 +121,16 @@ class EditAgent:
 
     def save(self, path: str | Path) -> None:
         """Weights, optimiser state and config (a plain state dict: loadable with weights_only)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(
-            {
-                "net": self.net.state_dict(),
-                "opt": self.opt.state_dict(),
-                "config": asdict(self.config),
-                "updates": self.updates,
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            torch.save(
+                {
+                    "net": self.net.state_dict(),
+                    "opt": self.opt.state_dict(),
+                    "config": asdict(self.config),
+                    "updates": self.updates,
+                },
+                tmp,
+            )
 
     @classmethod
     def load(cls, path: str | Path, *, seed: int = 0) -> EditAgent:

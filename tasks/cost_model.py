@@ -20,6 +20,7 @@ from typing import Any
 
 from harlflow.core import config
 from harlflow.core.errors import BadInputError, StoreError, loading
+from harlflow.core.files import replacing
 from tasks import tracking
 
 REGISTERED_NAME = "harlflow-cost-model"
@@ -122,11 +123,8 @@ def train(
         if register:  # before the team's model changes: a failed registration changes nothing
             _register(result, staged, start, seed, holdout)
             log(f"registered {REGISTERED_NAME} version {result.version} (run {result.run_id})")
-        final = Path(result.path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.tmp")
-        shutil.copyfile(staged, partial)
-        partial.replace(final)
+        with replacing(result.path) as partial:
+            shutil.copyfile(staged, partial)
     log(f"saved {result.path}")
     return result
 

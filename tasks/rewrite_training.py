@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harlflow.core.errors import BadInputError, StoreError, first_line
+from harlflow.core.files import replacing
 from tasks import tracking
 
 AGENTS = ("xrlflow", "rlflow")
@@ -100,10 +101,7 @@ def train_agent(
                 c.log_artifact(run_id, str(staged), "agent")
             except Exception as e:  # the agent file is not written: one line, no partial state
                 raise StoreError(f"logging the agent to MLflow failed: {first_line(e)}") from None
-            final = Path(out)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            partial = final.with_name(f".{final.name}.tmp")
-            shutil.copyfile(staged, partial)
-            partial.replace(final)
+            with replacing(out) as partial:
+                shutil.copyfile(staged, partial)
     log(f"saved {out} (MLflow run {run_id})")
     return curve

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harlflow.core.files import replacing
 from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
 from xrlflow import rules as R
 from xrlflow.cost import CostOracle
@@ -290,19 +291,16 @@ class XRLflowAgent:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "config": asdict(self.cfg),
-                "rules": self.rule_names,
-                "ops": OPS,
-                "weights": self.net.state_dict(),
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            torch.save(
+                {
+                    "config": asdict(self.cfg),
+                    "rules": self.rule_names,
+                    "ops": OPS,
+                    "weights": self.net.state_dict(),
+                },
+                tmp,
+            )
 
     @classmethod
     def load(

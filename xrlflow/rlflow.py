@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harlflow.core.files import replacing
 from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
 from xrlflow import rules as R
 from xrlflow.agent import OPS
@@ -161,20 +162,17 @@ class RLFlowAgent:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "world_config": asdict(self.world.cfg),
-                "config": asdict(self.cfg),
-                "ops": OPS,
-                "world": self.world.state_dict(),
-                "controller": self.ctrl.state_dict(),
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            torch.save(
+                {
+                    "world_config": asdict(self.world.cfg),
+                    "config": asdict(self.cfg),
+                    "ops": OPS,
+                    "world": self.world.state_dict(),
+                    "controller": self.ctrl.state_dict(),
+                },
+                tmp,
+            )
 
     @classmethod
     def load(

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harlflow.core.files import replacing
 from xrlflow import rules as R
 from xrlflow.agent import (
     EDGE_DIM,
@@ -360,11 +361,8 @@ def save_episodes(episodes: list[Episode], path: str | Path) -> None:
         }
         for ep in episodes
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"version": 1, "dims": [NODE_DIM, EDGE_DIM, GLOBAL_DIM], "episodes": blob}, tmp)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        torch.save({"version": 1, "dims": [NODE_DIM, EDGE_DIM, GLOBAL_DIM], "episodes": blob}, tmp)
 
 
 def load_episodes(path: str | Path) -> list[Episode]:

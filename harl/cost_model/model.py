@@ -20,6 +20,7 @@ from torch import nn
 
 from harl.cost_model.dataset import FEATURES
 from harlflow.core.errors import loading
+from harlflow.core.files import replacing
 
 MAX_STORES = 32  # statements kept per program (the rest are rare: fused kernels have a few)
 
@@ -205,17 +206,14 @@ class CostModel:
 
     def save(self, path: str | Path) -> None:
         """Weights, config and target vocabulary (a plain state dict: ``weights_only`` loads)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
         blob = {
             "config": asdict(self.cfg),
             "targets": self.targets,
             "features": FEATURES,
             "weights": self.net.state_dict(),
         }
-        torch.save(blob, tmp)
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            torch.save(blob, tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
