@@ -19,13 +19,16 @@ import logging
 from typing import Any
 
 from harl.database import FAILED_RUN_SECS, best_records
+from harl.index_guard import guard_indices, is_check_kernel
+from harl.legalize import LEGALIZE
 from harl.sampling import fallback_trace
 from harlflow.core.errors import TuningError, first_line
 
 
 def prepare(mod):
-    """Inference decompositions, convolutions in NHWC, canonical bindings: the module that is
-    compiled in the end.
+    """Inference decompositions, convolutions in NHWC, canonical bindings and bounds checks on
+    the indices of every gather/scatter (:mod:`harl.index_guard`): the module that is compiled
+    in the end.
 
     NHWC puts the output channels innermost, so a convolution's micro-kernel vectorises over
     channels (16 fp32 lanes, multiples of 16 in most layers) and broadcasts inputs; NCHW would
@@ -43,7 +46,8 @@ def prepare(mod):
                 "convolutions stay in NCHW: TVM's ConvertLayout failed on this model (%s)",
                 first_line(e),
             )
-        return fold_constant_layouts(relax.transform.CanonicalizeBindings()(mod))
+        mod = fold_constant_layouts(relax.transform.CanonicalizeBindings()(mod))
+        return guard_indices(mod)
     except Exception as e:
         raise TuningError(f"preparing the model for TVM failed: {first_line(e)}") from None
 
@@ -89,7 +93,7 @@ def _fusion_passes(target, prepack: bool) -> list:
 
     return [
         *pipeline.library_dispatch_passes(target),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(LEGALIZE),  # NaN-propagating relu and clip
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -188,14 +192,15 @@ def extract_tasks(mod, target: dict[str, Any], *, prepack: bool = True) -> list:
     (weights marked layout-free when ``prepack``, so schedules may choose their layouts).
 
     A module whose operators all run as VM builtins (e.g. only ``Unique``) has no task: it
-    compiles as it is.
+    compiles as it is. The index checks are no tasks either: they are scheduled already.
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
     try:
         fused = fuse(mod, target, prepack=prepack)
-        return list(ms.relax_integration.extract_tasks(fused, tvm.target.Target(target)))
+        tasks = ms.relax_integration.extract_tasks(fused, tvm.target.Target(target))
+        return [t for t in tasks if not is_check_kernel(t.dispatched[0]["main"])]
     except Exception as e:
         raise TuningError(f"task extraction failed: {first_line(e)}") from None
 

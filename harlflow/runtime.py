@@ -6,12 +6,13 @@ Needs only TVM and numpy (no Prefect, MLflow or PyTorch), so it is what a deploy
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from harlflow.core.errors import BadInputError, StoreError
+from harlflow.core.errors import INDEX_CHECK_PREFIX, BadInputError, IndexRangeError, StoreError
 from harlflow.core.signature import TensorSpec
 from harlflow.core.targets import use_target_threads
 
@@ -51,20 +52,22 @@ class CompiledModel:
             args = tuple(kwargs[s.name] for s in self.inputs)
         if len(args) != len(self.inputs):
             raise BadInputError(f"the model takes {len(self.inputs)} inputs, got {len(args)}")
-        out = []
-        for spec, a in zip(self.inputs, args, strict=True):
-            a = np.asarray(a)
-            if tuple(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
-                raise BadInputError(
-                    f"input {spec.name!r} must be {spec} (shape {spec.shape}, {spec.dtype}); "
-                    f"got shape {tuple(a.shape)}, {a.dtype}"
-                )
-            out.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self._device))
-        return out
+        return [
+            self._tvm.runtime.tensor(_array(spec, a), self._device)
+            for spec, a in zip(self.inputs, args, strict=True)
+        ]
 
     def run_tvm(self, tensors: list):
-        """Run on TVM tensors (no conversion): what latency measurement calls."""
-        return self._vm["main"](*tensors)
+        """Run on TVM tensors (no conversion): what latency measurement calls. An index the
+        model's bounds checks refuse raises :class:`IndexRangeError`."""
+        try:
+            return self._vm["main"](*tensors)
+        except RuntimeError as e:
+            found = re.search(rf"{INDEX_CHECK_PREFIX} (\d+): [^\n]*", str(e))
+            if found is None:
+                raise
+            arrays = {s.name: t.numpy() for s, t in zip(self.inputs, tensors, strict=True)}
+            raise _index_error(self.manifest, int(found.group(1)), found.group(0), arrays) from None
 
     def __call__(self, *args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray | list[np.ndarray]:
         """Run once: one output comes back as an array, several as a list in manifest order."""
@@ -72,6 +75,47 @@ class CompiledModel:
         outs = [result] if hasattr(result, "numpy") else list(result)
         arrays = [o.numpy() for o in outs]
         return arrays[0] if len(arrays) == 1 else arrays
+
+
+def _array(spec: TensorSpec, value: Any) -> np.ndarray:
+    """``value`` as a contiguous, native-byte-order array of ``spec``'s dtype and shape, or a
+    :class:`BadInputError` naming the input (object arrays, strings, ragged lists included)."""
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise BadInputError(f"input {spec.name!r} is not an array: {e}") from None
+    if a.dtype.byteorder not in ("=", "|"):
+        a = a.astype(a.dtype.newbyteorder("="))  # big-endian data, same values
+    if tuple(a.shape) != spec.shape or str(a.dtype) != spec.dtype:
+        raise BadInputError(
+            f"input {spec.name!r} must be {spec} (shape {spec.shape}, {spec.dtype}); "
+            f"got shape {tuple(a.shape)}, {a.dtype}"
+        )
+    return np.ascontiguousarray(a)
+
+
+def _index_error(
+    manifest: dict[str, Any], check_id: int, text: str, arrays: dict[str, np.ndarray]
+) -> IndexRangeError:
+    """The error for a refused index: naming the input, the value and the valid range when the
+    check's indices are an input's values (the manifest says which), else the check's own text."""
+    check = next((c for c in manifest.get("index_checks", []) if c["id"] == check_id), None)
+    a = arrays.get(check["input"]) if check and check.get("input") else None
+    if a is not None:
+        ranges = check["ranges"]
+        cols = a[..., None] if len(ranges) == 1 else a
+        if cols.ndim and cols.shape[-1] == len(ranges):
+            lo = np.array([r[0] for r in ranges])
+            hi = np.array([r[1] for r in ranges])
+            bad = np.argwhere((cols < lo) | (cols > hi))
+            if len(bad):
+                at = tuple(int(i) for i in bad[0][: a.ndim])
+                span = " x ".join(f"[{r[0]}, {r[1]}]" for r in ranges)
+                return IndexRangeError(
+                    f"input {check['input']!r} holds {a[at]} at index {list(at)}, outside "
+                    f"the valid range {span} of the model's {check['operator']}"
+                )
+    return IndexRangeError(f"{text} (the indices are computed from the model's inputs)")
 
 
 def load(directory: str | Path) -> CompiledModel:

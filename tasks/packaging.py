@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from harl import compilation, database
+from harl.index_guard import index_checks
 from harlflow.core.config import validate_name
 from harlflow.core.errors import StoreError, TuningError, VerificationError, first_line
 from harlflow.core.hashing import sha256_tree
@@ -161,6 +162,8 @@ def package(
             "inputs": [s.to_dict() for s in imported.inputs],
             "outputs": [s.to_dict() for s in imported.outputs],
             "target": target,
+            # what the bounds checks compiled into model.so guard (harl.index_guard)
+            "index_checks": index_checks(mod),
             "versions": versions(),
             "seed": seed,
             "tuning": {

@@ -29,6 +29,15 @@ class BadInputError(HarlflowError, ValueError):
     exit_code = 2
 
 
+class IndexRangeError(BadInputError):
+    """An index the caller sent (a token id, a position) lies outside what the model indexes:
+    the compiled model refused it instead of reading outside a buffer."""
+
+
+INDEX_CHECK_PREFIX = "harlflow index check"
+"""How the index checks compiled into an artifact start their error (``harl.index_guard``)."""
+
+
 class TuningError(HarlflowError):
     """Task extraction, tuning or compilation failed."""
 

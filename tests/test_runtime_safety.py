@@ -1,0 +1,277 @@
+"""What a caller may send a deployed artifact: out-of-range token ids, NaN, extreme integers,
+wrong dtypes and shapes, odd memory layouts. Each ends in onnxruntime's outputs or one clear
+error, never a crash or an out-of-bounds read.
+
+The artifacts are compiled with no tuning (fallback schedules): what is tested is the graph's
+bounds checks and the runtime's argument handling, not the schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from services import BIN
+
+from harlflow.core.errors import BadInputError, IndexRangeError
+from harlflow.core.targets import resolve_target
+
+VOCAB = 64
+
+
+def gpt_like(path: Path) -> Path:
+    """Token ids → embedding (Gather) + positions → LayerNorm → logits, and a second output that
+    indexes a table with the logits' ArgMax (indices computed inside the model)."""
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype("float32"), name)
+
+    nodes = [
+        helper.make_node("Gather", ["wte", "ids"], ["tok"], name="embed"),
+        helper.make_node("Add", ["tok", "wpe"], ["h"]),
+        helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "head"], ["logits"]),
+        helper.make_node("ArgMax", ["logits"], ["best"], axis=-1, keepdims=0),
+        helper.make_node("Gather", ["table", "best"], ["picked"], name="pick"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "gpt_like",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8, VOCAB]),
+            helper.make_tensor_value_info("picked", TensorProto.FLOAT, [1, 8, 4]),
+        ],
+        [
+            init("wte", VOCAB, 16),
+            init("wpe", 8, 16),
+            init("g", 16),
+            init("b", 16),
+            init("head", 16, VOCAB),
+            init("table", VOCAB, 4),
+        ],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def untuned_artifact(onnx_path: Path, tmp: Path):
+    """Import and package ``onnx_path`` with fallback schedules (no trial measured); the
+    imported model (its canonical ONNX is what onnxruntime runs) and the artifact."""
+    from tasks.importing import import_model
+    from tasks.packaging import package
+
+    m = import_model(str(onnx_path), cache_dir=tmp / "cache")
+    return m, package(
+        m,
+        resolve_target("cpu"),
+        database_dir=tmp / "db",
+        home=tmp / "home",
+        tune_summary={},
+        measure=False,
+        log=lambda *_: None,
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpt")
+    m, art = untuned_artifact(gpt_like(tmp / "gpt_like.onnx"), tmp)
+    return m.onnx_path, Path(art.directory)
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    from harlflow.core.signature import TensorSpec
+    from harlflow.examples import tiny_mlp
+    from tasks.importing import _torch_to_onnx
+
+    tmp = tmp_path_factory.mktemp("mlp")
+    net = tiny_mlp()
+    specs = [TensorSpec(n, tuple(s), d) for n, s, d in net.harlflow_inputs]
+    _torch_to_onnx(net, specs, tmp / "tiny_mlp.onnx", "tiny_mlp")
+    m, art = untuned_artifact(tmp / "tiny_mlp.onnx", tmp)
+    return m.onnx_path, Path(art.directory)
+
+
+def ort(onnx_path: Path, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as rt
+
+    sess = rt.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def test_out_of_range_token_id_is_one_clear_line_not_a_crash(gpt, tmp_path):
+    onnx_path, art = gpt
+    manifest_checks = json.loads((art / "manifest.json").read_text())["index_checks"]
+    # the embedding's ids come from the input; ArgMax's come from inside the model
+    assert [(c["operator"], c["input"], c["ranges"]) for c in manifest_checks] == [
+        ("Gather", "ids", [[-VOCAB, VOCAB - 1]]),
+        ("Gather", None, [[-VOCAB, VOCAB - 1]]),
+    ]
+    ids = np.array([[1, 2, 3, 100000, 5, 6, 7, 8]], dtype=np.int64)
+    np.save(tmp_path / "bad.npy", ids)
+    r = subprocess.run(
+        [str(BIN / "harlflow"), "run", str(art), "--input", f"ids={tmp_path / 'bad.npy'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harlflow: error:"), r.stderr
+    assert "'ids'" in lines[0] and "100000" in lines[0] and f"[-{VOCAB}, {VOCAB - 1}]" in lines[0]
+
+    # onnxruntime refuses it too; negative ids wrap as ONNX says, as onnxruntime computes them
+    with pytest.raises(Exception, match="indices"):
+        ort(onnx_path, {"ids": ids})
+    from harlflow import runtime
+
+    model = runtime.load(art)
+    with pytest.raises(IndexRangeError, match=r"holds -65 at index \[0, 0\]") as err:
+        model(ids=np.full((1, 8), -VOCAB - 1, dtype=np.int64))
+    assert isinstance(err.value, ValueError)
+    edge = np.array([[-VOCAB, -1, 0, VOCAB - 1, -3, 7, 63, -64]], dtype=np.int64)
+    for got, want in zip(model(ids=edge), ort(onnx_path, {"ids": edge}), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_raw_model_so_refuses_bad_ids_without_the_wrapper(gpt):
+    """A caller of model.so through TVM alone (no harlflow) gets an error, not a segfault."""
+    _, art = gpt
+    code = (
+        "import numpy as np, tvm\n"
+        "from tvm import relax\n"
+        f"vm = relax.VirtualMachine(tvm.runtime.load_module('{art / 'model.so'}'), tvm.cpu())\n"
+        "ids = np.full((1, 8), 2**62, dtype='int64')\n"
+        "vm['main'](tvm.runtime.tensor(ids))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "harlflow index check 0: Gather indices must lie in [-64, 63]" in r.stderr
+
+
+# --------------------------------------------------------------------------- property-based
+def _bad_ints(dtype):
+    info = np.iinfo(dtype)
+    return st.one_of(
+        st.integers(-VOCAB, VOCAB - 1),
+        st.integers(int(info.min), int(info.max)),
+        st.sampled_from([int(info.min), int(info.max), VOCAB, -VOCAB - 1, 0, -1]),
+    )
+
+
+_FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from([np.nan, np.inf, -np.inf, 1e-45, -1e-40, 3.4e38, -3.4e38, 0.0, -0.0]),
+)
+
+
+def _variants(base: np.ndarray):
+    """The same values as the caller might hold them: contiguous, read-only, non-contiguous,
+    big-endian, a nested list."""
+    ro = base.copy()
+    ro.setflags(write=False)
+    wide = np.repeat(base, 2, axis=-1)[..., ::2]  # a strided view, same values
+    return [base, ro, wide, base.astype(base.dtype.newbyteorder(">")), base.tolist()]
+
+
+def _wrong(spec_shape, dtype):
+    """Inputs no caller should get an answer for: each must be one clear error."""
+    n = int(np.prod(spec_shape))
+    return [
+        np.zeros(spec_shape, dtype=np.float64 if dtype != np.float64 else np.float32),
+        np.zeros((*spec_shape, 1), dtype=dtype),
+        np.zeros((0, *spec_shape[1:]), dtype=dtype),
+        np.array([object()] * n, dtype=object).reshape(spec_shape),
+        np.array(["a"] * n).reshape(spec_shape),
+        [[1, 2], [3]],
+        None,
+    ]
+
+
+def _check(model, onnx_path, name, value):
+    """One call: outputs equal to onnxruntime's on the same values, or a BadInputError that
+    onnxruntime's refusal (or a wrong dtype/shape/layout) backs."""
+    from harlflow.core.outputs import TOLERANCES
+
+    try:
+        got = model(**{name: value})
+    except BadInputError:
+        arr = np.asarray(value) if isinstance(value, np.ndarray) else None
+        if arr is not None and arr.dtype.kind in "iuf" and arr.shape == model.inputs[0].shape:
+            native = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+            if str(native.dtype) == model.inputs[0].dtype:
+                with pytest.raises(Exception):  # noqa: B017  (onnxruntime's own error type)
+                    ort(onnx_path, {name: native})
+        return
+    got = got if isinstance(got, list) else [got]
+    want = ort(onnx_path, {name: np.ascontiguousarray(np.asarray(value, model.inputs[0].dtype))})
+    for spec, g, w in zip(model.outputs, got, want, strict=True):
+        atol, rtol = TOLERANCES.get(spec.dtype, (0.0, 0.0))
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_runtime_takes_anything_token_ids(gpt, data):
+    onnx_path, art = gpt
+    model = _load_once(art)
+    ids = np.array(data.draw(st.lists(_bad_ints(np.int64), min_size=8, max_size=8)), np.int64)
+    for value in _variants(ids.reshape(1, 8)):
+        _check(model, onnx_path, "ids", value)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_runtime_takes_anything_floats(mlp, data):
+    onnx_path, art = mlp
+    model = _load_once(art)
+    spec = model.inputs[0]
+    n = int(np.prod(spec.shape))
+    x = np.array(data.draw(st.lists(_FLOATS, min_size=n, max_size=n)), np.float32)
+    for value in _variants(x.reshape(spec.shape)):
+        _check(model, onnx_path, spec.name, value)
+
+
+def test_wrong_names_dtypes_shapes_and_objects_are_one_clear_error(gpt, mlp):
+    for _, art in (gpt, mlp):
+        model = _load_once(art)
+        spec = model.inputs[0]
+        for value in _wrong(spec.shape, np.dtype(spec.dtype)):
+            with pytest.raises(BadInputError, match=repr(spec.name)):
+                model(**{spec.name: value})
+        ok = np.zeros(spec.shape, spec.dtype)
+        with pytest.raises(BadInputError, match="missing"):
+            model(other=ok)
+        with pytest.raises(BadInputError, match="unknown"):
+            model(**{spec.name: ok, "extra": ok})
+        with pytest.raises(BadInputError, match="takes 1 inputs, got 2"):
+            model(ok, ok)
+        with pytest.raises(BadInputError, match="takes 1 inputs, got 0"):
+            model()
+
+
+_LOADED: dict = {}
+
+
+def _load_once(art: Path):
+    from harlflow import runtime
+
+    if art not in _LOADED:
+        _LOADED[art] = runtime.load(art)
+    return _LOADED[art]
