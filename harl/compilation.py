@@ -40,7 +40,8 @@ def prepare(mod):
     try:
         mod = relax.transform.DecomposeOpsForInference()(mod)
         try:
-            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+            if _calls(mod, "relax.nn.conv2d"):  # the pass crashes (SIGFPE) on some models
+                mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
         except Exception as e:  # a layout choice, not a requirement: NCHW still compiles
             logging.getLogger("harl.compilation").warning(
                 "convolutions stay in NCHW: TVM's ConvertLayout failed on this model (%s)",
@@ -50,6 +51,23 @@ def prepare(mod):
         return guard_indices(mod)
     except Exception as e:
         raise TuningError(f"preparing the model for TVM failed: {first_line(e)}") from None
+
+
+def _calls(mod, op_name: str) -> bool:
+    """Whether any Relax function of ``mod`` calls the operator ``op_name``."""
+    import tvm
+    from tvm import relax
+
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == op_name:
+            found.append(e)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function) and not found:
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
 
 
 def fold_constant_layouts(mod):
@@ -79,7 +97,7 @@ def fold_constant_layouts(mod):
                 return relax.const(arr.reshape([int(d) for d in call.args[1].values]))
             axes = call.attrs.axes
             axes = None if axes is None else [int(a) for a in axes]
-            return relax.const(np.ascontiguousarray(np.transpose(arr, axes)))
+            return relax.const(np.transpose(arr, axes).copy(order="C"))  # 0-d stays 0-d
 
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
@@ -88,6 +106,7 @@ def fold_constant_layouts(mod):
 
 
 def _fusion_passes(target, prepack: bool) -> list:
+    import tvm
     from tvm import relax
     from tvm.relax import pipeline
 
@@ -100,7 +119,26 @@ def _fusion_passes(target, prepack: bool) -> list:
         relax.transform.FuseTIR(),
         # constants and weights feeding a kernel may be stored in any layout the schedule picks
         *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
+        tvm.transform.module_pass(_root_extern_kernels, opt_level=0, name="RootExternKernels"),
     ]
+
+
+def _root_extern_kernels(mod, _ctx):
+    """Kernels TVM writes as one opaque block (scatter, sort, top-k: no compute block to
+    schedule) put under a root block and marked scheduled: ``SplitLayoutRewritePreproc`` refuses
+    a function whose single subtree is not a compute block (every model with ScatterElements
+    failed to compile), and MetaSchedule has nothing to tune in them."""
+    from tvm import s_tir, tirx
+
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tirx.PrimFunc) or not isinstance(func.body, s_tir.SBlockRealize):
+            continue
+        if func.body.block.name_hint == "root":
+            continue
+        root = s_tir.SBlock([], [], [], "root", func.body)
+        func = func.with_body(s_tir.SBlockRealize([], True, root))
+        mod[gv] = func.with_attr("tirx.is_scheduled", True)
+    return mod
 
 
 def fuse(mod, target: dict[str, Any], *, prepack: bool = True):
@@ -219,12 +257,20 @@ def compile_database(db, tasks, target: dict[str, Any], seed: int):
     sources: dict[str, str] = {}
     for task in tasks:
         mod = task.dispatched[0]
-        best = best_records(db, mod, target)
-        if best:
-            trace, run_secs, args = best[0].trace, best[0].run_secs, best[0].args_info
+        best = _applicable(best_records(db, mod, target, k=8), mod, task.task_name)
+        if best is not None:
+            trace, run_secs, args = best.trace, best.run_secs, best.args_info
             sources[task.task_name] = "database"
         else:
-            trace = fallback_trace(task, target, seed)
+            try:
+                trace = fallback_trace(task, target, seed)
+            except Exception as e:  # MetaSchedule cannot sketch it: TVM's default lowering
+                logging.getLogger("harl.compilation").warning(
+                    "no fallback schedule for %s (%s): compiled unscheduled",
+                    task.task_name,
+                    first_line(e),
+                )
+                trace = None
             if trace is None:
                 sources[task.task_name] = "default"
                 continue
@@ -234,6 +280,24 @@ def compile_database(db, tasks, target: dict[str, Any], seed: int):
         wl = mem.commit_workload(mod)
         mem.commit_tuning_record(ms.database.TuningRecord(trace, wl, run_secs, tgt, args))
     return mem, sources
+
+
+def _applicable(records: list, mod, task_name: str):
+    """The first record whose schedule applies to ``mod``, or None. A record can match a task's
+    workload (structurally equal) and still not apply: its trace names blocks by the names of the
+    model it was tuned on (a re-exported checkpoint: "get-block" fails). Such a record is skipped
+    with a warning, never a failed compilation."""
+    from tvm import s_tir
+
+    for r in records:
+        try:
+            r.trace.apply_to_schedule(s_tir.Schedule(mod), remove_postproc=False)
+            return r
+        except Exception as e:
+            logging.getLogger("harl.compilation").warning(
+                "a tuning record of %s does not apply to it (%s): skipped", task_name, first_line(e)
+            )
+    return None
 
 
 def compile_untuned(mod, target: dict[str, Any]):

@@ -91,7 +91,13 @@ def _array(spec: TensorSpec, value: Any) -> np.ndarray:
             f"input {spec.name!r} must be {spec} (shape {spec.shape}, {spec.dtype}); "
             f"got shape {tuple(a.shape)}, {a.dtype}"
         )
-    return np.ascontiguousarray(a)
+    return c_contiguous(a)
+
+
+def c_contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, copied only when it is not (``np.ascontiguousarray`` would turn a
+    0-d array into shape (1,), which a model with a scalar input refuses)."""
+    return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
 def _index_error(

@@ -25,6 +25,7 @@ from harlflow.core.errors import ModelImportError, first_line
 from harlflow.core.hashing import sha256_bytes, sha256_file
 from harlflow.core.outputs import load_reference
 from harlflow.core.signature import TensorSpec, example_inputs
+from tasks.onnx_passes import fold_constants, inference_form
 
 MIN_OPSET = 17
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -98,8 +99,13 @@ def detect_kind(model: str) -> str:
 
 
 def source_hash(model: str, kind: str, checkpoint: str | None) -> str:
-    """Content hash of what the user brought: the file, or the factory's source plus checkpoint."""
-    if kind in ("onnx", "pt2"):
+    """Content hash of what the user brought: the file (an ONNX file with the external data
+    files it names), or the factory's source plus checkpoint."""
+    if kind == "onnx":
+        digest = sha256_file(model)
+        extra = [sha256_file(f) for f in external_data_files(model)]
+        return sha256_bytes("\0".join([digest, *extra]).encode()) if extra else digest
+    if kind == "pt2":
         return sha256_file(model)
     module_name, fn_name = model.split(":")
     try:
@@ -115,6 +121,32 @@ def source_hash(model: str, kind: str, checkpoint: str | None) -> str:
     return sha256_bytes(b"\0".join(parts))
 
 
+def external_data_files(model: str) -> list[Path]:
+    """The external data files an ONNX model's tensors live in (``onnx.save(...,
+    save_as_external_data=True)``, forced on models over protobuf's 2 GB), in a stable order;
+    one that is missing or outside the model's directory is a :class:`ModelImportError`."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        proto = onnx.load(model, load_external_data=False)
+    except Exception:
+        return []  # not parseable: _load_onnx reports it
+    base = Path(model).resolve().parent
+    found = []
+    for t in onnx.external_data_helper._get_all_tensors(proto):
+        if uses_external_data(t):
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            path = (base / loc).resolve()
+            if base not in path.parents or not path.is_file():
+                raise ModelImportError(
+                    f"{model}: tensor {t.name!r} names external data {loc!r}, which is not a "
+                    f"file in {base}"
+                )
+            found.append(path)
+    return sorted(set(found))
+
+
 def import_key(
     model: str, inputs: list[TensorSpec] | None, checkpoint: str | None, seed: int
 ) -> str:
@@ -126,6 +158,7 @@ def import_key(
             "inputs": [s.to_dict() for s in inputs or []],
             "seed": seed,
             "min_opset": MIN_OPSET,
+            "form": 2,  # canonical form: 2 = constants folded, training leftovers removed
         },
         sort_keys=True,
     )
@@ -319,9 +352,10 @@ def _load_onnx(path: str):
 
 
 def canonicalize(model_proto, source: str, given: dict[str, TensorSpec]):
-    """Check, upgrade to opset >= 17, fix input shapes and infer every shape; returns the proto."""
+    """Check, upgrade to opset >= 17, fix input shapes, infer every shape, fold constant
+    subgraphs and drop training leftovers (:mod:`tasks.onnx_passes`); returns the proto."""
     import onnx
-    from onnx import shape_inference, version_converter
+    from onnx import version_converter
 
     try:
         onnx.checker.check_model(model_proto)
@@ -329,6 +363,8 @@ def canonicalize(model_proto, source: str, given: dict[str, TensorSpec]):
         raise ModelImportError(f"{source} fails the ONNX checker: {str(e).strip()}") from None
     if not model_proto.graph.node:
         raise ModelImportError(f"{source} has an empty graph: not a model")
+    # training leftovers first: the opset converter refuses BatchNormalization's training outputs
+    model_proto, _ = inference_form(model_proto)
     opset = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         try:
@@ -373,7 +409,18 @@ def canonicalize(model_proto, source: str, given: dict[str, TensorSpec]):
         list(model_proto.opset_import), ignore_unknown=True
     )
     model_proto.ir_version = min(model_proto.ir_version, max(needed, 8))
-    # Clear stale value_info so inference sees the new input shapes, then infer strictly.
+    model_proto = _inferred(model_proto, source)
+    model_proto, folded = fold_constants(model_proto)
+    if folded:
+        model_proto, _ = inference_form(model_proto)
+    return _inferred(model_proto, source)
+
+
+def _inferred(model_proto, source: str):
+    """Shapes inferred strictly from the inputs (stale value_info cleared first), then checked."""
+    import onnx
+    from onnx import shape_inference
+
     del model_proto.graph.value_info[:]
     try:
         model_proto = shape_inference.infer_shapes(model_proto, check_type=True, strict_mode=True)
@@ -399,7 +446,9 @@ def _signature(model_proto) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def check_tvm_support(model_proto, source: str) -> None:
-    """Name every operator the TVM ONNX frontend has no converter for, before trying it."""
+    """Name every operator the TVM ONNX frontend has no converter for, and every use of one that
+    TVM 0.27 imports but computes wrongly (:func:`_known_wrong`, found by ``bench/conformance.py``
+    against ONNX's own cases), before trying it."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
     known = set(onnx_frontend._get_convert_map())
@@ -411,24 +460,135 @@ def check_tvm_support(model_proto, source: str) -> None:
         }
         listing = ", ".join(f"{op} (node {where[op]!r})" for op in missing)
         raise ModelImportError(f"{source}: operators TVM cannot import: {listing}")
+    g = model_proto.graph
+    constants = {t.name: t for t in g.initializer}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    for node in g.node:
+        why = _known_wrong(node, constants, types)
+        if why:
+            raise ModelImportError(
+                f"{source}: operator {node.op_type} (node {node.name or '(unnamed)'!r}) {why}: "
+                "TVM computes it wrongly, so harlflow does not compile it"
+            )
 
 
-def to_relax(onnx_path: str | Path, inputs: list[TensorSpec]):
-    """The Relax IRModule of a canonical ONNX file (weights embedded as constants)."""
+def _known_wrong(node, constants: dict, types: dict) -> str | None:
+    """Why TVM 0.27 gets this node wrong (the conformance cases it fails), or None."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def const(i: int):
+        name = node.input[i] if len(node.input) > i else ""
+        return numpy_helper.to_array(constants[name]) if name in constants else None
+
+    op = node.op_type
+    if op == "NonMaxSuppression":
+        return "returns no boxes"
+    if op == "Expand" and const(1) is None:
+        return "with a shape given at run time"
+    if op == "BatchNormalization" and attrs.get("training_mode", 0):
+        return "in training mode"
+    if op == "Dropout" and len(node.input) > 2 and node.input[2]:
+        mode = const(2)
+        if mode is None or bool(mode):
+            return "in training mode (random masks)"
+    if op == "BitShift":
+        shift = const(1)
+        if shift is None or shift.min() < 0 or shift.max() >= 8 * shift.dtype.itemsize:
+            return "with shift amounts not known to lie in [0, bit width)"
+    if op == "IsInf" and not (attrs.get("detect_negative", 1) and attrs.get("detect_positive", 1)):
+        return "detecting only one sign"
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    if op == "Mod" and types.get(node.input[1]) in floats:
+        divisor = const(1)
+        if divisor is None or not np.isfinite(divisor).all():
+            return "on floats with divisors not known to be finite"
+    if op == "Pow" and types.get(node.input[0]) not in floats:
+        return "on integers"
+    if op == "SpaceToDepth" and attrs.get("mode", b"DCR") in (b"CRD", "CRD"):
+        return "in CRD mode"
+    if op == "RoiAlign" and attrs.get("mode", b"avg") in (b"max", "max"):
+        return "in max mode"
+    return None
+
+
+def to_relax(onnx_path: str | Path, inputs: list[TensorSpec], source: str | None = None):
+    """The Relax IRModule of a canonical ONNX file (weights embedded as constants); a failure is
+    a :class:`ModelImportError` naming ``source`` (default: the file) and the operator and node
+    TVM's importer stopped at."""
+    import contextlib
+    import io
+
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = onnx.load(str(onnx_path))
     try:
-        return from_onnx(
-            proto,
-            shape_dict={s.name: list(s.shape) for s in inputs},
-            dtype_dict={s.name: s.dtype for s in inputs},
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the importer prints its failures too
+            mod = from_onnx(
+                proto,
+                shape_dict={s.name: list(s.shape) for s in inputs},
+                dtype_dict={s.name: s.dtype for s in inputs},
+            )
     except Exception as e:
         raise ModelImportError(
-            f"{onnx_path}: TVM's ONNX importer failed: {first_line(e)}"
+            f"{source or onnx_path}: TVM cannot import {_failing_node(e)}: {first_line(e)}"
         ) from None
+    check_outputs(mod, proto, source or str(onnx_path))
+    return mod
+
+
+def check_outputs(mod, proto, source: str) -> None:
+    """Refuse a module whose outputs TVM types otherwise than ONNX's shape inference does (a
+    LayerNormalization's Mean as a scalar, a ConvTranspose ignoring ``output_shape``, a Dropout
+    mask as float, a data-dependent shape made static): the artifact would answer with wrong
+    shapes or dtypes. Names the output and the operator that makes it."""
+    from tvm import relax
+
+    _, outs = _signature(proto)
+    ret = mod["main"].ret_ty
+    got = list(ret.fields) if len(outs) > 1 and hasattr(ret, "fields") else [ret]
+    makers = {o: n for n in proto.graph.node for o in n.output}
+    for spec, ty in zip(outs, got, strict=False):
+        if isinstance(ty, relax.TensorType):
+            dtype = str(ty.dtype)
+            try:
+                shape = tuple(int(d) for d in ty.shape.values)
+            except (AttributeError, TypeError):
+                shape = None  # symbolic: data-dependent in TVM too
+        else:
+            dtype, shape = type(ty).__name__, None
+        # a static shape where ONNX's is data-dependent (an Expand or NonMaxSuppression fed at
+        # run time) is TVM fixing what it cannot know: refused as well
+        if dtype == spec.dtype and (shape is None or shape == spec.shape):
+            continue
+        node = makers.get(spec.name)
+        where = f"{node.op_type} (node {node.name or '(unnamed)'!r})" if node else "the model"
+        raise ModelImportError(
+            f"{source}: TVM computes output {spec.name!r} of operator {where} as {dtype}"
+            f"{list(shape) if shape is not None else ''}, where ONNX says {spec.dtype}"
+            f"{list(spec.shape)}: not supported"
+        )
+    if len(got) != len(outs):
+        raise ModelImportError(
+            f"{source}: TVM's import has {len(got)} outputs, the model {len(outs)}: not supported"
+        )
+
+
+def _failing_node(exc: BaseException) -> str:
+    """``operator OP (node 'NAME')`` from the importer's frame that was converting a node when
+    ``exc`` was raised, or ``the model`` when it failed elsewhere."""
+    tb = exc.__traceback__
+    found = "the model"
+    while tb is not None:
+        frame = tb.tb_frame
+        node = frame.f_locals.get("node") if frame.f_code.co_name == "_construct_nodes" else None
+        if node is not None and hasattr(node, "op_type"):
+            found = f"operator {node.op_type} (node {node.name or '(unnamed)'!r})"
+        tb = tb.tb_next
+    return found
 
 
 def _reference(proto_path: Path, inputs: list[TensorSpec], seed: int, source: str):
@@ -484,7 +644,7 @@ def import_model(
         check_tvm_support(proto, model)
         ins, outs = _signature(proto)
         onnx.save(proto, str(tmp / "model.onnx"))
-        to_relax(tmp / "model.onnx", ins)  # fail here, naming the problem, not in tuning
+        to_relax(tmp / "model.onnx", ins, model)  # fail here, naming the problem, not in tuning
         feeds, ref = _reference(tmp / "model.onnx", ins, seed, model)
         np.savez(
             tmp / "reference.npz",
