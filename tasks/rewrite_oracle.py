@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harlflow.core import signals
 from harlflow.core.errors import first_line
 from xrlflow.cost import FlopsOracle
 from xrlflow.ir import Graph, Node
@@ -100,6 +101,7 @@ class TvmOracle:
 
     # ------------------------------------------------------------------ internals
     def _priced(self, g: Graph) -> tuple[float, list[dict]]:
+        signals.check()  # every candidate: a stop request is never priced away
         key = g.structural_hash()
         if key not in self._graphs:
             if len(self._graphs) > 4096:
@@ -107,6 +109,7 @@ class TvmOracle:
             try:
                 tasks = _tasks(g, self.target)
             except Exception as e:  # noqa: BLE001 - a candidate TVM cannot compile is never chosen
+                signals.check()  # unless the error is a stop request TVM handed back
                 self.failures += 1
                 log.debug("TVM cannot compile a candidate graph: %s", first_line(e))
                 self._graphs[key] = (math.inf, [])

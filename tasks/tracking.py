@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harlflow.core import config
+from harlflow.core import config, signals
 from harlflow.core.errors import StoreError, first_line
 from harlflow.core.locks import file_lock
 
@@ -166,7 +166,8 @@ def register_version(
 def run(
     c, name: str, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None
 ) -> Iterator[str]:
-    """A run that ends FINISHED, or FAILED (with the error as a tag) if the block raises.
+    """A run that ends FINISHED, or FAILED (with the error as a tag) if the block raises, or
+    KILLED if the process was asked to stop (:mod:`harlflow.core.signals`).
 
     A top-level run first closes the runs that processes on this host left RUNNING when they
     were killed (see :func:`close_orphans`)."""
@@ -181,9 +182,11 @@ def run(
     try:
         yield r.info.run_id
     except BaseException as e:
+        # stopped on request (SIGINT/SIGTERM, Prefect's TerminationSignal): KILLED, not FAILED
+        stopped = isinstance(e, KeyboardInterrupt) or signals.requested() or hasattr(e, "signal")
         try:
             c.set_tag(r.info.run_id, "error", _str(f"{type(e).__name__}: {e}"))
-            c.set_terminated(r.info.run_id, status="FAILED")
+            c.set_terminated(r.info.run_id, status="KILLED" if stopped else "FAILED")
         except StoreError:  # the store itself failed: report the original error, not this
             pass
         raise

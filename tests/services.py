@@ -26,6 +26,39 @@ def embedded_env(home: Path) -> dict[str, str]:
     return e
 
 
+def record_lines(env: dict) -> list[bytes]:
+    """The tuning database's record lines in the home of ``env`` (one per measured trial)."""
+    path = Path(env["HARLFLOW_HOME"]) / "tuning_db" / "database_tuning_record.json"
+    return path.read_bytes().splitlines() if path.is_file() else []
+
+
+def mlflow_runs(env: dict, model_name: str) -> dict[str, list[str]]:
+    """Status -> run names of the MLflow runs of ``optimize <model_name>`` (parent and stages)."""
+    from mlflow import MlflowClient
+
+    home = Path(env["HARLFLOW_HOME"])
+    c = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("harlflow")
+    parents = {
+        r.info.run_id
+        for r in c.search_runs(
+            [exp.experiment_id], f"tags.mlflow.runName = 'optimize {model_name}'"
+        )
+    }
+    out: dict[str, list[str]] = {}
+    for r in c.search_runs([exp.experiment_id], max_results=1000):
+        if r.info.run_id in parents or r.data.tags.get("mlflow.parentRunId") in parents:
+            out.setdefault(r.info.status, []).append(r.data.tags["mlflow.runName"])
+    return out
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

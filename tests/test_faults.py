@@ -20,7 +20,17 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from services import BIN, embedded_env, free_port, harlflow, kill_tree, start_mlflow_server
+from services import (
+    BIN,
+    embedded_env,
+    free_port,
+    harlflow,
+    kill_tree,
+    mlflow_runs,
+    record_lines,
+    start_mlflow_server,
+    wait_for,
+)
 
 from tasks.pulling import verify_directory
 
@@ -51,38 +61,6 @@ def matmul_model(path: Path, m: int, k: int, n: int) -> Path:
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm", [x], [y], [w])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
-
-
-def record_lines(env: dict) -> list[bytes]:
-    path = Path(env["HARLFLOW_HOME"]) / "tuning_db" / "database_tuning_record.json"
-    return path.read_bytes().splitlines() if path.is_file() else []
-
-
-def mlflow_runs(env: dict, model_name: str) -> dict[str, list[str]]:
-    """Status -> run names of the MLflow runs of ``optimize <model_name>`` (parent and stages)."""
-    from mlflow import MlflowClient
-
-    home = Path(env["HARLFLOW_HOME"])
-    c = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    exp = c.get_experiment_by_name("harlflow")
-    parents = {
-        r.info.run_id
-        for r in c.search_runs(
-            [exp.experiment_id], f"tags.mlflow.runName = 'optimize {model_name}'"
-        )
-    }
-    out: dict[str, list[str]] = {}
-    for r in c.search_runs([exp.experiment_id], max_results=1000):
-        if r.info.run_id in parents or r.data.tags.get("mlflow.parentRunId") in parents:
-            out.setdefault(r.info.status, []).append(r.data.tags["mlflow.runName"])
-    return out
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_kill_9_during_tuning_then_the_same_command_resumes(env, model, tmp_path):

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 from onnx import helper, numpy_helper
 
+from harlflow.core import signals
 from xrlflow.ir import Graph, Node, _attr_key
 from xrlflow.verify import random_inputs, session
 
@@ -130,10 +131,12 @@ class OrtOracle(_Base):
         try:
             sess = session(model, "disable", self.threads)
         except Exception:  # noqa: BLE001 - an op ORT cannot run alone costs what we cannot know
+            signals.check()
             return 0.0
         try:
             return _time(lambda: sess.run(None, feeds), self.op_seconds)
         except Exception:  # noqa: BLE001 - e.g. a Reshape fed a random (not the real) shape tensor
+            signals.check()
             return 0.0
 
     def significant(

@@ -17,6 +17,7 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
+from harlflow.core import signals
 from xrlflow import rules as R
 from xrlflow.cost import CostOracle
 from xrlflow.env import RewriteEnv, Step
@@ -80,6 +81,7 @@ def greedy(
     margin = oracle.decision_margin if min_gain is None else min_gain
     before, est, steps, explored = oracle.measure(g), oracle.estimate(g), [], 0
     for _ in range(max_steps):
+        signals.check()  # a stop request a swallowed TVM error may have hidden
         cands = R.candidates(g, rules)
         explored += len(cands)
         scored = sorted(
@@ -124,6 +126,7 @@ def backtracking(
     queue: list[tuple[float, int, Graph, list[Step]]] = [(start_est, 0, g, [])]
     tie, expanded, explored = 1, 0, 0
     while queue and expanded < budget:
+        signals.check()
         est, _, cur, steps = heapq.heappop(queue)
         expanded += 1
         for c in R.candidates(cur, rules):
@@ -199,6 +202,7 @@ def _policy(method, g, episode, oracle, rules, rollouts, max_steps, measure_ever
     best: tuple[float, Graph, list[Step]] | None = None
     before = None
     for k in range(rollouts + 1):
+        signals.check()
         info = episode(env, k == 0, seed + k)
         before = info["start_latency"]
         lat, graph, n = info["best"]
