@@ -20,6 +20,7 @@ import numpy as np
 
 from harl import compilation, database
 from harl.index_guard import index_checks
+from harlflow.core import tvmlog
 from harlflow.core.config import validate_name
 from harlflow.core.errors import StoreError, TuningError, VerificationError, first_line
 from harlflow.core.hashing import sha256_tree
@@ -118,6 +119,7 @@ def _next_version_dir(parent: Path, tmp: Path) -> Path:
             raise
 
 
+@tvmlog.collecting  # TVM's warnings once per kind
 def package(
     imported: ImportedModel,
     target: dict[str, Any],

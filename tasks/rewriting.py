@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harlflow import rl
+from harlflow.core import tvmlog
 from harlflow.core.errors import BadInputError, VerificationError, loading
 from harlflow.core.outputs import compare, mismatches
 from tasks.importing import ImportedModel
@@ -86,6 +87,19 @@ def rewrite_model(
         )
     if method == "none":
         return RewriteOutcome(imported, "none", {"method": "none"})
+    with tvmlog.collected(log) as warned:  # TVM warns once per priced candidate otherwise
+        out = _rewrite(
+            imported, method, work_dir, agent_path, rlflow_agent_path, oracle, target,
+            database_dir, train_iterations, rollouts, max_steps, seed, log,
+        )  # fmt: skip
+    out.summary["tvm_warnings"] = dict(warned)
+    return out
+
+
+def _rewrite(
+    imported, method, work_dir, agent_path, rlflow_agent_path, oracle, target, database_dir,
+    train_iterations, rollouts, max_steps, seed, log,
+) -> RewriteOutcome:  # fmt: skip
     from xrlflow import ir, search
 
     rl.setup(seed)  # the agent's initial weights; one torch thread for small graphs
@@ -267,6 +281,7 @@ def log_rewrite(c, run_id: str, out: RewriteOutcome) -> None:
             "rewrite/speedup": s["speedup"],
             "rewrite/substitutions": len(s["steps"]),
             "rewrite/seconds": s["stage_seconds"],
+            "rewrite/tvm_warnings": sum(s.get("tvm_warnings", {}).values()),
             **both,
         },
     )

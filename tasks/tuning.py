@@ -11,9 +11,11 @@ from harl import compilation, tuning
 from harl.budget import UNLIMITED_TRIALS, format_duration
 from harl.runners import make_runner
 from harl.tuning import Progress, TuneResult
+from harlflow.core import tvmlog
 from tasks.importing import ImportedModel, to_relax
 
 
+@tvmlog.collecting  # TVM's warnings once per kind
 def tune_model(
     imported: ImportedModel,
     target: dict[str, Any],

@@ -275,3 +275,28 @@ def _load_once(art: Path):
     if art not in _LOADED:
         _LOADED[art] = runtime.load(art)
     return _LOADED[art]
+
+
+def test_tvm_warnings_are_reported_once_per_kind_with_a_count(tmp_path, capfd):
+    """Pricing rewrite candidates compiles the model again and again: TVM's "Fast mode
+    segfaults..." warning for each Gather is shown once, then counted, in the log and the
+    rewrite run's summary; harlflow's own lines still come through."""
+    from tasks.importing import import_model
+    from tasks.rewriting import rewrite_model
+
+    m = import_model(str(gpt_like(tmp_path / "gpt.onnx")), cache_dir=tmp_path / "cache")
+    lines: list[str] = []
+    out = rewrite_model(
+        m,
+        "greedy",
+        work_dir=tmp_path / "rewrite",
+        target=resolve_target("cpu"),
+        database_dir=tmp_path / "db",
+        log=lines.append,
+    )
+    warned = {k: n for k, n in out.summary["tvm_warnings"].items() if "Fast mode" in k}
+    assert len(warned) == 1 and next(iter(warned.values())) > 1, out.summary["tvm_warnings"]
+    err = capfd.readouterr().err
+    assert err.count("Fast mode segfaults") == 1, err
+    assert any(line.startswith(f"warned {next(iter(warned.values()))} times") for line in lines)
+    assert any(line.startswith("rewrite: greedy over") for line in lines)
