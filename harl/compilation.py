@@ -25,7 +25,7 @@ from harl.sampling import fallback_trace
 from harlflow.core.errors import TuningError, first_line
 
 
-def prepare(mod):
+def prepare(mod, *, index_checks: bool = True):
     """Inference decompositions, convolutions in NHWC, canonical bindings and bounds checks on
     the indices of every gather/scatter (:mod:`harl.index_guard`): the module that is compiled
     in the end.
@@ -48,7 +48,7 @@ def prepare(mod):
                 first_line(e),
             )
         mod = fold_constant_layouts(relax.transform.CanonicalizeBindings()(mod))
-        return guard_indices(mod)
+        return guard_indices(mod) if index_checks else mod  # False: bench/index_checks.py
     except Exception as e:
         raise TuningError(f"preparing the model for TVM failed: {first_line(e)}") from None
 

@@ -332,10 +332,12 @@ def _read_inputs(specs: list[str], model) -> dict:
             raise BadInputError(f"input file not found: {path}")
         try:
             data = np.load(path, allow_pickle=False)
+            if isinstance(data, np.lib.npyio.NpzFile):  # members load lazily: read them here
+                data = {k: data[k] for k in data.files}
         except Exception as e:
             raise BadInputError(f"{path} is not a .npy/.npz array file: {e}") from None
-        if isinstance(data, np.lib.npyio.NpzFile):
-            arrays.update({k: data[k] for k in data.files})
+        if isinstance(data, dict):
+            arrays.update(data)
         else:
             if not name:
                 if len(model.inputs) != 1:
@@ -768,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except HarlflowError as e:
         if signals.requested():  # a signal TVM handed back as an ordinary error
-            return _stopped(signals.requested())
+            return _stopped(signals.requested(), args)
         print(f"harlflow: error: {e}", file=sys.stderr)
         if getattr(args, "ci", False):
             print(
@@ -790,10 +792,10 @@ def main(argv: list[str] | None = None) -> int:
             stop = signal.SIGINT
         if not stop or isinstance(e, SystemExit):
             raise
-        return _stopped(stop)
+        return _stopped(stop, args)
 
 
-def _stopped(signum: int) -> int:
+def _stopped(signum: int, args: argparse.Namespace) -> int:
     """End every child process, report the stop and exit with 128 + signum at once: the stages
     have unwound (MLflow runs KILLED, trials committed); what is left is Prefect's and TVM's
     clean-up at exit, which waited on the temporary server just ended (10 s and more)."""
@@ -803,6 +805,9 @@ def _stopped(signum: int) -> int:
         "kept in the tuning database",
         file=sys.stderr,
     )
+    if getattr(args, "ci", False):
+        name = signal.Signals(signum).name
+        print(json.dumps({"status": "stopped", "signal": name, "exit_code": 128 + signum}))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signum)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from harlflow.core.errors import HarlflowError
 from harlflow.core.outputs import compare, load_reference
 
 
@@ -151,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--max-seconds", type=float, default=10.0)
     a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except HarlflowError as e:  # a bad artifact or reference: one line, as the CLI says it
+        print(f"harlflow.measure: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _run(a: argparse.Namespace) -> int:
     if a.kind == "verify":
         print(json.dumps(verify(a.path, a.reference)))
         return 0

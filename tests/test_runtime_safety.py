@@ -130,6 +130,14 @@ def test_out_of_range_token_id_is_one_clear_line_not_a_crash(gpt, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harlflow: error:"), r.stderr
     assert "'ids'" in lines[0] and "100000" in lines[0] and f"[-{VOCAB}, {VOCAB - 1}]" in lines[0]
+    # a pickled .npz (object arrays) is refused unread, in one line
+    np.savez(tmp_path / "pickled.npz", ids=np.array([object()] * 8, dtype=object).reshape(1, 8))
+    r = subprocess.run(
+        [str(BIN / "harlflow"), "run", str(art), "--input", str(tmp_path / "pickled.npz")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "is not a .npy/.npz array file" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1
 
     # onnxruntime refuses it too; negative ids wrap as ONNX says, as onnxruntime computes them
     with pytest.raises(Exception, match="indices"):
@@ -300,3 +308,24 @@ def test_tvm_warnings_are_reported_once_per_kind_with_a_count(tmp_path, capfd):
     assert err.count("Fast mode segfaults") == 1, err
     assert any(line.startswith(f"warned {next(iter(warned.values()))} times") for line in lines)
     assert any(line.startswith("rewrite: greedy over") for line in lines)
+
+
+def test_the_measuring_worker_answers_bad_references_in_one_line(gpt, tmp_path):
+    """``python -m harlflow.measure`` (the verifier and timer the pipeline runs in a child
+    process) on a reference with an out-of-range id, a pickled object array, or no file."""
+    _, art = gpt
+    np.savez(tmp_path / "bad_ids.npz", **{"input/ids": np.full((1, 8), 10**6, np.int64)})
+    np.savez(tmp_path / "pickled.npz", **{"input/ids": np.array([object()], dtype=object)})
+    for ref, kind, message in (
+        ("bad_ids.npz", "verify", "holds 1000000"),
+        ("bad_ids.npz", "tvm", "holds 1000000"),
+        ("pickled.npz", "verify", "not a readable reference"),
+        ("missing.npz", "tvm", "not a readable reference"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "harlflow.measure", kind, "--path", str(art),
+             "--reference", str(tmp_path / ref)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 2, (ref, kind, r.stderr[-1500:])
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr

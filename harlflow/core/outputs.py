@@ -11,16 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
+from harlflow.core.errors import BadInputError
+
 # |got - want| <= atol + rtol * |want| elementwise, per dtype (integers and bools: exact).
 # Tuned schedules reorder float reductions, so float results differ in the last bits.
 TOLERANCES = {"float32": (1e-4, 1e-3), "float64": (1e-8, 1e-6), "float16": (1e-2, 1e-2)}
 
 
 def load_reference(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Read a ``reference.npz``: (inputs by name, expected outputs by name)."""
-    with np.load(path) as data:
-        ins = {k[len("input/") :]: data[k] for k in data.files if k.startswith("input/")}
-        outs = {k[len("output/") :]: data[k] for k in data.files if k.startswith("output/")}
+    """Read a ``reference.npz``: (inputs by name, expected outputs by name). A file that is
+    missing, not an .npz, or holds pickled objects (never unpickled) is a BadInputError."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ins = {k[len("input/") :]: data[k] for k in data.files if k.startswith("input/")}
+            outs = {k[len("output/") :]: data[k] for k in data.files if k.startswith("output/")}
+    except (OSError, ValueError, EOFError) as e:
+        raise BadInputError(f"{path} is not a readable reference .npz: {e}") from None
     return ins, outs
 
 

@@ -25,6 +25,7 @@ GRACE_S = 10.0
 _requested: int | None = None
 _arrivals = 0  # stop signals seen on the wake-up pipe
 _handled = 0  # of those, the ones that reached our handler
+_installed = False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -127,8 +128,10 @@ def install() -> None:
     Their arrival is also counted from the interpreter's wake-up pipe by a thread of its own, so
     the watchdog starts even when another handler (Prefect replaces SIGTERM's during a flow run)
     turned the signal into an exception that TVM then handed back as an ordinary error."""
-    if threading.current_thread() is not threading.main_thread():
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
         return
+    _installed = True
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _handler)
     r, w = os.pipe()
