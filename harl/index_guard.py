@@ -113,6 +113,30 @@ def _source_input(mutator, expr, params: list) -> str | None:
     return None
 
 
+def _constant(mutator, expr, depth: int = 16) -> bool:
+    """Whether ``expr`` is computed from constants alone (through the function's bindings)."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, (tvm.ir.expr.Constant, relax.ShapeExpr)):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(expr, relax.Var):
+        bound = mutator.lookup_binding(expr)
+        return bound is not None and _constant(mutator, bound, depth - 1)
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        if expr.op.name == "relax.shape_of":  # of a tensor whose shape is static
+            try:
+                return all(isinstance(int(d), int) for d in expr.args[0].ty.shape.values)
+            except (AttributeError, TypeError):
+                return False
+        return all(_constant(mutator, a, depth - 1) for a in expr.args)
+    if isinstance(expr, relax.Tuple):
+        return all(_constant(mutator, f, depth - 1) for f in expr.fields)
+    return False
+
+
 def guard_indices(mod):
     """``mod`` with a bounds check in front of every indexing operator whose indices are not
     constants (see the module's docstring); the checks are described by :func:`index_checks`."""
@@ -134,8 +158,9 @@ def guard_indices(mod):
                 return call  # "wrap"/"clip"/"nan" never read out of bounds
             onnx_op, pos, nd, wrapped = _GUARDED[call.op.name]
             data, idx = call.args[0], call.args[pos]
-            if isinstance(idx, tvm.ir.expr.Constant):
-                return call  # the importer folds constant gathers; these cannot change
+            if _constant(self, idx):
+                return call  # computed from constants only (the importer's wrapping of a
+                # constant index): nothing a caller sends can change it
             try:
                 ishape = [int(d) for d in idx.ty.shape.values]
                 dshape = [int(d) for d in data.ty.shape.values]

@@ -462,10 +462,12 @@ def check_tvm_support(model_proto, source: str) -> None:
         raise ModelImportError(f"{source}: operators TVM cannot import: {listing}")
     g = model_proto.graph
     constants = {t.name: t for t in g.initializer}
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    values = [*g.input, *g.value_info, *g.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({t.name: t.data_type for t in g.initializer})
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in values}
     for node in g.node:
-        why = _known_wrong(node, constants, types)
+        why = _known_wrong(node, constants, types, ranks)
         if why:
             raise ModelImportError(
                 f"{source}: operator {node.op_type} (node {node.name or '(unnamed)'!r}) {why}: "
@@ -473,8 +475,9 @@ def check_tvm_support(model_proto, source: str) -> None:
             )
 
 
-def _known_wrong(node, constants: dict, types: dict) -> str | None:
-    """Why TVM 0.27 gets this node wrong (the conformance cases it fails), or None."""
+def _known_wrong(node, constants: dict, types: dict, ranks: dict) -> str | None:
+    """Why TVM 0.27 gets this node wrong or cannot compile it (the conformance cases it fails),
+    or None."""
     from onnx import TensorProto, helper, numpy_helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -511,6 +514,16 @@ def _known_wrong(node, constants: dict, types: dict) -> str | None:
         return "in CRD mode"
     if op == "RoiAlign" and attrs.get("mode", b"avg") in (b"max", "max"):
         return "in max mode"
+    # what TVM imports but cannot compile: refused here, naming the node, not as a late error
+    if op == "ConstantOfShape" and const(0) is None:
+        return "with a shape given at run time"
+    if op == "Range" and any(const(i) is None for i in range(3)):
+        return "with bounds given at run time (a data-dependent shape)"
+    if (
+        op == "RMSNormalization"
+        and attrs.get("axis", -1) % max(1, ranks.get(node.input[0], 1)) == 0
+    ):
+        return "normalizing over every axis"
     return None
 
 
