@@ -517,8 +517,6 @@ def _known_wrong(node, constants: dict, types: dict, ranks: dict) -> str | None:
     # what TVM imports but cannot compile: refused here, naming the node, not as a late error
     if op == "ConstantOfShape" and const(0) is None:
         return "with a shape given at run time"
-    if op == "Range" and any(const(i) is None for i in range(3)):
-        return "with bounds given at run time (a data-dependent shape)"
     if (
         op == "RMSNormalization"
         and attrs.get("axis", -1) % max(1, ranks.get(node.input[0], 1)) == 0
