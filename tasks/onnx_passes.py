@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xrlflow import ir
+
 # never folded: their outputs are not functions of their inputs
 _RANDOM = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
 FOLD_LIMIT = 1 << 26
@@ -149,13 +151,8 @@ def inference_form(model):
                 del node.output[1:]
         kept.append(node)
     # dead nodes: walk back from the outputs
-    needed = set(outputs)
-    live = []
-    for node in reversed(kept):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed.update(n for n in node.input if n)
-    live.reverse()
+    live = ir.live(kept, outputs, lambda n: n.input, lambda n: n.output)
+    needed = outputs | {n for node in live for n in node.input}
     del g.node[:]
     g.node.extend(live)
     removed = {t.name for t in g.initializer if t.name not in needed}

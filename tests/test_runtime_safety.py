@@ -230,9 +230,16 @@ def _check(model, onnx_path, name, value):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+def _property(examples: int):
+    """Hypothesis settings for a test that calls a loaded artifact ``examples`` times."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+@_property(40)
 @given(data=st.data())
 def test_runtime_takes_anything_token_ids(gpt, data):
     onnx_path, art = gpt
@@ -242,9 +249,7 @@ def test_runtime_takes_anything_token_ids(gpt, data):
         _check(model, onnx_path, "ids", value)
 
 
-@settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@_property(30)
 @given(data=st.data())
 def test_runtime_takes_anything_floats(mlp, data):
     onnx_path, art = mlp

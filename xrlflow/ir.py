@@ -190,7 +190,7 @@ class Graph:
             self.producer,
             self._ids,
         )
-        g.nodes = _live(toposort(g), out_names)
+        g.nodes = live(toposort(g), out_names)
         used = {i for n in g.nodes for i in n.inputs} | out_names
         g.initializers = {
             k: v for k, v in {**self.initializers, **(inits or {})}.items() if k in used
@@ -339,14 +339,18 @@ def _rename_node(n: Node, m: dict[str, str], outputs: bool = False) -> Node:
     )
 
 
-def _live(order: list[Node], outputs: set[str]) -> list[Node]:
-    """Dead-code elimination: keep the nodes the graph outputs depend on (order kept)."""
+def live(order: list, outputs: set[str], inputs_of=None, outputs_of=None) -> list:
+    """Dead-code elimination: keep the nodes the graph outputs depend on (order kept). Nodes
+    are ours (``.inputs``/``.outputs``) or, with ``inputs_of``/``outputs_of``, anything else
+    (ONNX's NodeProto: ``lambda n: n.input``)."""
+    inputs_of = inputs_of or (lambda n: n.inputs)
+    outputs_of = outputs_of or (lambda n: n.outputs)
     needed = set(outputs)
     keep = []
     for n in reversed(order):
-        if any(o in needed for o in n.outputs):
+        if any(o in needed for o in outputs_of(n)):
             keep.append(n)
-            needed.update(i for i in n.inputs if i)
+            needed.update(i for i in inputs_of(n) if i)
     return keep[::-1]
 
 
