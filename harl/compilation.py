@@ -112,7 +112,7 @@ def _fusion_passes(target, prepack: bool) -> list:
 
     return [
         *pipeline.library_dispatch_passes(target),
-        relax.transform.LegalizeOps(LEGALIZE),  # NaN-propagating relu and clip
+        relax.transform.LegalizeOps(LEGALIZE),  # where TVM differs from onnxruntime
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

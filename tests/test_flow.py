@@ -260,11 +260,11 @@ def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
     assert list((home / "tiny").iterdir()) == []  # no version, no half-written temporary
 
 
-def _redundant_model(path: Path, hidden: int = 64) -> Path:
+def _redundant_model(path: Path, width: int = 32, hidden: int = 64) -> Path:
     """A small MLP padded with work a rewrite removes: transpose pairs, ×1, identities.
 
-    ``hidden`` sets the kernels' shapes: a test whose rewrite is priced on TVM uses its own,
-    so no other test's noisy 2-trial records of the same kernels decide its estimates."""
+    ``width`` and ``hidden`` set the kernels' shapes: a test whose rewrite is priced on TVM uses
+    its own, so no other test's noisy 2-trial records of the same kernels decide its estimates."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -286,7 +286,7 @@ def _redundant_model(path: Path, hidden: int = 64) -> Path:
     inits = [
         numpy_helper.from_array(a, n)
         for n, a in [
-            ("w1", rng.standard_normal((32, hidden)).astype(np.float32) * 0.2),
+            ("w1", rng.standard_normal((width, hidden)).astype(np.float32) * 0.2),
             ("one", np.ones(hidden, np.float32)),
             ("w2", rng.standard_normal((hidden, 16)).astype(np.float32) * 0.2),
             ("b", np.zeros(16, np.float32) + 0.1),
@@ -295,7 +295,7 @@ def _redundant_model(path: Path, hidden: int = 64) -> Path:
     g = helper.make_graph(
         nodes,
         "redundant",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
         inits,
     )
@@ -364,7 +364,7 @@ def test_rlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
     and the artifact is verified against the ORIGINAL model's reference outputs."""
     from harlflow.core.config import rlflow_agent_path
 
-    model = _redundant_model(tmp_path / "redundant_rl.onnx", hidden=48)
+    model = _redundant_model(tmp_path / "redundant_rl.onnx", width=24, hidden=48)
     assert not rlflow_agent_path().exists()
     args = ["optimize", str(model), "--name", "redundant-rl", "--rewrite", "rlflow"]
     assert main([*args, "--trials", "2", "--min-trials-per-task", "1", "--no-measure"]) == 0
