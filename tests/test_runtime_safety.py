@@ -231,10 +231,14 @@ def _check(model, onnx_path, name, value):
 
 
 def _property(examples: int):
-    """Hypothesis settings for a test that calls a loaded artifact ``examples`` times."""
+    """Hypothesis settings for a test that calls a loaded artifact ``examples`` times, with the
+    same examples on every run (derandomized): sums that overflow float32 in one summation
+    order and not in another differ between any two runtimes, and CI must not draw them at
+    random one day."""
     return settings(
         max_examples=examples,
         deadline=None,
+        derandomize=True,
         suppress_health_check=[HealthCheck.function_scoped_fixture],
     )
 
