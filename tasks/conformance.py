@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 
 # element types a float32/integer inference case may use (bool included)
-_PLAIN = {"float32", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
-_PLAIN.add("bool")
+_PLAIN = {
+    *("float32", "bool"),
+    *("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"),
+}
 _RESULT = "@@conformance "
 
 
