@@ -79,6 +79,14 @@ def check(idx: T.Buffer((T.int64({rows}), T.int64({width})), "{dtype}"),
     return func.with_attr(CHECK_ATTR, json.dumps(check))
 
 
+def static_shape(ty) -> tuple[int, ...] | None:
+    """A Relax tensor type's shape as ints, or None when it is unknown or symbolic."""
+    try:
+        return tuple(int(d) for d in ty.shape.values)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _source_input(mutator, expr, params: list) -> str | None:
     """The model input whose values reach ``expr`` unchanged (through the importer's wrapping
     of negatives, casts, reshapes and transposes), or None when the indices are computed."""
@@ -127,10 +135,7 @@ def _constant(mutator, expr, depth: int = 16) -> bool:
         return bound is not None and _constant(mutator, bound, depth - 1)
     if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
         if expr.op.name == "relax.shape_of":  # of a tensor whose shape is static
-            try:
-                return all(isinstance(int(d), int) for d in expr.args[0].ty.shape.values)
-            except (AttributeError, TypeError):
-                return False
+            return static_shape(expr.args[0].ty) is not None
         return all(_constant(mutator, a, depth - 1) for a in expr.args)
     if isinstance(expr, relax.Tuple):
         return all(_constant(mutator, f, depth - 1) for f in expr.fields)
@@ -161,10 +166,8 @@ def guard_indices(mod):
             if _constant(self, idx):
                 return call  # computed from constants only (the importer's wrapping of a
                 # constant index): nothing a caller sends can change it
-            try:
-                ishape = [int(d) for d in idx.ty.shape.values]
-                dshape = [int(d) for d in data.ty.shape.values]
-            except (AttributeError, TypeError):
+            ishape, dshape = static_shape(idx.ty), static_shape(data.ty)
+            if ishape is None or dshape is None:
                 return call  # symbolic shapes: harlflow imports static shapes only
             dtype = str(idx.ty.dtype)
             if nd:

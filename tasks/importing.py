@@ -558,17 +558,15 @@ def check_outputs(mod, proto, source: str) -> None:
     shapes or dtypes. Names the output and the operator that makes it."""
     from tvm import relax
 
+    from harl.index_guard import static_shape
+
     _, outs = _signature(proto)
     ret = mod["main"].ret_ty
     got = list(ret.fields) if len(outs) > 1 and hasattr(ret, "fields") else [ret]
     makers = {o: n for n in proto.graph.node for o in n.output}
     for spec, ty in zip(outs, got, strict=False):
         if isinstance(ty, relax.TensorType):
-            dtype = str(ty.dtype)
-            try:
-                shape = tuple(int(d) for d in ty.shape.values)
-            except (AttributeError, TypeError):
-                shape = None  # symbolic: data-dependent in TVM too
+            dtype, shape = str(ty.dtype), static_shape(ty)  # None: data-dependent in TVM too
         else:
             dtype, shape = type(ty).__name__, None
         # a static shape where ONNX's is data-dependent (an Expand or NonMaxSuppression fed at
