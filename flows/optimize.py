@@ -116,6 +116,7 @@ def optimize(
                 seed=s.seed,
                 measure=s.measure,
                 max_seconds=s.measure_seconds,
+                measure_untuned=s.measure_untuned,
                 log=logger.info,
             )
             log_package(c, rid, artifact)
@@ -127,6 +128,7 @@ def optimize(
                 s.s3_uri,
                 promote=s.promote,
                 max_regression=s.max_regression,
+                measure_seconds=s.measure_seconds,
                 log=logger.info,
             )
 

@@ -12,8 +12,8 @@ from harl.runners import parse_rpc
 from harl.strategies import STRATEGIES
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import resolve_target
-from tasks.publishing import parse_s3_uri
 from tasks.rewriting import METHODS, ORACLES
+from tasks.s3 import parse_s3_uri
 
 DEFAULT_TRIALS = 64
 
@@ -39,9 +39,12 @@ class RunSettings:
     min_trials_per_task: int = 4
     """measured warm-up samples each new task gets first"""
     measure: bool = True
-    """measure latencies against onnxruntime, PyTorch and the untuned build"""
+    """measure the artifact against onnxruntime (and PyTorch eager for PyTorch sources), side by
+    side (:mod:`harlflow.measure`)"""
     measure_seconds: float = 10.0
-    """time limit per latency measurement"""
+    """time limit of a side-by-side measurement (the regression gate may take up to 3×)"""
+    measure_untuned: bool = False
+    """also measure the untuned TVM build (it compiles again, and can be slow to run)"""
     s3_uri: str | None = None
     """also upload the artifact to s3://bucket/prefix"""
     promote: bool = False

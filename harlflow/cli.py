@@ -118,6 +118,7 @@ def _settings(a: argparse.Namespace):
         min_trials_per_task=a.min_trials_per_task,
         measure=not a.no_measure,
         measure_seconds=a.measure_seconds,
+        measure_untuned=a.measure_untuned,
         s3_uri=a.s3_uri,
         promote=a.promote,
         max_regression=a.max_regression,
@@ -300,16 +301,112 @@ def _print_summary(s: dict) -> None:
     per = f", {s['seconds_per_trial']:.2f} s/trial" if s.get("seconds_per_trial") else ""
     print(f"tuning    {s['trials']} trials in {s['tuning_seconds']} s{budget}{per}")
     if s.get("ratio_to_onnxruntime"):
+        lo, hi = s.get("ratio_ci") or (float("nan"), float("nan"))
         print(
-            f"vs onnxruntime  {s['ratio_to_onnxruntime']:.2f}x its latency (measured in this run; "
-            "below 1 is faster)"
+            f"vs onnxruntime  {s['ratio_to_onnxruntime']:.2f}x its latency (95% interval "
+            f"{lo:.2f}-{hi:.2f}, side by side in this run; below 1 is faster)"
         )
-    lat = s["latency_ms"]
+    lat, ci = s["latency_ms"], s.get("latency_ci_ms") or {}
     if lat:
-        print(f"{'runtime':14s} {'median ms':>10s} {'tuned speedup':>14s}")
+        print(f"{'runtime':14s} {'median ms':>10s} {'95% interval':>21s} {'tuned speedup':>14s}")
         for k, v in lat.items():
-            ratio = v / lat["tvm_tuned"]
-            print(f"{k:14s} {v:10.3f} {ratio:13.2f}x")
+            speedup = s["speedup"].get(f"vs_{k}", 1.0)
+            lo, hi = ci.get(k, (float("nan"), float("nan")))
+            print(f"{k:14s} {v:10.4g} {lo:10.4g} - {hi:<8.4g} {speedup:13.2f}x")
+        m = s.get("measurement") or {}
+        if m:
+            print(
+                f"measured side by side: {m['blocks']} blocks of fresh processes, {m['rounds']} "
+                f"rounds, {m['seconds']} s ({m['stopped']})"
+            )
+    g = s.get("gate")
+    if g:
+        if g.get("compared"):
+            lo, hi = g["ratio_ci"]
+            print(
+                f"gate      {g['decision']}: {g['ratio']:.3f}x production "
+                f"v{g['production_version']} (95% interval {lo:.3f}-{hi:.3f}, limit "
+                f"{g['limit']:.3f}, decided on the {g['basis']})"
+            )
+        else:
+            print(f"gate      promoted without comparison: {g['reason']}")
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    """Artifacts and ONNX files timed side by side (:mod:`harlflow.measure`), one table."""
+    import tempfile
+
+    from harlflow.measure import Runtime, side_by_side
+
+    if a.measure_seconds <= 0:
+        raise BadInputError("--measure-seconds must be > 0")
+    runtimes, seen, first_artifact = [], set(), None
+    for path in a.models:
+        p = Path(path)
+        if (p / "manifest.json").is_file():
+            kind, first_artifact = "tvm", first_artifact or p
+        elif p.is_file() and p.suffix == ".onnx":
+            kind = "ort"
+        else:
+            raise BadInputError(f"{path}: neither a harlflow artifact directory nor an .onnx file")
+        label = path
+        while label in seen:  # the same thing twice (an A/A check) gets a second label
+            label += "'"
+        seen.add(label)
+        runtimes.append(Runtime(label, kind, str(p)))
+    threads = a.threads or (
+        json.loads((first_artifact / "manifest.json").read_text())["target"].get("num-cores")
+        if first_artifact
+        else None
+    )
+    with tempfile.TemporaryDirectory(prefix="harlflow-compare-") as tmp:
+        reference = _compare_inputs(a.input, first_artifact, Path(tmp))
+        m = side_by_side(
+            runtimes,
+            reference,
+            threads=int(threads or len(os.sched_getaffinity(0))),
+            max_seconds=a.measure_seconds,
+        )
+    result = {"models": {r.label: r.path for r in runtimes}, **m.to_dict()}
+    if a.json:
+        print(json.dumps(result))
+        return 0
+    first = runtimes[0].label
+    head = f"{'model':40s} {'median ms':>10s} {'95% interval':>21s}"
+    print(f"{head} {'vs first':>9s} {'95% interval':>15s}")
+    for r in runtimes:
+        e = m.estimate(r.label)
+        row = f"{r.label[-40:]:40s} {e.median_ms:10.4g} {e.ci_ms[0]:10.4g} - {e.ci_ms[1]:<8.4g}"
+        if r.label != first:
+            q = m.ratio(r.label, first)
+            row += f" {q.value:8.3f}x {q.ci[0]:6.3f} - {q.ci[1]:<6.3f}"
+        print(row)
+    sess = m.session()
+    print(
+        f"side by side on {sess['threads']} threads: {sess['blocks']} blocks of fresh processes, "
+        f"{sess['rounds']} rounds, {sess['seconds']} s ({sess['stopped']})"
+    )
+    return 0
+
+
+def _compare_inputs(given: str | None, artifact: Path | None, tmp: Path) -> Path:
+    """The inputs ``compare`` runs everything on, as a reference .npz (``input/NAME``): the
+    ``--input`` .npz (arrays by input name) or else the first artifact's reference inputs."""
+    import numpy as np
+
+    if given is None:
+        if artifact is None:
+            raise BadInputError("give --input FILE.npz (arrays by input name): no artifact given")
+        return artifact / "reference.npz"
+    try:
+        with np.load(given, allow_pickle=False) as data:
+            arrays = {k if k.startswith("input/") else f"input/{k}": data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise BadInputError(f"--input {given} is not a readable .npz: {e}") from None
+    if not arrays:
+        raise BadInputError(f"--input {given} holds no arrays")
+    np.savez(tmp / "inputs.npz", **arrays)
+    return tmp / "inputs.npz"
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
@@ -534,19 +631,27 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--measure-seconds",
         type=float,
         default=10.0,
-        help="time limit per latency measurement (default 10)",
+        help="time limit of the side-by-side latency measurement: fresh processes, rounds "
+        "alternated, 95%% intervals (default 10; the --promote gate may take up to 3x)",
+    )
+    p.add_argument(
+        "--measure-untuned",
+        action="store_true",
+        help="also compile and measure the untuned TVM build (a reference, slow on big models)",
     )
     p.add_argument(
         "--promote",
         action="store_true",
-        help="move the registered model's 'production' alias to this version unless it "
-        "is slower than the current production version on the same target",
+        help="move the registered model's 'production' alias to this version unless it is "
+        "slower than the current production version: both are measured side by side, now",
     )
     p.add_argument(
         "--max-regression",
         type=float,
         default=0.05,
-        help="allowed slowdown vs production for --promote (fraction, default 0.05)",
+        help="allowed slowdown vs production for --promote (fraction, default 0.05): refused "
+        "when the ratio's 95%% interval lies above 1 + this, promoted when below; in between "
+        "the gate measures longer, then the median decides",
     )
 
 
@@ -730,6 +835,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_rewrite_train)
 
+    cp = sub.add_parser(
+        "compare",
+        help="time artifacts and ONNX files side by side: fresh processes, alternating rounds, "
+        "95%% intervals",
+    )
+    cp.add_argument(
+        "models", nargs="+", help="artifact directories (TVM) and .onnx files (onnxruntime)"
+    )
+    cp.add_argument(
+        "--input",
+        help=".npz of inputs by name (default: the first artifact's reference inputs)",
+    )
+    cp.add_argument(
+        "--measure-seconds",
+        type=float,
+        default=20.0,
+        help="time limit; it stops sooner once every ratio to the first excludes 1 (default 20)",
+    )
+    cp.add_argument(
+        "--threads", type=int, help="threads and cores each runtime gets (default: the target's)"
+    )
+    cp.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    cp.set_defaults(func=cmd_compare)
+
     pl = sub.add_parser("pull", help="download an artifact and check every file's sha256")
     pl.add_argument(
         "ref", nargs="?", help="NAME, NAME:VERSION or NAME@ALIAS in the MLflow registry"
@@ -780,7 +909,9 @@ def main(argv: list[str] | None = None) -> int:
                         "error": type(e).__name__,
                         "message": str(e),
                         "exit_code": e.exit_code,
-                    }
+                        **({"gate": e.details} if getattr(e, "details", None) else {}),
+                    },
+                    default=str,
                 )
             )
         return e.exit_code

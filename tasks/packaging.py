@@ -130,6 +130,7 @@ def package(
     seed: int = 0,
     measure: bool = True,
     max_seconds: float = 10.0,
+    measure_untuned: bool = False,
     log=print,
 ) -> Artifact:
     """Compile, export, verify and measure; the artifact appears only if it verified."""
@@ -189,13 +190,18 @@ def package(
         manifest["verification"] = report
 
         if measure:
-            manifest["latency_ms"] = _measure(imported, target, tmp, scratch, mod, max_seconds, log)
+            untuned = scratch / "untuned" if measure_untuned else None
+            if untuned:
+                log("compiling the untuned TVM build (--measure-untuned)")
+                untuned.mkdir()
+                export_library(compilation.compile_untuned(mod, target), untuned / "model.so")
+                shutil.copy(tmp / "manifest.json", untuned / "manifest.json")
+            m = _measure(imported, target, tmp, untuned, max_seconds, log)
+            manifest.update(latency_fields(m))
             log("timing each kernel of the tuned artifact")
             manifest["kernel_profile"] = run_worker(
                 ["profile", "--path", str(tmp), "--reference", str(tmp / "reference.npz")]
             )
-            manifest["speedup"] = _speedups(manifest["latency_ms"])
-            manifest["ratio_to_onnxruntime"] = round(1.0 / manifest["speedup"]["vs_onnxruntime"], 4)
         manifest["files"] = {k: v for k, v in sha256_tree(tmp).items() if k != "manifest.json"}
         _write_json(tmp / "manifest.json", manifest)
         final = _next_version_dir(parent, tmp)  # the directory name is the version
@@ -296,46 +302,49 @@ def _disk_line(e: BaseException) -> str:
     return lines[0][:300] if lines else first_line(e)
 
 
-def _measure(imported, target, artifact: Path, scratch: Path, mod, max_seconds, log) -> dict:
-    ref = str(artifact / "reference.npz")
-    limits = ["--max-seconds", str(max_seconds)]
-    lat: dict[str, dict] = {}
-    log("measuring the tuned artifact")
-    lat["tvm_tuned"] = run_worker(["tvm", "--path", str(artifact), "--reference", ref, *limits])
-    log("measuring the untuned TVM build")
-    untuned = scratch / "untuned"
-    untuned.mkdir()
-    export_library(compilation.compile_untuned(mod, target), untuned / "model.so")
-    shutil.copy(artifact / "manifest.json", untuned / "manifest.json")
-    lat["tvm_untuned"] = run_worker(
-        ["tvm", "--path", str(untuned), "--reference", ref, "--repeats", "10", *limits]
-    )
-    log("measuring onnxruntime")
-    lat["onnxruntime"] = run_worker(
-        ["ort", "--path", str(imported.original_onnx_path), "--reference", ref, *limits]
-    )
+def _measure(imported, target, artifact: Path, untuned: Path | None, max_seconds, log):
+    """The tuned artifact, onnxruntime on the original model, PyTorch eager for PyTorch sources
+    and, when asked, the untuned TVM build, side by side (:mod:`harlflow.measure`)."""
+    from harlflow.measure import Runtime, side_by_side
+
+    rts = [
+        Runtime("tvm_tuned", "tvm", str(artifact)),
+        Runtime("onnxruntime", "ort", str(imported.original_onnx_path)),
+    ]
     if imported.source_kind in ("pt2", "factory"):
-        log("measuring PyTorch eager")
-        extra = ["--checkpoint", imported.checkpoint] if imported.checkpoint else []
-        lat["pytorch"] = run_worker(
-            [
-                "torch",
-                "--path",
-                imported.source,
-                "--source-kind",
-                imported.source_kind,
-                "--reference",
-                ref,
-                *extra,
-                *limits,
-            ]
+        rts.append(
+            Runtime("pytorch", "torch", imported.source, imported.source_kind, imported.checkpoint)
         )
-    return lat
+    if untuned is not None:
+        rts.append(Runtime("tvm_untuned", "tvm", str(untuned)))
+    log(f"measuring {', '.join(r.label for r in rts)} side by side (up to {max_seconds:g} s)")
+    return side_by_side(
+        rts, artifact / "reference.npz", threads=measure_threads(target), max_seconds=max_seconds,
+        log=log,
+    )  # fmt: skip
 
 
-def _speedups(lat: dict[str, dict]) -> dict[str, float]:
-    tuned = lat["tvm_tuned"]["median_ms"]
-    return {f"vs_{k}": v["median_ms"] / tuned for k, v in lat.items() if k != "tvm_tuned"}
+def measure_threads(target: dict[str, Any]) -> int:
+    """Threads (and cores) a measurement of an artifact for ``target`` uses: its cores."""
+    return int(target.get("num-cores") or os.cpu_count() or 1)
+
+
+def latency_fields(m) -> dict[str, Any]:
+    """The manifest's latency fields from a side-by-side measurement of ``tvm_tuned`` and the
+    others: every latency with its interval, the speedup over each other runtime (its latency
+    over the tuned one's, per round) with its interval, the tuned artifact's ratio to
+    onnxruntime with ``ratio_ci``, and how it was measured."""
+    others = [k for k in m.labels if k != "tvm_tuned"]
+    speedups = {f"vs_{k}": m.ratio(k, "tvm_tuned") for k in others}
+    ort = m.ratio("tvm_tuned", "onnxruntime")
+    return {
+        "latency_ms": {k: m.estimate(k).to_dict() for k in m.labels},
+        "speedup": {k: round(r.value, 4) for k, r in speedups.items()},
+        "speedup_ci": {k: [round(x, 4) for x in r.ci] for k, r in speedups.items()},
+        "ratio_to_onnxruntime": round(ort.value, 4),
+        "ratio_ci": [round(x, 4) for x in ort.ci],
+        "measurement": m.session(),
+    }
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -360,7 +369,18 @@ def log_package(c, run_id: str, artifact: Artifact) -> None:
     for k, v in m.get("latency_ms", {}).items():
         metrics[f"latency/{k}_median_ms"] = v["median_ms"]
         metrics[f"latency/{k}_p90_ms"] = v["p90_ms"]
+        metrics[f"latency/{k}_ci_low_ms"], metrics[f"latency/{k}_ci_high_ms"] = v["ci_ms"]
     metrics.update({f"speedup/{k}": v for k, v in m.get("speedup", {}).items()})
+    for k, (lo, hi) in m.get("speedup_ci", {}).items():
+        metrics[f"speedup/{k}_ci_low"], metrics[f"speedup/{k}_ci_high"] = lo, hi
+    if "ratio_to_onnxruntime" in m:
+        metrics["ratio_to_onnxruntime"] = m["ratio_to_onnxruntime"]
+        metrics["ratio_to_onnxruntime_ci_low"], metrics["ratio_to_onnxruntime_ci_high"] = m[
+            "ratio_ci"
+        ]
+    if "measurement" in m:
+        metrics["latency/measure_wall_s"] = m["measurement"]["seconds"]
+        metrics["latency/measure_blocks"] = m["measurement"]["blocks"]
     tracking.log_metrics(c, run_id, metrics)
     tracking.log_params(
         c, run_id, {"artifact_dir": artifact.directory, "version": artifact.version}

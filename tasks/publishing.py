@@ -3,17 +3,18 @@ and, when asked, into S3 with each file's sha256 in its object metadata."""
 
 from __future__ import annotations
 
-import os
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from harlflow.core.errors import BadInputError, RegressionError, StoreError
+from harlflow.core.errors import RegressionError, StoreError
 from harlflow.core.hashing import sha256_file
 from harlflow.core.targets import target_key
 from tasks import tracking
 from tasks.packaging import Artifact
+from tasks.s3 import parse_s3_uri, s3_attempts, s3_client
 
 ARTIFACT_PATH = "artifact"  # where the artifact directory lives inside its MLflow run
 
@@ -31,8 +32,12 @@ def register(c, run_id: str, artifact: Artifact) -> str:
             **{f"speedup_{k}": f"{v:.3f}" for k, v in m.get("speedup", {}).items()},
         }
         tuned = m.get("latency_ms", {}).get("tvm_tuned")
-        if tuned:
+        if tuned:  # as measured in this run, beside onnxruntime; the gate measures again
             tags["latency_ms"] = f"{tuned['median_ms']:.6g}"
+            tags["latency_ci_ms"] = "-".join(f"{x:.6g}" for x in tuned["ci_ms"])
+        if m.get("ratio_ci"):
+            tags["ratio_to_onnxruntime"] = f"{m['ratio_to_onnxruntime']:.4f}"
+            tags["ratio_ci"] = "-".join(f"{x:.4f}" for x in m["ratio_ci"])
     except StoreError:
         raise
     except Exception as e:
@@ -51,41 +56,6 @@ def target_tag(target: dict[str, Any]) -> str:
     """The ``target`` tag of a registered version: :func:`~harlflow.core.targets.target_key`,
     the same notion of "same target" the tuning database uses."""
     return target_key(target)
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/prefix`` → (bucket, prefix without slashes at either end)."""
-    u = urlparse(uri)
-    if u.scheme != "s3" or not u.netloc:
-        raise BadInputError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
-    prefix = u.path.strip("/")
-    if any(part in ("..", ".") for part in prefix.split("/")):
-        raise BadInputError(f"S3 prefix must not contain '.' or '..' segments: {uri!r}")
-    return u.netloc, prefix
-
-
-def s3_client():
-    """boto3 S3 client; endpoint and credentials come from the standard AWS variables only.
-
-    botocore retries throttling and 5xx answers itself (standard mode, ``AWS_MAX_ATTEMPTS``);
-    :func:`upload_s3` adds its own visible retries for an endpoint that does not answer at all.
-    """
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-        config=Config(retries={"mode": "standard"}, connect_timeout=5, read_timeout=60),
-    )
-
-
-def s3_attempts() -> int:
-    """Attempts per S3 file before giving up (``HARLFLOW_S3_ATTEMPTS``, default 5)."""
-    raw = os.environ.get("HARLFLOW_S3_ATTEMPTS", "5")
-    if not raw.isdigit() or int(raw) < 1:
-        raise BadInputError(f"HARLFLOW_S3_ATTEMPTS must be a positive integer, got {raw!r}")
-    return int(raw)
 
 
 def _with_backoff(what: str, fn, attempts: int, log=print, base_delay: float = 1.0):
@@ -136,35 +106,103 @@ def upload_s3(artifact: Artifact, s3_uri: str, log=print) -> str:
 PRODUCTION = "production"
 
 
-def promote_version(c, name: str, version: str, max_regression: float, log=print) -> str:
-    """Move the ``production`` alias to ``version`` unless it is slower than the current
-    production version on the same target by more than ``max_regression`` (a fraction)."""
+def promote_version(
+    c,
+    name: str,
+    version: str,
+    max_regression: float,
+    *,
+    artifact_dir: str | Path,
+    measure_seconds: float = 10.0,
+    log=print,
+) -> tuple[str, dict[str, Any]]:
+    """The regression gate: move the ``production`` alias to ``version`` unless it is slower
+    than the current production version by more than ``max_regression`` (a fraction).
+
+    Production's artifact is pulled from the registry (every file's sha256 checked) and timed
+    *with* the new one (``artifact_dir``) by the side-by-side protocol, on this machine, now
+    (:func:`harlflow.measure.gate`): refused when the ratio's interval lies above
+    ``1 + max_regression``, promoted when it lies below, measured up to ``3 × measure_seconds``
+    while it straddles, then decided on the median. A production version for another target or
+    with other inputs is not compared (said so); one whose files cannot be pulled stops the gate
+    (StoreError) and the alias stays. Returns (the production version, the gate's record); the
+    record also goes to the new version's tags."""
+    from harlflow.measure import Runtime, gate, side_by_side, undecided
+    from tasks.packaging import measure_threads
+    from tasks.pulling import pull_mlflow
+
     new = c.get_model_version(name, version)
     try:
         cur = c.get_model_version_by_alias(name, PRODUCTION)
     except Exception:  # no production version yet
         cur = None
-    if cur is not None and str(cur.version) != str(version):
-        if cur.tags.get("target") != new.tags.get("target"):
-            log(f"production v{cur.version} is for another target; promoting v{version}")
-        else:
-            if "latency_ms" not in new.tags:
-                raise BadInputError(
-                    "promotion needs the new artifact's measured latency: "
-                    "do not combine --promote with --no-measure"
-                )
-            old_ms = float(cur.tags.get("latency_ms", "inf"))
-            new_ms = float(new.tags["latency_ms"])
-            if new_ms > old_ms * (1 + max_regression):
-                msg = (
-                    f"{name} v{version} takes {new_ms:.4g} ms, production v{cur.version} "
-                    f"{old_ms:.4g} ms on the same target (more than {max_regression:.0%} slower): "
-                    f"'{PRODUCTION}' stays on v{cur.version}"
-                )
-                c.set_model_version_tag(name, version, "promotion", f"refused: {msg}")
-                raise RegressionError(msg)
+    record: dict[str, Any] = {"compared": False}
+    if cur is None or str(cur.version) == str(version):
+        record["reason"] = "no production version yet" if cur is None else "already production"
+        return _promote(c, name, version, record, log), record
+    record["production_version"] = str(cur.version)
+    if cur.tags.get("target") != new.tags.get("target"):
+        record["reason"] = f"production v{cur.version} is for another target: not compared"
+        log(f"{record['reason']}; promoting v{version}")
+        return _promote(c, name, version, record, log), record
+    artifact_dir = Path(artifact_dir)
+    mine = json.loads((artifact_dir / "manifest.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="harlflow-gate-") as scratch:
+        try:
+            prod_dir = pull_mlflow(f"{name}:{cur.version}", Path(scratch) / "production")
+        except StoreError as e:
+            msg = (
+                f"the regression gate cannot compare: production v{cur.version}'s artifact "
+                f"cannot be pulled ({e}); '{PRODUCTION}' stays on v{cur.version}"
+            )
+            c.set_model_version_tag(name, version, "promotion", f"not compared: {msg}")
+            raise StoreError(msg) from None
+        theirs = json.loads((prod_dir / "manifest.json").read_text())
+        if theirs.get("inputs") != mine.get("inputs"):
+            record["reason"] = f"production v{cur.version} takes other inputs: not compared"
+            log(f"{record['reason']}; promoting v{version}")
+            return _promote(c, name, version, record, log), record
+        limit = 1 + max_regression
+        log(
+            f"regression gate: v{version} against production v{cur.version}, side by side "
+            f"(refused if more than {max_regression:.0%} slower)"
+        )
+        m = side_by_side(
+            [Runtime("new", "tvm", str(artifact_dir)), Runtime("production", "tvm", str(prod_dir))],
+            artifact_dir / "reference.npz",
+            threads=measure_threads(mine["target"]),
+            max_seconds=3 * measure_seconds,
+            stop=undecided(limit),
+            log=log,
+        )
+    decision = gate(m, max_regression)
+    record.update(compared=True, **decision.to_dict(), session=m.session())
+    lo, hi = decision.ratio.ci
+    for key, value in {
+        "gate_production_version": str(cur.version),
+        "gate_ratio": f"{decision.ratio.value:.4f}",
+        "gate_ratio_ci": f"{lo:.4f}-{hi:.4f}",
+        "gate_new_ms": f"{decision.new_ms.median_ms:.6g}",
+        "gate_production_ms": f"{decision.production_ms.median_ms:.6g}",
+        "gate_basis": decision.basis,
+    }.items():
+        c.set_model_version_tag(name, version, key, value)
+    said = f"{name} v{version}: {decision.describe()}"
+    if not decision.promote:
+        msg = (
+            f"{said}: more than {max_regression:.0%} slower than production v{cur.version}; "
+            f"'{PRODUCTION}' stays on v{cur.version}"
+        )
+        c.set_model_version_tag(name, version, "promotion", f"refused: {msg}")
+        raise RegressionError(msg, details=record)
+    log(said)
+    return _promote(c, name, version, record, log), record
+
+
+def _promote(c, name: str, version: str, record: dict[str, Any], log) -> str:
     c.set_registered_model_alias(name, PRODUCTION, version)
-    c.set_model_version_tag(name, version, "promotion", "promoted")
+    how = "promoted" if record.get("compared") else f"promoted ({record['reason']})"
+    c.set_model_version_tag(name, version, "promotion", how)
     log(f"'{PRODUCTION}' alias -> {name} v{version}")
     return version
 
@@ -177,6 +215,9 @@ class Publication:
     """the MLflow registry's version number"""
     locations: dict[str, str]
     """local, s3 (when asked), mlflow (models:/NAME/VERSION), production (when promoted)"""
+    gate: dict[str, Any] | None = None
+    """the regression gate's record (``--promote``): decision, both latencies, the ratio and
+    its interval, or why production was not compared"""
 
 
 def publish(
@@ -186,6 +227,7 @@ def publish(
     *,
     promote: bool = False,
     max_regression: float = 0.05,
+    measure_seconds: float = 10.0,
     log=print,
 ) -> Publication:
     """Upload to S3 when asked, register in MLflow and, with ``promote``, move the production
@@ -204,7 +246,16 @@ def publish(
     log(f"registered {where['mlflow']}")
     tracking.log_params(c, run_id, {f"published_{k}": v for k, v in where.items()})
     c.set_tag(run_id, "registered_version", version)
+    gate = None
     if promote:  # the regression gate: a refusal is an answer (RegressionError), not retried
-        promoted = promote_version(c, artifact.name, version, max_regression, log=log)
+        promoted, gate = promote_version(
+            c,
+            artifact.name,
+            version,
+            max_regression,
+            artifact_dir=artifact.directory,
+            measure_seconds=measure_seconds,
+            log=log,
+        )
         where["production"] = f"models:/{artifact.name}@{PRODUCTION} -> v{promoted}"
-    return Publication(version, where)
+    return Publication(version, where, gate)

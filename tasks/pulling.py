@@ -117,7 +117,7 @@ def pull_mlflow(ref: str, dest: str | Path) -> Path:
 def pull_s3(uri: str, dest: str | Path) -> Path:
     """Every object under ``s3://bucket/prefix/`` into ``dest``, checked against the manifest
     and against each object's ``sha256`` metadata."""
-    from tasks.publishing import parse_s3_uri, s3_client
+    from tasks.s3 import parse_s3_uri, s3_client
 
     bucket, prefix = parse_s3_uri(uri)
     s3 = s3_client()

@@ -41,7 +41,12 @@ def run_summary(
         "time_budget": format_duration(tuned.time_budget_s) if tuned.time_budget_s else None,
         "seconds_per_trial": t["seconds_per_trial"],
         "latency_ms": {k: v["median_ms"] for k, v in m.get("latency_ms", {}).items()},
+        "latency_ci_ms": {k: v["ci_ms"] for k, v in m.get("latency_ms", {}).items()},
         "speedup": m.get("speedup", {}),
+        "speedup_ci": m.get("speedup_ci", {}),
         "ratio_to_onnxruntime": m.get("ratio_to_onnxruntime"),
+        "ratio_ci": m.get("ratio_ci"),
+        "measurement": m.get("measurement"),
+        "gate": published.gate,
         "mlflow_run_id": run_id,
     }

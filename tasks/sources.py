@@ -29,7 +29,7 @@ class SourceModel:
 def check_source(source: str) -> None:
     """A source is an existing directory or a well-formed ``s3://bucket/prefix``."""
     if source.startswith("s3://"):
-        from tasks.publishing import parse_s3_uri
+        from tasks.s3 import parse_s3_uri
 
         parse_s3_uri(source)
     elif not Path(source).is_dir():
@@ -59,7 +59,7 @@ def list_models(source: str, cache_dir: Path) -> list[SourceModel]:
 
 
 def _list_s3(source: str, cache_dir: Path) -> list[SourceModel]:
-    from tasks.publishing import parse_s3_uri, s3_client
+    from tasks.s3 import parse_s3_uri, s3_client
 
     bucket, prefix = parse_s3_uri(source)
     s3 = s3_client()

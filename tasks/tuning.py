@@ -35,7 +35,7 @@ def tune_model(
     (``HOST:PORT:KEY``), for at most ``trials`` trials and ``time_budget_s`` seconds; progress
     as trials are measured, with the best latency so far against onnxruntime's. ``cost_model``:
     ``"xgb"``, ``"transfer"`` or a saved attention cost model (:mod:`harl.cost_model`)."""
-    ort_ms = _onnxruntime_ms(imported)
+    ort_ms = _onnxruntime_ms(imported, target)
     last = [0.0]
 
     def progress(p: Progress) -> None:
@@ -96,24 +96,22 @@ def progress_line(p: Progress, ort_ms: float | None) -> str:
     return f"tuning: {p.trials}/{budget} trials | {clock} | best {best} | last task {p.task}"
 
 
-def _onnxruntime_ms(imported: ImportedModel) -> float | None:
+def _onnxruntime_ms(imported: ImportedModel, target: dict) -> float | None:
     """onnxruntime's latency on this model, measured briefly in a fresh process (the yardstick
     for progress lines); ``None`` if it cannot be measured."""
-    from tasks.packaging import run_worker
+    from harlflow.measure import Runtime, side_by_side
+    from tasks.packaging import measure_threads
 
     try:
-        r = run_worker(
-            [
-                "ort",
-                "--path",
-                str(imported.original_onnx_path),
-                "--reference",
-                str(imported.reference_path),
-                "--max-seconds",
-                "2",
-            ]
+        m = side_by_side(
+            [Runtime("onnxruntime", "ort", str(imported.original_onnx_path))],
+            imported.reference_path,
+            threads=measure_threads(target),
+            max_seconds=2,
+            min_blocks=1,
+            stop=None,
         )
-        return float(r["median_ms"])
+        return m.estimate("onnxruntime").median_ms
     except Exception:  # only a progress yardstick: tuning goes on without it
         return None
 

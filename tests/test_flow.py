@@ -51,7 +51,13 @@ def test_flow_publishes_to_mlflow_registry_and_s3(first_run):
         manifest["files"]
     )
     assert manifest["verification"]["output"]["within_tolerance"]
-    assert set(manifest["latency_ms"]) == {"tvm_tuned", "tvm_untuned", "onnxruntime"}
+    # measured side by side (harlflow.measure): the untuned build only on request
+    assert set(manifest["latency_ms"]) == {"tvm_tuned", "onnxruntime"}
+    for lat in manifest["latency_ms"].values():
+        assert lat["ci_ms"][0] <= lat["median_ms"] <= lat["ci_ms"][1] and lat["blocks"] >= 3
+    lo, hi = manifest["ratio_ci"]
+    assert lo <= manifest["ratio_to_onnxruntime"] <= hi
+    assert manifest["measurement"]["rounds"] >= 3 * 5 and s["ratio_ci"] == [lo, hi]
     assert manifest["tuning"]["trials"] == s["trials"]
 
     c = _client()
@@ -81,10 +87,12 @@ def test_flow_publishes_to_mlflow_registry_and_s3(first_run):
     assert any(f.path == "model" for f in c.list_artifacts(by_name["import"].info.run_id))
     pkg = by_name["package"].data.metrics
     assert pkg["latency/tvm_tuned_median_ms"] > 0 and "speedup/vs_onnxruntime" in pkg
+    assert pkg["ratio_to_onnxruntime_ci_low"] == lo and pkg["latency/tvm_tuned_ci_high_ms"] > 0
 
     mv = c.get_model_version("tiny", s["published"]["mlflow"].rsplit("/", 1)[1])
     assert mv.tags["source_sha256"] == sha256_file(model)
     assert json.loads(mv.tags["target"])["kind"] == "llvm" and "speedup_vs_onnxruntime" in mv.tags
+    assert mv.tags["ratio_ci"] == f"{lo:.4f}-{hi:.4f}"
 
     s3 = boto3.client("s3")
     key_root = f"ci/tiny/{s['version']}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from models import slow_mlp
 from onnx import numpy_helper
 from services import (
     BIN,
@@ -195,54 +196,59 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
         kill_tree(serve.pid)
 
 
-def test_ci_run_refused_for_a_regression_on_the_mlflow_server(ops_env, tmp_path):
-    """The CI trigger against the MLflow server: `optimize --ci --promote` prints one JSON object
-    and takes the production alias; a later run slower than production (production's recorded
-    latency made unbeatable) exits 6 with a JSON verdict, is registered, and the alias stays;
-    the same run with a looser --max-regression is promoted. --promote without a measured
-    latency is bad input (exit 2)."""
-    model = tmp_path / "ckpt.onnx"
-    assert harlflow(ops_env, "export-example", "tiny_mlp", "--out", str(model)).returncode == 0
-    args = [
-        "optimize",
-        str(model),
-        "--name",
-        "gated-ci",
-        "--trials",
-        "0",
-        "--rewrite",
-        "none",
-        "--measure-seconds",
-        "0.3",
-        "--ci",
-        "--promote",
-    ]
-    first = harlflow(ops_env, *args)
+def test_ci_gate_measures_production_side_by_side_and_refuses_a_slowed_version(ops_env, tmp_path):
+    """The CI trigger against the MLflow server: `optimize --ci --promote` prints one JSON object.
+    The first version (a deliberately slow model) takes the production alias unmeasured; a fast
+    checkpoint of the same interface is measured side by side with production's artifact, pulled
+    from the registry, and promoted (the ratio's interval below the limit); the slow one again is
+    refused (exit 6, the interval above it, the gate's numbers in the JSON and the tags) and the
+    alias stays. --promote without measuring is bad input (exit 2)."""
+    fast = tmp_path / "fast.onnx"
+    assert harlflow(ops_env, "export-example", "tiny_mlp", "--out", str(fast)).returncode == 0
+    slow = slow_mlp(tmp_path / "slow.onnx")
+
+    def optimize(model: Path):
+        return harlflow(
+            ops_env, "optimize", model, "--name", "gated-ci", "--trials", "0", "--rewrite",
+            "none", "--measure-seconds", "0.3", "--ci", "--promote",
+        )  # fmt: skip
+
+    first = optimize(slow)
     assert first.returncode == 0, first.stderr[-3000:]
     ok = json.loads(first.stdout)  # stdout holds exactly one JSON object, the logs are on stderr
-    assert ok["status"] == "ok" and "production" in ok["published"]
+    assert ok["status"] == "ok" and ok["gate"] == {
+        "compared": False,
+        "reason": "no production version yet",
+    }
     v1 = ok["published"]["mlflow"].rsplit("/", 1)[1]
     c = _mlflow(ops_env)
-    prod = c.get_model_version_by_alias("gated-ci", "production")
-    assert prod.version == v1
-    assert float(prod.tags["latency_ms"]) == pytest.approx(ok["latency_ms"]["tvm_tuned"], rel=1e-3)
+    assert c.get_model_version_by_alias("gated-ci", "production").version == v1
 
-    c.set_model_version_tag("gated-ci", v1, "latency_ms", "1e-06")
-    refused = harlflow(ops_env, *args)
+    faster = optimize(fast)
+    assert faster.returncode == 0, faster.stderr[-3000:]
+    g = json.loads(faster.stdout)["gate"]
+    v2 = json.loads(faster.stdout)["published"]["mlflow"].rsplit("/", 1)[1]
+    assert g["compared"] and g["decision"] == "promote" and g["production_version"] == v1
+    assert g["ratio_ci"][1] < 1.05 and g["basis"] == "interval" and g["session"]["blocks"] >= 3
+    assert c.get_model_version_by_alias("gated-ci", "production").version == v2
+    tags = c.get_model_version("gated-ci", v2).tags
+    assert tags["promotion"] == "promoted" and tags["gate_production_version"] == v1
+    assert float(tags["gate_ratio"]) == pytest.approx(g["ratio"], rel=1e-3)
+
+    refused = optimize(slow)
     assert refused.returncode == 6, refused.stderr[-3000:]
     verdict = json.loads(refused.stdout)
-    assert verdict["status"] == "error" and verdict["exit_code"] == 6
-    assert verdict["error"] == "RegressionError" and f"stays on v{v1}" in verdict["message"]
-    assert c.get_model_version_by_alias("gated-ci", "production").version == v1
-    v2 = max(c.search_model_versions("name = 'gated-ci'"), key=lambda v: int(v.version))
-    assert v2.version != v1 and v2.tags["promotion"].startswith("refused")
+    assert verdict["status"] == "error" and verdict["error"] == "RegressionError"
+    assert f"stays on v{v2}" in verdict["message"] and "side by side" in verdict["message"]
+    g = verdict["gate"]
+    assert g["decision"] == "refuse" and g["ratio_ci"][0] > 1.05 and g["production_version"] == v2
+    assert g["new_ms"]["median_ms"] > g["production_ms"]["median_ms"]
+    assert c.get_model_version_by_alias("gated-ci", "production").version == v2
+    v3 = max(c.search_model_versions("name = 'gated-ci'"), key=lambda v: int(v.version))
+    assert v3.version not in (v1, v2) and v3.tags["promotion"].startswith("refused")
+    assert float(v3.tags["gate_ratio_ci"].split("-")[0]) > 1.05
 
-    loose = harlflow(ops_env, *args, "--max-regression", "1e9")  # up to 1000 ms is allowed now
-    assert loose.returncode == 0, loose.stderr[-3000:]
-    v3 = json.loads(loose.stdout)["published"]["mlflow"].rsplit("/", 1)[1]
-    assert c.get_model_version_by_alias("gated-ci", "production").version == v3 != v1
-
-    bad = harlflow(ops_env, "optimize", str(model), "--promote", "--no-measure", "--ci")
+    bad = harlflow(ops_env, "optimize", str(fast), "--promote", "--no-measure", "--ci")
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"] == "BadInputError"
 
 

@@ -18,6 +18,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import untuned_artifact, untuned_artifact_of
 from onnx import TensorProto, helper, numpy_helper
 from services import BIN
 
@@ -62,29 +63,6 @@ def gpt_like(path: Path) -> Path:
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
-
-
-def untuned_artifact(onnx_path: Path, tmp: Path):
-    """Import and package ``onnx_path`` with fallback schedules (no trial measured); the
-    imported model (its canonical ONNX is what onnxruntime runs) and the artifact."""
-    from tasks.importing import import_model
-
-    return untuned_artifact_of(import_model(str(onnx_path), cache_dir=tmp / "cache"), tmp)
-
-
-def untuned_artifact_of(m, tmp: Path):
-    """Package an imported model with fallback schedules: (the model, the artifact)."""
-    from tasks.packaging import package
-
-    return m, package(
-        m,
-        resolve_target("cpu"),
-        database_dir=tmp / "db",
-        home=tmp / "home",
-        tune_summary={},
-        measure=False,
-        log=lambda *_: None,
-    )
 
 
 @pytest.fixture(scope="module")

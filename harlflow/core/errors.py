@@ -61,6 +61,14 @@ class RegressionError(HarlflowError):
 
     exit_code = 6
 
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details
+        """the regression gate's record (both latencies, the ratio and its interval)"""
+
+    def __reduce__(self):  # keep the record when Prefect hands the exception across processes
+        return (type(self), (str(self), self.details))
+
 
 class IntegrityError(StoreError):
     """A file's sha256 does not match its manifest entry."""
