@@ -5,9 +5,10 @@
                         [--out bench/results/e2e.json]
 
 One run, one table. Budgets are wall-clock minutes of tuning (``--minutes``, what a user gives
-``--time-budget``) and/or trial counts (``--budgets``). Every latency comes from a fresh process
-(median of repeats); each budget tunes from an empty database, so budgets are independent; ratios
-are against onnxruntime measured in this run. The JSON is rewritten after every row (a long run
+``--time-budget``) and/or trial counts (``--budgets``). Every runtime is measured side by side
+with onnxruntime by harlflow's protocol (``harlflow.measure``: fresh processes, alternating
+rounds, 95 % intervals over blocks of processes); each budget tunes from an empty database, so
+budgets are independent. The JSON is rewritten after every row (a long run
 that is cut short keeps what it measured) and a plot of latency against tuning minutes, with
 onnxruntime as a line, is written next to it.
 """
@@ -27,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harl import compilation, tuning  # noqa: E402
 from harl.budget import UNLIMITED_TRIALS  # noqa: E402
 from harlflow.core.targets import resolve_target  # noqa: E402
+from harlflow.measure import Runtime, side_by_side  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
-from tasks.packaging import export_library, package, run_worker  # noqa: E402
+from tasks.packaging import export_library, measure_threads, package  # noqa: E402
 
 
 def bench_model(
@@ -43,24 +45,28 @@ def bench_model(
 ) -> None:
     """Measure one bundled example; ``emit(row)`` is called as each row is measured."""
     m = import_model(f"harlflow.examples:{example}", cache_dir=work / "cache")
-    ref = str(m.reference_path)
-    limit = ["--max-seconds", str(seconds)]
-    ort: list[float] = []
+    ort = Runtime("onnxruntime", "ort", str(m.onnx_path))
 
-    def row(runtime: str, lat: dict, **extra) -> None:
-        if runtime == "onnxruntime":
-            ort.append(lat["median_ms"])
-        r = {
-            "model": example,
-            "runtime": runtime,
-            **extra,
-            **lat,
-            "ratio_to_onnxruntime": lat["median_ms"] / ort[0],
-        }
-        emit(r)
+    def row(runtime: Runtime, **extra) -> None:
+        """``runtime`` side by side with onnxruntime: its latency and ratio, with intervals."""
+        s = side_by_side(
+            [runtime, ort], m.reference_path, threads=measure_threads(target), max_seconds=seconds
+        )
+        e, r = s.estimate(runtime.label), s.ratio(runtime.label, "onnxruntime")
+        emit(
+            {
+                "model": example,
+                "runtime": runtime.label,
+                **extra,
+                **e.to_dict(),
+                "onnxruntime_ms": s.estimate("onnxruntime").median_ms,
+                "ratio_to_onnxruntime": r.value,
+                "ratio_ci": list(r.ci),
+                "measurement": s.session(),
+            }
+        )
 
-    row("onnxruntime", run_worker(["ort", "--path", str(m.onnx_path), "--reference", ref, *limit]))
-    row("pytorch", run_worker(["torch", "--path", m.source, "--reference", ref, *limit]))
+    row(Runtime("pytorch", "torch", m.source))
     mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
     art = None
     for kind, amount in budgets:
@@ -87,11 +93,9 @@ def bench_model(
                 measure=False,
                 log=lambda *_: None,
             )
-            lat = run_worker(["tvm", "--path", art.directory, "--reference", ref, *limit])
             label = f"tvm {strategy} ({amount:g} {'min' if kind == 'minutes' else 'trials'})"
             row(
-                label,
-                lat,
+                Runtime(label, "tvm", art.directory),
                 strategy=strategy,
                 budget_kind=kind,
                 budget=amount,
@@ -106,12 +110,7 @@ def bench_model(
         untuned.mkdir()
         export_library(compilation.compile_untuned(mod, target), untuned / "model.so")
         (untuned / "manifest.json").write_text(Path(art.directory, "manifest.json").read_text())
-        row(
-            "tvm untuned",
-            run_worker(
-                ["tvm", "--path", str(untuned), "--reference", ref, "--repeats", "5", *limit]
-            ),
-        )
+        row(Runtime("tvm untuned", "tvm", str(untuned)))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -133,13 +132,9 @@ def plot(rows: list[dict], path: Path) -> None:
             )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"tvm {strategy}")
         for r in mine:
-            if r["runtime"] in ("onnxruntime", "pytorch"):
-                ax.axhline(
-                    r["median_ms"],
-                    ls="--" if r["runtime"] == "onnxruntime" else ":",
-                    color="k" if r["runtime"] == "onnxruntime" else "gray",
-                    label=r["runtime"],
-                )
+            if r["runtime"] == "pytorch":  # each row carries onnxruntime's latency beside it
+                ax.axhline(r["onnxruntime_ms"], ls="--", color="k", label="onnxruntime")
+                ax.axhline(r["median_ms"], ls=":", color="gray", label="pytorch")
         ax.set_title(model)
         ax.set_xlabel("tuning minutes")
         ax.set_ylabel("latency (ms)")
@@ -158,7 +153,7 @@ def main() -> None:
     p.add_argument("--budgets", default="", help="comma list of trial budgets")
     p.add_argument("--strategies", default="evolutionary", help="comma list: evolutionary,harl")
     p.add_argument("--min-trials-per-task", type=int, default=4)
-    p.add_argument("--max-seconds", type=float, default=10.0, help="per latency measurement")
+    p.add_argument("--max-seconds", type=float, default=10.0, help="per side-by-side measurement")
     p.add_argument("--out", default="bench/results/e2e.json")
     a = p.parse_args()
     target = resolve_target(None)
@@ -174,8 +169,8 @@ def main() -> None:
         "budgets": budgets,
     }
     cols = (
-        f"{'model':12s} {'runtime':30s} {'median ms':>10s} {'x ORT':>7s} {'trials':>7s} "
-        f"{'s/trial':>8s}"
+        f"{'model':12s} {'runtime':30s} {'median ms':>10s} {'x ORT':>7s} {'95% interval':>13s} "
+        f"{'trials':>7s} {'s/trial':>8s}"
     )
     print(cols, flush=True)
 
@@ -183,7 +178,8 @@ def main() -> None:
         rows.append(r)
         print(
             f"{r['model']:12s} {r['runtime']:30s} {r['median_ms']:10.3f} "
-            f"{r['ratio_to_onnxruntime']:7.2f} {r.get('trials') or '':>7} "
+            f"{r['ratio_to_onnxruntime']:7.2f} {r['ratio_ci'][0]:6.2f}-{r['ratio_ci'][1]:<6.2f} "
+            f"{r.get('trials') or '':>7} "
             f"{r.get('seconds_per_trial') or '':>8}",
             flush=True,
         )

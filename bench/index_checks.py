@@ -2,14 +2,15 @@
 64 tokens) built with and without them from the same tuning records, timed in alternating fresh
 processes.
 
-    python bench/index_checks.py [--trials 64] [--rounds 7] [--out bench/results/index_checks.json]
+    python bench/index_checks.py [--trials 64] [--measure-seconds 30]
+                                 [--out bench/results/index_checks.json]
 
 Tunes the decoder once (``--trials``, evolutionary search, an empty database), packages it
 (checks on: what every artifact now gets), compiles the same prepared module without the checks
-from the same records into a copy of the artifact, and then times both with ``python -m
-harlflow.measure tvm`` (each a fresh process, warm-up then up to 200 calls), alternating A B A B
-over ``--rounds``. Prints each round's medians and their ratio (checked / unchecked), and the
-check kernels' rows of the kernel table (``harlflow.measure profile``); writes JSON.
+from the same records into a copy of the artifact, and then times both side by side
+(``harlflow.measure``: fresh processes, alternating rounds, blocks of new processes) for
+``--measure-seconds``. Prints the ratio checked / unchecked with its 95 % interval and the check
+kernels' rows of the kernel table (``harlflow.measure profile``); writes JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harlflow.core.targets import resolve_target  # noqa: E402
-from tasks.packaging import export_library, run_worker  # noqa: E402
+from harlflow.measure import Runtime, side_by_side  # noqa: E402
+from tasks.packaging import export_library, measure_threads, run_worker  # noqa: E402
 
 
 def decoder(path: Path, vocab: int = 512, seq: int = 64, hidden: int = 128, layers: int = 2):
@@ -76,7 +77,7 @@ def decoder(path: Path, vocab: int = 512, seq: int = 64, hidden: int = 128, laye
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--trials", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--measure-seconds", type=float, default=30.0)
     p.add_argument("--out", default="bench/results/index_checks.json")
     a = p.parse_args()
 
@@ -109,36 +110,29 @@ def main() -> int:
         report = run_worker(["verify", "--path", str(d), "--reference", ref])
         assert all(r["within_tolerance"] for r in report.values()), report
 
-    rounds = []
-    for r in range(a.rounds):
-        row = {}
-        for name, d in (("checked", checked), ("unchecked", unchecked)):
-            res = run_worker(["tvm", "--path", str(d), "--reference", ref, "--repeats", "200"])
-            row[name] = res["median_ms"]
-        row["ratio"] = row["checked"] / row["unchecked"]
-        rounds.append(row)
-        print(f"round {r + 1}: checked {row['checked']:.4f} ms, unchecked "
-              f"{row['unchecked']:.4f} ms, ratio {row['ratio']:.4f}", flush=True)  # fmt: skip
+    sbs = side_by_side(
+        [Runtime("checked", "tvm", str(checked)), Runtime("unchecked", "tvm", str(unchecked))],
+        ref, threads=measure_threads(target), max_seconds=a.measure_seconds, stop=None, log=print,
+    )  # fmt: skip
+    ratio = sbs.ratio("checked", "unchecked")
     profile = run_worker(["profile", "--path", str(checked), "--reference", ref])
     rows = [k for k in profile["kernels"] if "index_check" in k["kernel"]]
-    ratios = [r["ratio"] for r in rounds]
     result = {
         "model": "GPT-style decoder, vocabulary 512, 64 tokens, hidden 128, 2 layers",
         "trials": a.trials,
         "checks": json.loads((checked / "manifest.json").read_text())["index_checks"],
-        "rounds": rounds,
-        "median_checked_ms": statistics.median(r["checked"] for r in rounds),
-        "median_unchecked_ms": statistics.median(r["unchecked"] for r in rounds),
-        "ratio_median": statistics.median(ratios),
-        "ratio_range": [min(ratios), max(ratios)],
+        **sbs.to_dict(),
+        "ratio": ratio.value,
+        "ratio_ci": list(ratio.ci),
         "check_kernels": rows,
         "profile_run_ms": profile["run_ms"],
     }
-    print(f"\n{'':12s}{'median ms':>12s}")
-    print(f"{'checked':12s}{result['median_checked_ms']:12.4f}")
-    print(f"{'unchecked':12s}{result['median_unchecked_ms']:12.4f}")
-    print(f"ratio checked/unchecked: median {result['ratio_median']:.4f}, per round "
-          f"{min(ratios):.4f} to {max(ratios):.4f} over {a.rounds} rounds")  # fmt: skip
+    print(f"\n{'':12s}{'median ms':>12s}{'95% interval':>22s}")
+    for k in ("checked", "unchecked"):
+        e = sbs.estimate(k)
+        print(f"{k:12s}{e.median_ms:12.4f}{e.ci_ms[0]:12.4f} - {e.ci_ms[1]:.4f}")
+    print(f"ratio checked/unchecked: {ratio.value:.4f} (95% interval {ratio.ci[0]:.4f}-"
+          f"{ratio.ci[1]:.4f}; {sbs.blocks} blocks, {len(sbs.rounds)} rounds)")  # fmt: skip
     for k in rows:
         print(f"kernel table: {k['kernel']}: {k['calls']} call(s), {k['total_us']} µs per "
               f"inference, {100 * k['share']:.2f}% of the kernels' time")  # fmt: skip
