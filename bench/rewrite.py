@@ -33,29 +33,37 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harlflow import rl  # noqa: E402
 from tasks.importing import import_model  # noqa: E402
 from xrlflow import agent as A  # noqa: E402
 from xrlflow import ir, search  # noqa: E402
 from xrlflow import rlflow as RF  # noqa: E402
-from xrlflow.cost import OrtOracle, _time  # noqa: E402
+from xrlflow.cost import OrtOracle  # noqa: E402
 from xrlflow.env import RewriteEnv  # noqa: E402
-from xrlflow.verify import max_mismatch, random_inputs, session  # noqa: E402
+from xrlflow.verify import max_mismatch, random_inputs  # noqa: E402
 
 MODELS = ["bert_encoder", "vit_small", "resnet18", "inception_small", "squeezenet_small"]
 
 
-def latencies(configs: dict[str, tuple], rounds: int = 3, seconds: float = 0.5) -> dict[str, float]:
-    """Median ms of each (graph, ORT level) config; configs interleaved round-robin ``rounds``
-    times and the best round kept, so a burst of machine noise hits every config alike."""
-    sessions = {k: (session(g, level), random_inputs(g)) for k, (g, level) in configs.items()}
-    best = dict.fromkeys(configs, float("inf"))
-    for _ in range(rounds):
-        for k, (sess, feeds) in sessions.items():
-            t = _time(lambda sess=sess, feeds=feeds: sess.run(None, feeds), seconds, warmup=5)
-            best[k] = min(best[k], t * 1e3)
-    return best
+def latencies(configs: dict[str, tuple], work: Path, seconds: float = 10.0) -> dict[str, float]:
+    """Median ms of each (graph, ORT optimisation level) config under onnxruntime on one thread
+    (the oracle's setting), side by side (``harlflow.measure``: fresh processes, alternating
+    rounds), on the same seeded inputs."""
+    import numpy as np
+
+    from harlflow.measure import Runtime, side_by_side
+
+    work.mkdir(parents=True, exist_ok=True)
+    runtimes = []
+    for i, (k, (g, level)) in enumerate(configs.items()):
+        ir.save(g, work / f"{i}.onnx")
+        runtimes.append(Runtime(k, "ort", str(work / f"{i}.onnx"), ort_level=level))
+    first = next(iter(configs.values()))[0]
+    np.savez(work / "inputs.npz", **{f"input/{k}": v for k, v in random_inputs(first).items()})
+    m = side_by_side(runtimes, work / "inputs.npz", threads=1, max_seconds=seconds, stop=None)
+    return {k: m.estimate(k).median_ms for k in configs}
 
 
 def load(name: str, cache: Path):
@@ -147,7 +155,8 @@ def main() -> None:
                 row[f"{method}_s"] = r.seconds
                 row[f"{method}_rules"] = r.summary()["rules_applied"]
                 row[f"{method}_nodes"] = len(r.graph.nodes)
-            row |= {f"{k}_ms": v for k, v in latencies(configs).items()}
+            timed = latencies(configs, cache / f"ort-{name}")
+            row |= {f"{k}_ms": v for k, v in timed.items()}
             for method in results:
                 print(
                     f"  {method:12s} {row[f'{method}_ms']:8.3f} ms "
@@ -234,10 +243,15 @@ def efficiency(xrl_curve: list[dict], xrl_steps, rl_curve: list[dict]) -> dict:
 
 
 def tvm_compare(name: str, cache: Path, budget: int, rewritten, log) -> dict:
-    """Tune the model with and without X-RLflow's rewrite at equal budgets; measure both."""
+    """Tune the model with and without X-RLflow's rewrite at equal budgets; measure both side
+    by side (``harlflow.measure``)."""
+    from common import as_artifact
+
     from harl import compilation, database, tuning
     from harlflow.core.targets import resolve_target
+    from harlflow.measure import Runtime, side_by_side
     from tasks.importing import to_relax
+    from tasks.packaging import measure_threads
 
     imported, _ = load(name, cache)
     target = resolve_target(None)
@@ -254,20 +268,18 @@ def tvm_compare(name: str, cache: Path, budget: int, rewritten, log) -> dict:
             database.open_database(db), compilation.extract_tasks(mod, target), target, 0
         )
         lib = compilation.compile_module(mod, target, memdb)
-        out[f"{key}_ms"] = _tvm_latency(lib, imported) * 1e3
+        as_artifact(lib, cache / f"build-{name}-{key}", imported, target)
         out[f"{key}_trials"] = res.trials
-        log(f"TVM {name} {key}: {out[f'{key}_ms']:.3f} ms after {res.trials} trials")
+    m = side_by_side(
+        [Runtime(k, "tvm", str(cache / f"build-{name}-{k}")) for k in ("plain", "rewritten")],
+        imported.reference_path, threads=measure_threads(target), max_seconds=20,
+    )  # fmt: skip
+    for key in ("plain", "rewritten"):
+        out[f"{key}_ms"] = m.estimate(key).median_ms
+        log(f"TVM {name} {key}: {out[f'{key}_ms']:.3f} ms after {out[f'{key}_trials']} trials")
+    r = m.ratio("rewritten", "plain")
+    out["rewritten_ratio"], out["rewritten_ratio_ci"] = r.value, list(r.ci)
     return out
-
-
-def _tvm_latency(lib, m) -> float:
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(lib, tvm.cpu())
-    ins, _ = m.reference()
-    args = [tvm.runtime.tensor(ins[s.name]) for s in m.inputs]
-    return _time(lambda: vm["main"](*args), 2.0, warmup=3)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ For each model, three graphs: the input (``none``), greedy rewriting judged on o
 greedy rewriting judged on TVM (:class:`tasks.rewrite_oracle.TvmOracle`, empty database: the
 calibrated roofline, as a first run sees it). Each graph is tuned from an empty database with the
 same budget and strategy, once per seed (32-trial runs of one graph vary by up to 30%), compiled,
-and all builds are timed interleaved in one run (3 rounds, best round kept). A rewrite that
+and all builds are timed side by side (``harlflow.measure``: fresh processes, alternating rounds,
+intervals over blocks of processes). A rewrite that
 leaves the graph unchanged reuses the input's builds. Reported: each oracle's estimates, the
 substitutions, and the median compiled latency over seeds as a ratio to ``none``.
 Writes ``bench/results/rewrite_oracles.json`` (and ``.partial.json`` as models finish).
@@ -24,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harlflow.core.targets import resolve_target  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
 from tasks.rewrite_oracle import TvmOracle  # noqa: E402
 from xrlflow import ir, search  # noqa: E402
-from xrlflow.cost import OrtOracle, _time  # noqa: E402
+from xrlflow.cost import OrtOracle  # noqa: E402
 from xrlflow.verify import max_mismatch  # noqa: E402
 
 
@@ -50,21 +52,22 @@ def _built(libs: dict):
     return {(k, h) for k, _, h in libs}
 
 
-def timed(libs: dict, imported, rounds: int = 3) -> dict:
-    import tvm
-    from tvm import relax
+def timed(libs: dict, imported, target: dict, work: Path, seconds: float = 30.0) -> dict:
+    """Every build exported as an artifact directory and timed side by side: median ms each."""
+    from common import as_artifact
 
-    ins, _ = imported.reference()
-    runs = {}
-    for k, lib in libs.items():
-        vm = relax.VirtualMachine(lib, tvm.cpu())
-        runs[k] = (vm, [tvm.runtime.tensor(ins[s.name]) for s in imported.inputs])
-    best = dict.fromkeys(libs, float("inf"))
-    for _ in range(rounds):
-        for k, (vm, args) in runs.items():
-            t = _time(lambda vm=vm, args=args: vm["main"](*args), 1.0, warmup=3)
-            best[k] = min(best[k], t * 1e3)
-    return best
+    from harlflow.measure import Runtime, side_by_side
+    from tasks.packaging import measure_threads
+
+    runtimes = [
+        (key, Runtime(str(i), "tvm", str(as_artifact(lib, work / f"build-{i}", imported, target))))
+        for i, (key, lib) in enumerate(libs.items())
+    ]
+    m = side_by_side(
+        [rt for _, rt in runtimes], imported.reference_path, threads=measure_threads(target),
+        max_seconds=seconds, stop=None,
+    )  # fmt: skip
+    return {key: m.estimate(rt.label).median_ms for key, rt in runtimes}
 
 
 def main() -> None:
@@ -118,7 +121,7 @@ def main() -> None:
                     print(
                         f"{name} {k} seed {seed}: tuned {trials} trials, {tasks} tasks", flush=True
                     )
-            ms = timed(libs, m)
+            ms = timed(libs, m, target, tmp / f"builds-{name}")
             for k in graphs:
                 src = same.get(k, k)
                 runs = [ms[key] for key in libs if key[0] == src]

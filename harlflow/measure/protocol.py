@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,9 +77,13 @@ class Runtime:
     path: str
     source_kind: str = "factory"
     checkpoint: str | None = None
+    ort_level: str = "all"
+    """onnxruntime's graph optimisation level: disable, basic, extended or all"""
 
     def worker_args(self) -> list[str]:
         args = [self.kind, "--path", str(self.path)]
+        if self.kind == "ort" and self.ort_level != "all":
+            args += ["--ort-level", self.ort_level]
         if self.kind == "torch":
             args += ["--source-kind", self.source_kind]
             if self.checkpoint:
@@ -167,12 +172,29 @@ class Measurement:
     """labels in the order their rounds ran (A B C A B C ...)"""
     seconds: float = 0.0
     """wall time of the whole session, the workers' start-up included"""
+    block_ends: list[float] = field(default_factory=list)
+    """seconds into the session at which each block ended"""
     stopped: str = ""
     """why it stopped: "decided" (the stop rule held), "time limit" or "max blocks" """
 
     @property
     def blocks(self) -> int:
         return len(set(self.block_of))
+
+    def first_blocks(self, k: int) -> Measurement:
+        """The session as it stood after its first ``k`` blocks (what a shorter limit gives)."""
+        n = sum(b < k for b in self.block_of)
+        return Measurement(
+            labels=self.labels,
+            calls=self.calls,
+            threads=self.threads,
+            rounds=self.rounds[:n],
+            block_of=self.block_of[:n],
+            order=self.order[: n * len(self.labels)],
+            seconds=self.block_ends[k - 1],
+            stopped="cut",
+            block_ends=self.block_ends[:k],
+        )
 
     def round_medians(self, label: str) -> np.ndarray:
         return np.array([np.median(r[label]) for r in self.rounds])
@@ -249,22 +271,30 @@ class _Worker:
             env["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
         self.runtime = rt
         self.label = rt.label
+        # stderr to a file, never a pipe: a worker whose library prints much would block on a
+        # full pipe nobody reads while it is being timed
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, "-m", "harlflow.measure", *rt.worker_args()]
         self.proc = subprocess.Popen(
             [*cmd, "--reference", str(reference), "--threads", str(len(cpus))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
             env=env,
         )
-        self.ready = self._answer()  # {"first_ms", "warm_ms"} once loaded and warmed up
+        try:
+            self.ready = self._answer()  # {"first_ms", "warm_ms"} once loaded and warmed up
+        except BaseException:
+            self.close()
+            raise
 
     def _answer(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            lines = self.proc.stderr.read().strip().splitlines()
+            self.stderr.seek(0)
+            lines = self.stderr.read().strip().splitlines()
             said = [ln for ln in lines if ln.startswith("harlflow.measure: error:")]
             tail = (said or lines[-1:] or ["no output"])[-1]
             raise MeasurementError(
@@ -287,7 +317,7 @@ class _Worker:
             self.proc.wait()
         finally:
             self.proc.stdout.close()
-            self.proc.stderr.close()
+            self.stderr.close()
 
 
 def measure_cpus(threads: int) -> list[int]:
@@ -348,6 +378,7 @@ def side_by_side(
             for w in workers:
                 w.close()
         spent = time.perf_counter() - start
+        m.block_ends.append(spent)
         if m.blocks >= min_blocks and stop is not None and stop(m):
             m.stopped = "decided"
         elif spent >= max_seconds and m.blocks >= min_blocks:

@@ -30,7 +30,7 @@ def tvm_runner(lib_dir: str, reference: str):
     return lambda: model.run_tvm(tensors)
 
 
-def ort_runner(onnx_path: str, reference: str, threads: int):
+def ort_runner(onnx_path: str, reference: str, threads: int, level: str = "all"):
     """onnxruntime on ``threads`` intra-op threads; its threads do not spin between calls
     unless ``HARLFLOW_MEASURE_SPIN=1`` (a spinning idle process steals the cores of the one
     being timed)."""
@@ -40,7 +40,12 @@ def ort_runner(onnx_path: str, reference: str, threads: int):
 
     ins, _ = load_reference(reference)
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     spin = "1" if os.environ.get("HARLFLOW_MEASURE_SPIN") == "1" else "0"
@@ -189,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", required=True, help=".npz with the inputs (input/NAME)")
     p.add_argument("--source-kind", default="factory")
     p.add_argument("--checkpoint", default=None)
+    p.add_argument(
+        "--ort-level", choices=["disable", "basic", "extended", "all"], default="all",
+        help="onnxruntime's graph optimisation level (ort; default all)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: pinned)")
     a = p.parse_args(argv)
     if a.kind != "torch":
@@ -223,7 +232,7 @@ def _run(a: argparse.Namespace) -> int:
     if a.kind == "tvm":
         fn = tvm_runner(a.path, a.reference)
     elif a.kind == "ort":
-        fn = ort_runner(a.path, a.reference, threads)
+        fn = ort_runner(a.path, a.reference, threads, a.ort_level)
     else:
         fn = torch_runner(a.path, a.source_kind, a.checkpoint, a.reference, threads)
     return serve(fn, out)
