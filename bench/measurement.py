@@ -22,6 +22,9 @@ Then, for each:
 3. **Overhead per optimize run**: the package stage's measurement at the default 10 s (tuned and
    onnxruntime side by side, stopping once separated), against today's three sequential
    processes (tuned, untuned, onnxruntime) as the wall time of two of them plus the untuned one.
+4. **Spinning**: the artifact beside onnxruntime with the thread pools' idle spinning off
+   (``spin=False``) and on with 0, 20 (the default) and 200 ms pauses between the runtimes'
+   parts of a round, ``--spin-repeats`` alternating sessions of 10 s each.
 
 The JSON is rewritten after every measurement (a run cut short keeps what it measured).
 """
@@ -103,6 +106,7 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=32)
     p.add_argument("--session-seconds", type=float, default=60.0)
     p.add_argument("--max-regression", type=float, default=0.05)
+    p.add_argument("--spin-repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/measurement.json")
     a = p.parse_args()
     target = resolve_target("cpu")
@@ -210,6 +214,40 @@ def main() -> int:
         print(f"  package-stage measurement: side by side {pkg.seconds:.1f} s ({pkg.stopped}), "
               f"today's ~{r['overhead']['today_seconds_estimate']:.1f} s")  # fmt: skip
 
+        import harlflow.measure.protocol as protocol
+
+        default_settle = protocol.SETTLE_S
+        configs = {
+            "spin off": (False, 0.0),
+            "spin, pause 0 ms": (True, 0.0),
+            "spin, pause 20 ms": (True, 0.02),
+            "spin, pause 200 ms": (True, 0.2),
+        }
+        r["spin"] = {k: [] for k in configs}
+        for _ in range(a.spin_repeats):
+            for cfg, (spin, settle) in configs.items():
+                protocol.SETTLE_S = settle
+                q = side_by_side(
+                    rts, art / "reference.npz", threads=threads, max_seconds=10, stop=None,
+                    spin=spin,
+                )  # fmt: skip
+                ratio = q.ratio("tvm_tuned", "onnxruntime")
+                r["spin"][cfg].append({"tvm": q.estimate("tvm_tuned").median_ms,
+                                       "ort": q.estimate("onnxruntime").median_ms,
+                                       "ratio": ratio.value, "ci": list(ratio.ci)})  # fmt: skip
+                print(
+                    f"  {cfg:18s} tvm {r['spin'][cfg][-1]['tvm']:.4f} ms, onnxruntime "
+                    f"{r['spin'][cfg][-1]['ort']:.4f} ms, ratio {ratio.value:.3f}",
+                    flush=True,
+                )
+                save()
+        protocol.SETTLE_S = default_settle
+
+    print("\nspinning: tvm ms, onnxruntime ms, ratio (medians over sessions)")
+    for name, r in result["models"].items():
+        for cfg, rows in r["spin"].items():
+            med = {k: float(np.median([x[k] for x in rows])) for k in ("tvm", "ort", "ratio")}
+            print(f"  {name:12s} {cfg:18s} {med['tvm']:8.4f} {med['ort']:8.4f} {med['ratio']:7.3f}")
     print(f"\n{'model':12s} {'A/A refused: today':>19s} {'side by side':>13s} {'holds 1.0':>10s}")
     for name, r in result["models"].items():
         s = r["aa_summary"]

@@ -366,6 +366,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
             reference,
             threads=int(threads or len(os.sched_getaffinity(0))),
             max_seconds=a.measure_seconds,
+            spin=not a.no_spin,
         )
     result = {"models": {r.label: r.path for r in runtimes}, **m.to_dict()}
     if a.json:
@@ -855,6 +856,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument(
         "--threads", type=int, help="threads and cores each runtime gets (default: the target's)"
+    )
+    cp.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="turn the runtimes' idle spinning off (TVM_THREAD_POOL_SPIN_COUNT=0, onnxruntime's "
+        "allow_spinning=0): not how they are deployed, TVM is much slower without it",
     )
     cp.add_argument("--json", action="store_true", help="print one JSON object, not a table")
     cp.set_defaults(func=cmd_compare)

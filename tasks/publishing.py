@@ -127,7 +127,7 @@ def promote_version(
     with other inputs is not compared (said so); one whose files cannot be pulled stops the gate
     (StoreError) and the alias stays. Returns (the production version, the gate's record); the
     record also goes to the new version's tags."""
-    from harlflow.measure import Runtime, gate, side_by_side, undecided
+    from harlflow.measure import MeasurementError, Runtime, gate, side_by_side, undecided
     from tasks.packaging import measure_threads
     from tasks.pulling import pull_mlflow
 
@@ -167,14 +167,22 @@ def promote_version(
             f"regression gate: v{version} against production v{cur.version}, side by side "
             f"(refused if more than {max_regression:.0%} slower)"
         )
-        m = side_by_side(
-            [Runtime("new", "tvm", str(artifact_dir)), Runtime("production", "tvm", str(prod_dir))],
-            artifact_dir / "reference.npz",
-            threads=measure_threads(mine["target"]),
-            max_seconds=3 * measure_seconds,
-            stop=undecided(limit),
-            log=log,
-        )
+        try:
+            m = side_by_side(
+                [
+                    Runtime("new", "tvm", str(artifact_dir)),
+                    Runtime("production", "tvm", str(prod_dir)),
+                ],
+                artifact_dir / "reference.npz",
+                threads=measure_threads(mine["target"]),
+                max_seconds=3 * measure_seconds,
+                stop=undecided(limit),
+                log=log,
+            )
+        except MeasurementError as e:  # e.g. production built by a TVM this one cannot load
+            msg = f"the regression gate cannot compare: {e}; '{PRODUCTION}' stays on v{cur.version}"
+            c.set_model_version_tag(name, version, "promotion", f"not compared: {msg}")
+            raise MeasurementError(msg) from None
     decision = gate(m, max_regression)
     record.update(compared=True, **decision.to_dict(), session=m.session())
     lo, hi = decision.ratio.ci

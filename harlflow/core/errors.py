@@ -44,6 +44,10 @@ class TuningError(HarlflowError):
     exit_code = 3
 
 
+class MeasurementError(TuningError):
+    """A measuring worker could not load or run its runtime (exit 3, as tuning's failures)."""
+
+
 class VerificationError(HarlflowError):
     """The compiled artifact's outputs do not match the reference: it is not packaged."""
 

@@ -6,9 +6,15 @@ number measured now with one measured in another run (as the regression gate onc
 coin flip at 5 %. So every comparison is made like this:
 
 1. **Fresh processes, one per runtime** (``python -m harlflow.measure KIND ...``), started one at
-   a time, each pinned to the target's cores (``sched_setaffinity``) with that many threads, and
-   with idle spinning off (onnxruntime's ``session.intra_op.allow_spinning = 0``, TVM's
-   ``TVM_THREAD_POOL_SPIN_COUNT=0``): a process that is not timing holds no core.
+   a time, each pinned to the target's cores (``sched_setaffinity``) with that many threads. Only
+   one times at a time: the others wait on a pipe, and after each runtime's part of a round the
+   coordinator pauses :data:`SETTLE_S` so that its idle threads have stopped spinning before the
+   next one starts. The runtimes keep their thread pools' spinning as they ship (``spin=False``
+   turns it off in both: onnxruntime's ``session.intra_op.allow_spinning = 0``, TVM's
+   ``TVM_THREAD_POOL_SPIN_COUNT=0``), because that is how they are deployed: without it TVM's
+   pool wakes its threads through the kernel for every parallel loop, and a GPT-style decoder
+   took 1.7× as long (1.97 against 1.17 ms; onnxruntime 0.75 against 0.85 ms, inside its
+   spread), while pauses of 0, 20 and 200 ms between parts changed nothing measurable.
 2. **Rounds, alternating** A B C A B C ...: in each round every runtime makes one untimed call,
    then a fixed number of timed calls (chosen once per runtime from its warm-up so that its part
    of a round lasts about ``round_seconds``); the round's statistic is their median. Whatever
@@ -44,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harlflow.core.errors import HarlflowError
+from harlflow.core.errors import MeasurementError
 
 LEVEL = 0.95
 """confidence level of every interval harlflow reports"""
@@ -59,12 +65,6 @@ MAX_CALLS = 200
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
-
-
-class MeasurementError(HarlflowError):
-    """A measuring worker could not load or run its runtime."""
-
-    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -297,10 +297,10 @@ class _Worker:
             lines = self.stderr.read().strip().splitlines()
             said = [ln for ln in lines if ln.startswith("harlflow.measure: error:")]
             tail = (said or lines[-1:] or ["no output"])[-1]
-            raise MeasurementError(
-                f"measuring {self.runtime.label} ({self.runtime.path}) failed: "
-                f"{tail.removeprefix('harlflow.measure: error: ')}"
-            )
+            rt = self.runtime
+            what = rt.label if rt.label == str(rt.path) else f"{rt.label} ({rt.path})"
+            said = tail.removeprefix("harlflow.measure: error: ")
+            raise MeasurementError(f"measuring {what} failed: {said}")
         return json.loads(line)
 
     def timed(self, calls: int) -> list[float]:
@@ -320,6 +320,19 @@ class _Worker:
             self.stderr.close()
 
 
+SETTLE_S = 0.02
+"""with spinning on: the pause after a runtime's part of a round, so that its idle threads have
+given up spinning before the next runtime is timed (TVM's pool yields 300 000 times before it
+sleeps; onnxruntime's spins for a bounded count)"""
+
+
+def _part(w: _Worker, calls: int, spin: bool) -> list[float]:
+    times = w.timed(calls)
+    if spin:
+        time.sleep(SETTLE_S)
+    return times
+
+
 def measure_cpus(threads: int) -> list[int]:
     """The cores the workers are pinned to: the first ``threads`` this process may use."""
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
@@ -337,7 +350,7 @@ def side_by_side(
     rounds_per_block: int | None = None,
     round_seconds: float = ROUND_SECONDS,
     stop: Callable[[Measurement], bool] | None = separated,
-    spin: bool = False,
+    spin: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Measurement:
     """Time ``runtimes`` on the inputs in ``reference`` (an .npz with ``input/NAME`` arrays) by
@@ -371,7 +384,7 @@ def side_by_side(
                     block_s = min(BLOCK_SECONDS, max_seconds / (2 * min_blocks))
                     rounds_per_block = int(np.clip(round(block_s / per_round), 5, 30))
             for _ in range(rounds_per_block):
-                m.rounds.append({w.label: w.timed(m.calls[w.label]) for w in workers})
+                m.rounds.append({w.label: _part(w, m.calls[w.label], spin) for w in workers})
                 m.block_of.append(block)
                 m.order += labels
         finally:

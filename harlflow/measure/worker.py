@@ -31,9 +31,8 @@ def tvm_runner(lib_dir: str, reference: str):
 
 
 def ort_runner(onnx_path: str, reference: str, threads: int, level: str = "all"):
-    """onnxruntime on ``threads`` intra-op threads; its threads do not spin between calls
-    unless ``HARLFLOW_MEASURE_SPIN=1`` (a spinning idle process steals the cores of the one
-    being timed)."""
+    """onnxruntime on ``threads`` intra-op threads; its threads spin between calls as they do by
+    default unless ``HARLFLOW_MEASURE_SPIN=0`` (the protocol's ``spin=False``)."""
     import os
 
     import onnxruntime as ort
@@ -48,7 +47,7 @@ def ort_runner(onnx_path: str, reference: str, threads: int, level: str = "all")
     }[level]
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    spin = "1" if os.environ.get("HARLFLOW_MEASURE_SPIN") == "1" else "0"
+    spin = "0" if os.environ.get("HARLFLOW_MEASURE_SPIN") == "0" else "1"
     opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
     opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
     sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
