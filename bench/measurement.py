@@ -22,9 +22,9 @@ Then, for each:
 3. **Overhead per optimize run**: the package stage's measurement at the default 10 s (tuned and
    onnxruntime side by side, stopping once separated), against today's three sequential
    processes (tuned, untuned, onnxruntime) as the wall time of two of them plus the untuned one.
-4. **Spinning**: the artifact beside onnxruntime with the thread pools' idle spinning off
-   (``spin=False``) and on with 0, 20 (the default) and 200 ms pauses between the runtimes'
-   parts of a round, ``--spin-repeats`` alternating sessions of 10 s each.
+4. **Spinning**: the artifact beside onnxruntime with the thread pools' spinning off
+   (``spin=False``), with TVM's default spin count and a 20 ms pause, and with the protocol's
+   10 000 and no pause or the default 20 ms one; ``--spin-repeats`` alternating sessions of 10 s.
 
 The JSON is rewritten after every measurement (a run cut short keeps what it measured).
 """
@@ -216,17 +216,17 @@ def main() -> int:
 
         import harlflow.measure.protocol as protocol
 
-        default_settle = protocol.SETTLE_S
-        configs = {
-            "spin off": (False, 0.0),
-            "spin, pause 0 ms": (True, 0.0),
-            "spin, pause 20 ms": (True, 0.02),
-            "spin, pause 200 ms": (True, 0.2),
+        defaults = protocol.SPIN_COUNT, protocol.SETTLE_S
+        configs = {  # (spin, TVM's spin count, pause between runtimes' parts)
+            "spin off": (False, None, 0.0),
+            "TVM spins 300k, 20ms": (True, None, 0.02),
+            "TVM spins 10k, 0ms": (True, 10_000, 0.0),
+            "TVM spins 10k, 20ms": (True, 10_000, 0.02),
         }
         r["spin"] = {k: [] for k in configs}
         for _ in range(a.spin_repeats):
-            for cfg, (spin, settle) in configs.items():
-                protocol.SETTLE_S = settle
+            for cfg, (spin, count, settle) in configs.items():
+                protocol.SPIN_COUNT, protocol.SETTLE_S = count, settle
                 q = side_by_side(
                     rts, art / "reference.npz", threads=threads, max_seconds=10, stop=None,
                     spin=spin,
@@ -236,18 +236,18 @@ def main() -> int:
                                        "ort": q.estimate("onnxruntime").median_ms,
                                        "ratio": ratio.value, "ci": list(ratio.ci)})  # fmt: skip
                 print(
-                    f"  {cfg:18s} tvm {r['spin'][cfg][-1]['tvm']:.4f} ms, onnxruntime "
+                    f"  {cfg:22s} tvm {r['spin'][cfg][-1]['tvm']:.4f} ms, onnxruntime "
                     f"{r['spin'][cfg][-1]['ort']:.4f} ms, ratio {ratio.value:.3f}",
                     flush=True,
                 )
                 save()
-        protocol.SETTLE_S = default_settle
+        protocol.SPIN_COUNT, protocol.SETTLE_S = defaults
 
     print("\nspinning: tvm ms, onnxruntime ms, ratio (medians over sessions)")
     for name, r in result["models"].items():
         for cfg, rows in r["spin"].items():
             med = {k: float(np.median([x[k] for x in rows])) for k in ("tvm", "ort", "ratio")}
-            print(f"  {name:12s} {cfg:18s} {med['tvm']:8.4f} {med['ort']:8.4f} {med['ratio']:7.3f}")
+            print(f"  {name:12s} {cfg:22s} {med['tvm']:8.4f} {med['ort']:8.4f} {med['ratio']:7.3f}")
     print(f"\n{'model':12s} {'A/A refused: today':>19s} {'side by side':>13s} {'holds 1.0':>10s}")
     for name, r in result["models"].items():
         s = r["aa_summary"]

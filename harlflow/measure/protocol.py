@@ -9,12 +9,12 @@ coin flip at 5 %. So every comparison is made like this:
    a time, each pinned to the target's cores (``sched_setaffinity``) with that many threads. Only
    one times at a time: the others wait on a pipe, and after each runtime's part of a round the
    coordinator pauses :data:`SETTLE_S` so that its idle threads have stopped spinning before the
-   next one starts. The runtimes keep their thread pools' spinning as they ship (``spin=False``
-   turns it off in both: onnxruntime's ``session.intra_op.allow_spinning = 0``, TVM's
-   ``TVM_THREAD_POOL_SPIN_COUNT=0``), because that is how they are deployed: without it TVM's
-   pool wakes its threads through the kernel for every parallel loop, and a GPT-style decoder
-   took 1.7× as long (1.97 against 1.17 ms; onnxruntime 0.75 against 0.85 ms, inside its
-   spread), while pauses of 0, 20 and 200 ms between parts changed nothing measurable.
+   next one starts. The thread pools spin between parallel loops as they do when deployed, TVM's
+   for :data:`SPIN_COUNT` yields instead of its default 300 000 (which outlast the pause and
+   slowed the onnxruntime process timed next by ~60 %). ``spin=False`` turns spinning off in
+   both (onnxruntime's ``session.intra_op.allow_spinning = 0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``):
+   not how they are deployed, and TVM's pool then wakes its threads through the kernel for every
+   parallel loop (a GPT-style decoder took 1.9× as long).
 2. **Rounds, alternating** A B C A B C ...: in each round every runtime makes one untimed call,
    then a fixed number of timed calls (chosen once per runtime from its warm-up so that its part
    of a round lasts about ``round_seconds``); the round's statistic is their median. Whatever
@@ -220,6 +220,11 @@ class Measurement:
             calls_per_round=self.calls[label],
         )
 
+    def block_ratio_median(self, a: str, b: str) -> float:
+        """The median over blocks of each block's median per-round ratio ``a``/``b``."""
+        per_round = self.round_medians(a) / self.round_medians(b)
+        return float(np.median(self._by_block(per_round)))
+
     def ratio(self, a: str, b: str) -> Ratio:
         per_round = self.round_medians(a) / self.round_medians(b)
         if self.blocks >= 2:
@@ -269,6 +274,8 @@ class _Worker:
         }
         if not spin:
             env["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
+        elif SPIN_COUNT is not None:
+            env["TVM_THREAD_POOL_SPIN_COUNT"] = str(SPIN_COUNT)
         self.runtime = rt
         self.label = rt.label
         # stderr to a file, never a pipe: a worker whose library prints much would block on a
@@ -320,10 +327,13 @@ class _Worker:
             self.stderr.close()
 
 
+SPIN_COUNT: int | None = 10_000
+"""TVM_THREAD_POOL_SPIN_COUNT of the TVM workers when spinning (None: TVM's default, 300 000
+yields before a thread sleeps, which outlasted a 20 ms pause and slowed the onnxruntime process
+timed next by ~60 %; 10 000 gave TVM the same latency, see ``bench/measurement.py``)"""
 SETTLE_S = 0.02
 """with spinning on: the pause after a runtime's part of a round, so that its idle threads have
-given up spinning before the next runtime is timed (TVM's pool yields 300 000 times before it
-sleeps; onnxruntime's spins for a bounded count)"""
+stopped spinning before the next runtime is timed"""
 
 
 def _part(w: _Worker, calls: int, spin: bool) -> list[float]:
@@ -414,6 +424,8 @@ class GateDecision:
     promote: bool
     ratio: Ratio
     """the new version's latency over production's"""
+    median: float
+    """the median of the blocks' ratios (what decides when the interval straddles the limit)"""
     limit: float
     """1 + max_regression"""
     basis: str
@@ -430,7 +442,7 @@ class GateDecision:
             f"{LEVEL:.0%} interval {lo:.3f}-{hi:.3f}"
             if self.basis == "interval"
             else f"{LEVEL:.0%} interval {lo:.3f}-{hi:.3f} straddles {self.limit:.3f}: decided on "
-            "the median"
+            f"the blocks' median ratio, {self.median:.3f}"
         )
         return (
             f"{self.new_ms.median_ms:.4g} ms vs production's {self.production_ms.median_ms:.4g} "
@@ -444,6 +456,7 @@ class GateDecision:
             "basis": self.basis,
             "ratio": self.ratio.value,
             "ratio_ci": list(self.ratio.ci),
+            "median_ratio": self.median,
             "limit": self.limit,
             "new_ms": self.new_ms.to_dict(),
             "production_ms": self.production_ms.to_dict(),
@@ -461,16 +474,19 @@ def gate(
     m: Measurement, max_regression: float, new: str = "new", prod: str = "production"
 ) -> GateDecision:
     """Refuse when the new/production ratio's interval lies entirely above
-    ``1 + max_regression``, promote when it lies below; when it straddles, the median decides."""
+    ``1 + max_regression``, promote when it lies below; when it straddles, the median of the
+    blocks' ratios decides (one disturbed block moves the mean, not the median)."""
     limit = 1.0 + max_regression
     r = m.ratio(new, prod)
+    median = m.block_ratio_median(new, prod)
     if r.excludes(limit):
         promote, basis = r.ci[1] < limit, "interval"
     else:
-        promote, basis = r.value <= limit, "median"
+        promote, basis = median <= limit, "median"
     return GateDecision(
         promote=promote,
         ratio=r,
+        median=median,
         limit=limit,
         basis=basis,
         new_ms=m.estimate(new),
