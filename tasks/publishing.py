@@ -188,8 +188,8 @@ def promote_version(
     lo, hi = decision.ratio.ci
     for key, value in {
         "gate_production_version": str(cur.version),
-        "gate_ratio": f"{decision.ratio.value:.4f}",
-        "gate_ratio_ci": f"{lo:.4f}-{hi:.4f}",
+        "gate_ratio": f"{decision.ratio.value:.6f}",
+        "gate_ratio_ci": f"{lo:.6f}-{hi:.6f}",
         "gate_new_ms": f"{decision.new_ms.median_ms:.6g}",
         "gate_production_ms": f"{decision.production_ms.median_ms:.6g}",
         "gate_basis": decision.basis,

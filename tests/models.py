@@ -33,6 +33,18 @@ def untuned_artifact_of(m, tmp: Path):
     )
 
 
+def tiny_mlp_onnx(path: Path) -> Path:
+    """The bundled tiny MLP (``x`` 1×32 → ``output`` 1×16) exported to ONNX at ``path``."""
+    from harlflow.core.signature import TensorSpec
+    from harlflow.examples import tiny_mlp
+    from tasks.importing import _torch_to_onnx
+
+    net = tiny_mlp()
+    specs = [TensorSpec(n, tuple(s), d) for n, s, d in net.harlflow_inputs]
+    _torch_to_onnx(net, specs, path, "tiny_mlp")
+    return path
+
+
 def slow_mlp(path: Path, width: int = 1024, layers: int = 6) -> Path:
     """An ONNX model with ``tiny_mlp``'s signature (``x`` 1×32 → ``output`` 1×16) that does
     ~``layers × width²`` multiply-adds (6 M by default, ~2 000× the tiny MLP's): a new

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from models import slow_mlp, untuned_artifact
+from models import slow_mlp, tiny_mlp_onnx, untuned_artifact
 from services import BIN
 
 from harlflow.measure import Runtime, bootstrap_median_ci, gate, side_by_side
@@ -21,15 +21,8 @@ from harlflow.measure.protocol import log_t_interval
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """The tiny MLP's artifact, a byte-identical copy of it (A/A), and the slow model's."""
-    from harlflow.core.signature import TensorSpec
-    from harlflow.examples import tiny_mlp
-    from tasks.importing import _torch_to_onnx
-
     tmp = tmp_path_factory.mktemp("measure")
-    net = tiny_mlp()
-    specs = [TensorSpec(n, tuple(s), d) for n, s, d in net.harlflow_inputs]
-    _torch_to_onnx(net, specs, tmp / "tiny_mlp.onnx", "tiny_mlp")
-    _, fast = untuned_artifact(tmp / "tiny_mlp.onnx", tmp)
+    _, fast = untuned_artifact(tiny_mlp_onnx(tmp / "tiny_mlp.onnx"), tmp)
     copy = shutil.copytree(fast.directory, tmp / "copy")
     _, slow = untuned_artifact(slow_mlp(tmp / "slow.onnx"), tmp)
     return Path(fast.directory), copy, Path(slow.directory)

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from models import untuned_artifact, untuned_artifact_of
+from models import tiny_mlp_onnx, untuned_artifact, untuned_artifact_of
 from onnx import TensorProto, helper, numpy_helper
 from services import BIN
 
@@ -74,15 +74,8 @@ def gpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory):
-    from harlflow.core.signature import TensorSpec
-    from harlflow.examples import tiny_mlp
-    from tasks.importing import _torch_to_onnx
-
     tmp = tmp_path_factory.mktemp("mlp")
-    net = tiny_mlp()
-    specs = [TensorSpec(n, tuple(s), d) for n, s, d in net.harlflow_inputs]
-    _torch_to_onnx(net, specs, tmp / "tiny_mlp.onnx", "tiny_mlp")
-    m, art = untuned_artifact(tmp / "tiny_mlp.onnx", tmp)
+    m, art = untuned_artifact(tiny_mlp_onnx(tmp / "tiny_mlp.onnx"), tmp)
     return m.onnx_path, Path(art.directory)
 
 

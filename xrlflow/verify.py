@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from harlflow.core.ort import session_options
 from xrlflow.ir import Graph, to_onnx
 
 
@@ -14,15 +15,7 @@ def session(model: onnx.ModelProto | Graph, level: str = "disable", threads: int
     """An onnxruntime CPU session; ``level``: disable | basic | extended | all."""
     if isinstance(model, Graph):
         model = to_onnx(model)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    so = session_options(level, threads)
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -11,10 +11,10 @@ coin flip at 5 %. So every comparison is made like this:
    coordinator pauses :data:`SETTLE_S` so that its idle threads have stopped spinning before the
    next one starts. The thread pools spin between parallel loops as they do when deployed, TVM's
    for :data:`SPIN_COUNT` yields instead of its default 300 000 (which outlast the pause and
-   slowed the onnxruntime process timed next by ~60 %). ``spin=False`` turns spinning off in
+   slowed the onnxruntime process timed next by 30-40 %). ``spin=False`` turns spinning off in
    both (onnxruntime's ``session.intra_op.allow_spinning = 0``, ``TVM_THREAD_POOL_SPIN_COUNT=0``):
    not how they are deployed, and TVM's pool then wakes its threads through the kernel for every
-   parallel loop (a GPT-style decoder took 1.9× as long).
+   parallel loop (a GPT-style decoder took 1.65× as long, a small CNN 2.4×).
 2. **Rounds, alternating** A B C A B C ...: in each round every runtime makes one untimed call,
    then a fixed number of timed calls (chosen once per runtime from its warm-up so that its part
    of a round lasts about ``round_seconds``); the round's statistic is their median. Whatever
@@ -330,7 +330,7 @@ class _Worker:
 SPIN_COUNT: int | None = 10_000
 """TVM_THREAD_POOL_SPIN_COUNT of the TVM workers when spinning (None: TVM's default, 300 000
 yields before a thread sleeps, which outlasted a 20 ms pause and slowed the onnxruntime process
-timed next by ~60 %; 10 000 gave TVM the same latency, see ``bench/measurement.py``)"""
+timed next by 30-40 %; 10 000 gave TVM the same latency, see ``bench/measurement.py``)"""
 SETTLE_S = 0.02
 """with spinning on: the pause after a runtime's part of a round, so that its idle threads have
 stopped spinning before the next runtime is timed"""

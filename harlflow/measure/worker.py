@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from harlflow.core.errors import HarlflowError, first_line
+from harlflow.core.ort import LEVELS
 from harlflow.core.outputs import compare, load_reference
 
 
@@ -37,16 +38,10 @@ def ort_runner(onnx_path: str, reference: str, threads: int, level: str = "all")
 
     import onnxruntime as ort
 
+    from harlflow.core.ort import session_options
+
     ins, _ = load_reference(reference)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    opts = session_options(level, threads)
     spin = "0" if os.environ.get("HARLFLOW_MEASURE_SPIN") == "0" else "1"
     opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
     opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
@@ -194,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-kind", default="factory")
     p.add_argument("--checkpoint", default=None)
     p.add_argument(
-        "--ort-level", choices=["disable", "basic", "extended", "all"], default="all",
+        "--ort-level", choices=LEVELS, default="all",
         help="onnxruntime's graph optimisation level (ort; default all)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: pinned)")
