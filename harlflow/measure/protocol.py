@@ -220,13 +220,16 @@ class Measurement:
             calls_per_round=self.calls[label],
         )
 
+    def _per_round_ratio(self, a: str, b: str) -> np.ndarray:
+        """Each round's ``a`` over the same round's ``b`` (their round medians)."""
+        return self.round_medians(a) / self.round_medians(b)
+
     def block_ratio_median(self, a: str, b: str) -> float:
         """The median over blocks of each block's median per-round ratio ``a``/``b``."""
-        per_round = self.round_medians(a) / self.round_medians(b)
-        return float(np.median(self._by_block(per_round)))
+        return float(np.median(self._by_block(self._per_round_ratio(a, b))))
 
     def ratio(self, a: str, b: str) -> Ratio:
-        per_round = self.round_medians(a) / self.round_medians(b)
+        per_round = self._per_round_ratio(a, b)
         if self.blocks >= 2:
             value, lo, hi = log_t_interval(self._by_block(per_round))
             return Ratio(value, (lo, hi))
