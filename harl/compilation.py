@@ -24,6 +24,8 @@ from harl.legalize import LEGALIZE
 from harl.sampling import fallback_trace
 from harlflow.core.errors import TuningError, first_line
 
+log = logging.getLogger("harl.compilation")
+
 
 def prepare(mod, *, index_checks: bool = True):
     """Inference decompositions, convolutions in NHWC, canonical bindings and bounds checks on
@@ -39,18 +41,30 @@ def prepare(mod, *, index_checks: bool = True):
 
     try:
         mod = relax.transform.DecomposeOpsForInference()(mod)
-        try:
-            if _calls(mod, "relax.nn.conv2d"):  # the pass crashes (SIGFPE) on some models
-                mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
-        except Exception as e:  # a layout choice, not a requirement: NCHW still compiles
-            logging.getLogger("harl.compilation").warning(
-                "convolutions stay in NCHW: TVM's ConvertLayout failed on this model (%s)",
-                first_line(e),
-            )
+        if _calls(mod, "relax.nn.conv2d"):  # the pass crashes (SIGFPE) on some models
+            mod = _nhwc(mod)
         mod = fold_constant_layouts(relax.transform.CanonicalizeBindings()(mod))
         return guard_indices(mod) if index_checks else mod  # False: bench/index_checks.py
     except Exception as e:
         raise TuningError(f"preparing the model for TVM failed: {first_line(e)}") from None
+
+
+def _nhwc(mod):
+    """Convolutions in NHWC (:mod:`harl.layouts`); a layout choice, not a requirement: what
+    cannot be converted stays in the model's layout and still compiles."""
+    from harl.layouts import to_nhwc
+
+    out = to_nhwc(mod)
+    if not out.converted:
+        log.warning("convolutions stay in NCHW: TVM's ConvertLayout failed (%s)", out.error)
+    elif out.kept:
+        log.warning(
+            "NHWC around every operator but %s, whose layout inference fails in TVM's "
+            "ConvertLayout (%s): kept in NCHW between transposes",
+            ", ".join(k.removeprefix("relax.") for k in out.kept),
+            out.error,
+        )
+    return out.mod
 
 
 def _calls(mod, op_name: str) -> bool:
@@ -265,7 +279,7 @@ def compile_database(db, tasks, target: dict[str, Any], seed: int):
             try:
                 trace = fallback_trace(task, target, seed)
             except Exception as e:  # MetaSchedule cannot sketch it: TVM's default lowering
-                logging.getLogger("harl.compilation").warning(
+                log.warning(
                     "no fallback schedule for %s (%s): compiled unscheduled",
                     task.task_name,
                     first_line(e),
@@ -294,7 +308,7 @@ def _applicable(records: list, mod, task_name: str):
             r.trace.apply_to_schedule(s_tir.Schedule(mod), remove_postproc=False)
             return r
         except Exception as e:
-            logging.getLogger("harl.compilation").warning(
+            log.warning(
                 "a tuning record of %s does not apply to it (%s): skipped", task_name, first_line(e)
             )
     return None

@@ -212,7 +212,8 @@ def tune(
 
     Workloads with valid records for this target are not measured again; the budget goes to new
     ones. Each new task first gets ``min_trials_per_task`` measured samples, most of them
-    register-blocked (a floor, so trials spent can exceed a small ``trials``); tasks under
+    register-blocked, as far as ``trials`` goes (a small ``trials`` measures the heaviest tasks'
+    first samples; trials spent never exceed ``trials``); tasks under
     ``TINY_SHARE`` of the model's FLOPs get one sample plus their unscheduled kernel and no
     search. What remains of ``trials`` goes to the search ``strategy`` (a name in
     :data:`harl.strategies.STRATEGIES`, a :class:`~harl.strategies.Strategy` or a MetaSchedule
@@ -344,7 +345,16 @@ def _tune(
         ]
         if min_trials_per_task and jobs:
             measure_random(
-                jobs, db, target, seed, builder, runner, tracker.measured, deadline, tiny=tiny
+                jobs,
+                db,
+                target,
+                seed,
+                builder,
+                runner,
+                tracker.measured,
+                deadline,
+                tiny=tiny,
+                limit=trials - tracker.trials,
             )
         result.phases["warm_up_s"] = round(deadline.elapsed() - result.phases["extract_s"], 2)
         searched = [(t, s) for t, s in new if s.name not in tiny]

@@ -27,8 +27,9 @@ def measure_random(
     deadline: Deadline | None = None,
     chunk: int = 8,
     tiny: set[str] | None = None,
+    limit: int | None = None,
 ) -> int:
-    """Measure seeded samples of each task. Returns trials spent.
+    """Measure seeded samples of each task. Returns trials spent, never more than ``limit``.
 
     ``jobs`` is ``[(task, summary, count)]``, most important first; samples are interleaved
     across tasks (every task's first sample, then every task's second, ...) and measured in
@@ -38,6 +39,8 @@ def measure_random(
     reported (``report(summary, run_secs)`` per trial, ``run_secs`` None for a failure).
     Failed builds and runs are recorded as MetaSchedule records
     them (run_secs 1e10). Tasks named in ``tiny`` also measure their :func:`unscheduled` kernel.
+    A ``limit`` below the samples wanted keeps the first ``limit`` of the interleaved order:
+    the heaviest tasks' first samples; the tasks left out compile with a fallback schedule.
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -54,6 +57,8 @@ def measure_random(
         per_task.append([(task, summary, sch) for sch in samples])
     rounds = max(map(len, per_task), default=0)
     order = [row[k] for k in range(rounds) for row in per_task if k < len(row)]
+    if limit is not None:
+        order = order[: max(0, limit)]
     spent = pos = 0
     while pos < len(order):
         batch = order[pos : pos + deadline.affordable(chunk)]

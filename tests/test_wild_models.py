@@ -259,3 +259,44 @@ def test_a_record_that_matches_a_workload_but_does_not_apply_is_skipped(tmp_path
     assert art.manifest["tuning"]["kernels"][task.task_name] == "fallback"
     warned = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
     assert warned and task.task_name in warned[0]
+
+
+def test_convolutions_go_nhwc_around_an_operator_convert_layout_cannot_handle(tmp_path, caplog):
+    """An opset-9 ``Sum`` imports as a ``stack`` whose layout inference aborts TVM's
+    ConvertLayout for the whole model; the convolutions go NHWC anyway, the ``stack`` stays
+    NCHW between transposes, and the artifact (with a channel shuffle) still verifies."""
+    from tvm import relax
+
+    from harl.compilation import prepare
+    from tasks.importing import to_relax
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Sum", ["r", "c"], ["s"]),
+        # channel shuffle, as ShuffleNet exports it: reshape to groups, swap, flatten back
+        helper.make_node("Reshape", ["s", "g5"], ["s5"]),
+        helper.make_node("Transpose", ["s5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t5", "g4"], ["sh"]),
+        helper.make_node("Conv", ["sh", "w2"], ["y"], pads=[1, 1, 1, 1], group=2),
+    ]
+    inits = [
+        numpy_helper.from_array(arr(8, 3, 3, 3), "w1"),
+        numpy_helper.from_array(arr(8, 4, 3, 3), "w2"),
+        numpy_helper.from_array(np.array([1, 2, 4, 8, 8], np.int64), "g5"),
+        numpy_helper.from_array(np.array([1, 8, 8, 8], np.int64), "g4"),
+    ]
+    path = save(helper.make_graph(nodes, "sum_shuffle", [x], [y], inits), tmp_path / "m.onnx", 9)
+    with caplog.at_level(logging.WARNING, logger="harl.compilation"):
+        m, _ = packaged(path, tmp_path)
+    assert "NHWC around every operator but stack" in caplog.text
+
+    calls = []
+    main = prepare(to_relax(m.onnx_path, m.inputs))["main"]
+    relax.analysis.post_order_visit(main, lambda e: calls.append(e))
+    ops = [c for c in calls if isinstance(c, relax.Call)]
+    convs = [c for c in ops if getattr(c.op, "name", "") == "relax.nn.conv2d"]
+    assert [c.attrs.data_layout for c in convs] == ["NHWC", "NHWC"]
+    assert any(getattr(c.op, "name", "") == "relax.stack" for c in ops)
