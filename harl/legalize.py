@@ -9,12 +9,16 @@ same cost.
 TVM's float32 ``tanh`` is a rational approximation with an absolute error near 6e-8, which is
 a relative error of 1e-3 for arguments near 1e-4 (``Mish`` of -10 came out 0.13% off, outside
 ONNX's conformance tolerance, where onnxruntime is exact). Below 1/16 its Taylor series
-(four terms: error under 1e-12) is used instead; a select per element.
+(four terms: error under 1e-12) is used instead; a select per element (in
+:mod:`harl.fast_math`, with the other transcendental functions).
 
-:data:`LEGALIZE` is passed to ``relax.transform.LegalizeOps``.
+:data:`LEGALIZE` is passed to ``relax.transform.LegalizeOps``: these lowerings and the fast,
+vectorisable transcendental ones of :mod:`harl.fast_math`.
 """
 
 from __future__ import annotations
+
+from harl.fast_math import FAST_MATH
 
 
 def _relu(bb, call):
@@ -43,26 +47,6 @@ def _clip(bb, call):
         )
 
     return bb.call_te(clip, *call.args, primfunc_name_hint="tir_clip")
-
-
-def _tanh(bb, call):
-    import tvm
-    from tvm import te, tirx, topi
-
-    def tanh(x):
-        if x.dtype not in ("float32", "float16"):
-            return topi.tanh(x)
-
-        def f(*i):
-            v = x(*i)
-            c = lambda k: tirx.const(k, x.dtype)  # noqa: E731
-            s = v * v
-            series = v * (c(1) + s * (c(-1 / 3) + s * (c(2 / 15) + s * c(-17 / 315))))
-            return tirx.Select(tvm.te.abs(v) < c(0.0625), series, tvm.te.tanh(v))
-
-        return te.compute(x.shape, f, name="compute", tag=topi.tag.ELEMWISE)
-
-    return bb.call_te(tanh, call.args[0], primfunc_name_hint="tir_tanh")
 
 
 def _extremum(is_max: bool):
@@ -108,9 +92,9 @@ def _extremum(is_max: bool):
 
 
 LEGALIZE = {
+    **FAST_MATH,
     "relax.nn.relu": _relu,
     "relax.clip": _clip,
-    "relax.tanh": _tanh,
     "relax.max": _extremum(True),
     "relax.min": _extremum(False),
 }
