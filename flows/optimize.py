@@ -9,7 +9,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.budget import RunClock
 from flows.settings import RunSettings
+from harl.budget import format_duration
 from harlflow.core.config import (
     harl_agent_path,
     home,
@@ -40,6 +42,7 @@ def optimize(
     """Optimise one model end to end; returns a summary (artifact, version, latencies)."""
     logger = get_run_logger()
     s = (settings or RunSettings()).checked()
+    clock = RunClock(s.time_budget_s)  # --time-budget bounds import to package
     name = validate_name(name or default_name(model))
     c = tracking.client()
     with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
@@ -64,7 +67,7 @@ def optimize(
             },
         )
 
-        with tracking.run(c, "import", parent_run_id=parent) as rid:
+        with tracking.run(c, "import", parent_run_id=parent) as rid, clock.stage("import"):
             imported = import_task(model, inputs, checkpoint, s.seed, name)
             log_import(c, rid, imported)
         logger.info(
@@ -74,7 +77,7 @@ def optimize(
             ", ".join(map(str, imported.inputs)),
         )
 
-        with tracking.run(c, "rewrite", parent_run_id=parent) as rid:
+        with tracking.run(c, "rewrite", parent_run_id=parent) as rid, clock.stage("rewrite"):
             rewritten = rewrite_task(
                 imported,
                 s.rewrite,
@@ -85,17 +88,18 @@ def optimize(
                 target=s.target,
                 database_dir=tuning_db_dir(),
                 seed=s.seed,
+                time_budget_s=clock.rewrite_s(),
                 log=logger.info,
             )
             log_rewrite(c, rid, rewritten)
 
-        with tracking.run(c, "tune", parent_run_id=parent) as rid:
+        with tracking.run(c, "tune", parent_run_id=parent) as rid, clock.stage("tune"):
             tuned = tune_task(
                 rewritten.model,
                 s.target,
                 database_dir=tuning_db_dir(),
                 trials=s.trials,
-                time_budget_s=s.time_budget_s,
+                time_budget_s=clock.tune_s(s.measure_seconds if s.measure else 0.0),
                 strategy=s.strategy,
                 seed=s.seed,
                 min_trials_per_task=s.min_trials_per_task,
@@ -106,7 +110,7 @@ def optimize(
             )
             log_tuning(c, rid, tuned, s.min_trials_per_task, harl_agent_path())
 
-        with tracking.run(c, "package", parent_run_id=parent) as rid:
+        with tracking.run(c, "package", parent_run_id=parent) as rid, clock.stage("package"):
             artifact = package_task(
                 rewritten.model,
                 s.target,
@@ -121,7 +125,7 @@ def optimize(
             )
             log_package(c, rid, artifact)
 
-        with tracking.run(c, "publish", parent_run_id=parent) as rid:
+        with tracking.run(c, "publish", parent_run_id=parent) as rid, clock.stage("publish"):
             published = publish_task(
                 rid,
                 artifact,
@@ -133,6 +137,16 @@ def optimize(
             )
 
         summary = run_summary(imported, rewritten, tuned, artifact, published, parent)
+        summary |= clock.summary()
+        summary["time_budget"] = format_duration(s.time_budget_s) if s.time_budget_s else None
         tracking.log_metrics(c, parent, {f"speedup/{k}": v for k, v in summary["speedup"].items()})
+        tracking.log_metrics(c, parent, {f"time/{k}_s": v for k, v in clock.seconds.items()})
+        logger.info(
+            "%s in %.0f s%s: %s",
+            name,
+            summary["total_seconds"],
+            f" of a {s.time_budget_s:.0f} s budget" if s.time_budget_s else "",
+            ", ".join(f"{k} {v:.0f} s" for k, v in clock.seconds.items()),
+        )
         c.set_tag(parent, "artifact", artifact.directory)
         return summary

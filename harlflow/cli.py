@@ -297,9 +297,12 @@ def _print_summary(s: dict) -> None:
             f"rewrite   {rw['method']}: {rw['speedup']:.3f}x on {rw.get('oracle', 'onnxruntime')}; "
             f"rules {rules}"
         )
-    budget = f" of a {s['time_budget']} budget" if s.get("time_budget") else ""
     per = f", {s['seconds_per_trial']:.2f} s/trial" if s.get("seconds_per_trial") else ""
-    print(f"tuning    {s['trials']} trials in {s['tuning_seconds']} s{budget}{per}")
+    print(f"tuning    {s['trials']} trials in {s['tuning_seconds']} s{per}")
+    if s.get("stage_seconds"):
+        budget = f" of a {s['time_budget']} budget" if s.get("time_budget") else ""
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items())
+        print(f"run       {s['total_seconds']:.0f} s{budget} (seconds per stage: {stages})")
     if s.get("ratio_to_onnxruntime"):
         lo, hi = s.get("ratio_ci") or (float("nan"), float("nan"))
         print(
@@ -580,8 +583,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--time-budget",
         metavar="DURATION",
-        help="stop tuning after this long, keeping every trial measured: 90s, 20m, "
-        "1h (with --trials, whichever comes first)",
+        help="the whole run's time, import to package: 90s, 20m, 1h. The rewrite search gets "
+        "a fifth, tuning what is left after reserving the package stage's time; every "
+        "measured trial is kept (with --trials, whichever comes first)",
     )
     p.add_argument(
         "--strategy",

@@ -11,7 +11,14 @@ from tasks.packaging import Artifact
 from tasks.publishing import Publication
 from tasks.rewriting import RewriteOutcome
 
-REWRITE_KEYS = ("method", "speedup", "latency_before_ms", "latency_after_ms", "rules_applied")
+REWRITE_KEYS = (
+    "method",
+    "speedup",
+    "latency_before_ms",
+    "latency_after_ms",
+    "rules_applied",
+    "stopped",
+)
 
 
 def run_summary(

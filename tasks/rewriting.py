@@ -73,10 +73,13 @@ def rewrite_model(
     rollouts: int = 2,
     max_steps: int = 30,
     seed: int = 0,
+    time_budget_s: float | None = None,
     log=print,
 ) -> RewriteOutcome:
     """Rewrite ``imported`` with ``method``, judged by ``oracle``; returns the model the next
-    stages should use."""
+    stages should use. With ``time_budget_s`` the search stops pricing candidates after that
+    many seconds and hands on the best graph reached (training an agent that is not saved yet
+    is not cut short)."""
     if method not in METHODS:
         raise BadInputError(
             f"unknown rewrite method {method!r}; choose one of {', '.join(METHODS)}"
@@ -90,7 +93,7 @@ def rewrite_model(
     with tvmlog.collected(log) as warned:  # TVM warns once per priced candidate otherwise
         out = _rewrite(
             imported, method, work_dir, agent_path, rlflow_agent_path, oracle, target,
-            database_dir, train_iterations, rollouts, max_steps, seed, log,
+            database_dir, train_iterations, rollouts, max_steps, seed, time_budget_s, log,
         )  # fmt: skip
     out.summary["tvm_warnings"] = dict(warned)
     return out
@@ -98,12 +101,13 @@ def rewrite_model(
 
 def _rewrite(
     imported, method, work_dir, agent_path, rlflow_agent_path, oracle, target, database_dir,
-    train_iterations, rollouts, max_steps, seed, log,
+    train_iterations, rollouts, max_steps, seed, time_budget_s, log,
 ) -> RewriteOutcome:  # fmt: skip
     from xrlflow import ir, search
 
     rl.setup(seed)  # the agent's initial weights; one torch thread for small graphs
     t0 = time.monotonic()
+    deadline = None if time_budget_s is None else t0 + time_budget_s
     original = ir.check(ir.load(imported.onnx_path))
     g = ir.normalize(original)
     judge = make_oracle(oracle, target, database_dir)
@@ -115,15 +119,24 @@ def _rewrite(
     curve: list[dict[str, float]] = []
     if method == "greedy":
         log(f"rewrite: greedy over {len(g.nodes)} nodes, judged on {judge.name}")
-        result = search.greedy(g, judge)
+        result = search.greedy(g, judge, deadline=deadline)
     elif method == "xrlflow":
         agent = _agent(g, judge, agent_path, train_iterations, seed, curve, log)
         log(f"rewrite: X-RLflow policy, greedy + {rollouts} sampled rollouts on {judge.name}")
-        result = search.xrlflow(g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed)
+        result = search.xrlflow(
+            g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed, deadline=deadline
+        )
     else:
         agent = _rlflow_agent(g, judge, rlflow_agent_path, train_iterations, seed, curve, log)
         log(f"rewrite: RLFlow controller, greedy + {rollouts} sampled rollouts on {judge.name}")
-        result = search.rlflow(g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed)
+        result = search.rlflow(
+            g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed, deadline=deadline
+        )
+    if result.notes.get("stopped"):
+        log(
+            f"rewrite: stopped at its share of the time budget ({time_budget_s:.0f} s) with "
+            f"the best graph so far, {result.explored} candidates priced"
+        )
     result = search.best_of(original, result)
     summary = result.summary() | {
         "oracle": judge.name,

@@ -229,6 +229,7 @@ def test_cli_time_budget_stops_tuning_and_packages(first_run, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "artifact  budget v1" in out and "of a 15s budget" in out, out
+    assert "seconds per stage: import" in out and "package" in out, out  # the budget's split
     trials = int(out.split("tuning    ")[1].split(" trials")[0])
     assert trials > 0  # no --trials: the deadline alone ended tuning
     run = _client().search_runs(

@@ -74,6 +74,19 @@ def test_greedy_misses_what_backtracking_and_ppo_find(fire):
     assert max_mismatch(g, found.graph) is None
 
 
+def test_greedy_stops_pricing_at_its_deadline_with_the_graph_reached(fire):
+    import time
+
+    g, _ = fire
+    unbounded = search.greedy(g, ORACLE)
+    assert unbounded.steps and unbounded.summary()["stopped"] is None
+    later = search.greedy(g, ORACLE, deadline=time.monotonic() + 3600)
+    assert [s.rule for s in later.steps] == [s.rule for s in unbounded.steps]
+    passed = search.greedy(g, ORACLE, deadline=time.monotonic())  # the budget is spent
+    assert passed.summary()["stopped"] == "time budget"
+    assert passed.explored == 0 and not passed.steps and passed.graph is not None
+
+
 def test_agent_checkpoint_round_trip(tmp_path, fire):
     g, _ = fire
     env = RewriteEnv({"fire": g}, ORACLE)

@@ -53,6 +53,7 @@ class Result:
             "rules_applied": counts,
             "steps": [f"{s.rule}@{s.node}" for s in self.steps],
             "nodes": len(self.graph.nodes),
+            "stopped": self.notes.get("stopped"),  # "time budget" when the deadline ended it
         }
 
 
@@ -66,6 +67,7 @@ def greedy(
     rules: list[R.Rule] | None = None,
     max_steps: int = 200,
     min_gain: float | None = None,
+    deadline: float | None = None,
 ) -> Result:
     """Take the candidate with the lowest estimate while it gains more than ``min_gain``
     (default: the oracle's ``decision_margin``) and, for an oracle that times operators, while
@@ -75,19 +77,26 @@ def greedy(
     substitutions in one run and none in the next: noisy estimates put three look-alike
     rewrites first, each failed the re-timing, and a sure one further down was never tried.
     Timing oracles still decide differently between runs: 4, 8 and 12 substitutions on BERT
-    in three runs. The TVM oracle's decisions are the same in every run.)"""
+    in three runs. The TVM oracle's decisions are the same in every run.)
+
+    At ``deadline`` (a ``time.monotonic()`` instant) the search stops pricing: the candidates
+    priced so far still compete for the current step, then it ends with the graph reached."""
     t0, rules = time.monotonic(), rules or R.RULES
     g = check(g)
     margin = oracle.decision_margin if min_gain is None else min_gain
     before, est, steps, explored = oracle.measure(g), oracle.estimate(g), [], 0
+    out_of_time = False
     for _ in range(max_steps):
         signals.check()  # a stop request a swallowed TVM error may have hidden
         cands = R.candidates(g, rules)
-        explored += len(cands)
-        scored = sorted(
-            ((oracle.estimate(c.graph), i, c) for i, c in enumerate(cands)),
-            key=lambda x: (x[0], x[1]),
-        )
+        scored = []
+        for i, c in enumerate(cands):
+            if _past(deadline):
+                out_of_time = True
+                break
+            scored.append((oracle.estimate(c.graph), i, c))
+        explored += len(scored)
+        scored.sort(key=lambda x: (x[0], x[1]))
         taken = next(
             (
                 (e, c)
@@ -96,12 +105,19 @@ def greedy(
             ),
             None,
         )
-        if taken is None:
+        if taken is not None:
+            est, c = taken
+            g = c.graph
+            steps.append(Step(c.rule, c.node, est))
+        if taken is None or out_of_time or _past(deadline):
             break
-        est, c = taken
-        g = c.graph
-        steps.append(Step(c.rule, c.node, est))
-    return Result("greedy", g, steps, before, oracle.measure(g), time.monotonic() - t0, explored)
+    notes = {"stopped": "time budget"} if out_of_time or _past(deadline) else {}
+    after = oracle.measure(g)
+    return Result("greedy", g, steps, before, after, time.monotonic() - t0, explored, notes)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def _significant(oracle: CostOracle, before: Graph, after: Graph) -> bool:
@@ -163,15 +179,18 @@ def xrlflow(
     max_steps: int = 40,
     measure_every: int = 5,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> Result:
-    """The X-RLflow policy greedily, then ``rollouts`` sampled episodes; the best measured
-    graph wins."""
+    """The X-RLflow policy greedily, then ``rollouts`` sampled episodes (no new one after
+    ``deadline``); the best measured graph wins."""
     from xrlflow.agent import run_episode
 
     def episode(env, greedy: bool, k: int) -> dict:
         return run_episode(env, agent, model="model", greedy=greedy, seed=k)[2]
 
-    return _policy("xrlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed)
+    return _policy(
+        "xrlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed, deadline
+    )
 
 
 def rlflow(
@@ -183,26 +202,35 @@ def rlflow(
     max_steps: int = 40,
     measure_every: int = 5,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> Result:
-    """The RLFlow controller greedily, then ``rollouts`` sampled episodes, in the real
-    environment; the best measured graph wins."""
+    """The RLFlow controller greedily, then ``rollouts`` sampled episodes (no new one after
+    ``deadline``), in the real environment; the best measured graph wins."""
     from xrlflow.rlflow import run_episode
 
     def episode(env, greedy: bool, k: int) -> dict:
         return run_episode(env, agent, model="model", greedy=greedy, seed=k)[1]
 
-    return _policy("rlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed)
+    return _policy(
+        "rlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed, deadline
+    )
 
 
-def _policy(method, g, episode, oracle, rules, rollouts, max_steps, measure_every, seed) -> Result:
+def _policy(
+    method, g, episode, oracle, rules, rollouts, max_steps, measure_every, seed, deadline
+) -> Result:
     t0 = time.monotonic()
     env = RewriteEnv(
         {"model": g}, oracle, rules or R.RULES, max_steps=max_steps, measure_every=measure_every
     )
     best: tuple[float, Graph, list[Step]] | None = None
     before = None
+    notes: dict = {"rollouts": rollouts}
     for k in range(rollouts + 1):
         signals.check()
+        if k and _past(deadline):  # the greedy episode always runs
+            notes |= {"stopped": "time budget", "rollouts_run": k - 1}
+            break
         info = episode(env, k == 0, seed + k)
         before = info["start_latency"]
         lat, graph, n = info["best"]
@@ -217,7 +245,7 @@ def _policy(method, g, episode, oracle, rules, rollouts, max_steps, measure_ever
         best[0],
         time.monotonic() - t0,
         rollouts + 1,
-        {"rollouts": rollouts},
+        notes,
     )
 
 
