@@ -1,8 +1,15 @@
 """End-to-end latency: PyTorch eager, onnxruntime, untuned TVM and TVM tuned per budget.
 
     python bench/e2e.py [--models small_cnn,resnet18,bert_encoder,mobile_cnn] [--minutes 5,20]
-                        [--budgets 64,256] [--strategies evolutionary,harl]
+                        [--budgets 0,64,256] [--strategies evolutionary,harl]
                         [--out bench/results/e2e.json]
+    python bench/e2e.py --families gpt_decoder,vit,resnet50ish,... --budgets 0 --minutes 2,10
+
+``--families`` takes held-out architectures (``bench/families.py``, exported to ONNX here, old
+opsets included) instead of bundled examples. ``--budgets 0`` is ``--trials 0``: the
+measurement-free fallback schedules. Every TVM row carries the artifact's kernel table split
+into GEMM/convolution kernels, other kernels and the VM's own builtins, and the time outside
+any kernel.
 
 One run, one table. Budgets are wall-clock minutes of tuning (``--minutes``, what a user gives
 ``--time-budget``) and/or trial counts (``--budgets``). Every runtime is measured side by side
@@ -32,6 +39,44 @@ from harlflow.measure import Runtime, side_by_side  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
 from tasks.packaging import export_library, measure_threads, package  # noqa: E402
 
+GEMM_KERNELS = ("conv2d", "matmul", "dense", "batch_matmul")
+
+
+def kernel_split(artifact: str, reference: str) -> dict:
+    """The artifact's kernel table (``python -m harlflow.measure profile``) summed per kind, ms
+    per inference: ``gemm`` (convolutions and matrix products with their fused epilogues),
+    ``other`` kernels, ``vm`` builtins, and ``outside`` (the run less every instrumented call),
+    with the five costliest kernels."""
+    from tasks.packaging import run_worker
+
+    p = run_worker(["profile", "--path", artifact, "--reference", reference])
+    split = {"gemm": 0.0, "other": 0.0, "vm": 0.0}
+    for k in p["kernels"]:
+        kind = (
+            "vm"
+            if k["kernel"].startswith("vm.")
+            else "gemm"
+            if any(g in k["kernel"] for g in GEMM_KERNELS)
+            else "other"
+        )
+        split[kind] += k["total_us"] / 1e3
+    return {
+        **{f"{k}_ms": round(v, 4) for k, v in split.items()},
+        "outside_ms": p["overhead_ms"],
+        "run_ms": round(p["run_ms"], 4),
+        "top": [(k["kernel"], k["total_us"], k["calls"]) for k in p["kernels"][:5]],
+    }
+
+
+def _split_text(k: dict | None) -> str:
+    if not k:
+        return ""
+    return (
+        "  gemm {gemm_ms:.3f} other {other_ms:.3f} vm {vm_ms:.3f} outside {outside_ms:.3f}".format(
+            **k
+        )
+    )
+
 
 def bench_model(
     example: str,
@@ -43,8 +88,22 @@ def bench_model(
     work: Path,
     emit,
 ) -> None:
-    """Measure one bundled example; ``emit(row)`` is called as each row is measured."""
-    m = import_model(f"harlflow.examples:{example}", cache_dir=work / "cache")
+    """Measure one bundled example or a held-out family (``family:NAME``); ``emit(row)`` is
+    called as each row is measured."""
+    held_out = example.startswith("family:")
+    if held_out:
+        import os
+
+        from families import export
+
+        example = example.removeprefix("family:")
+        onnx_path = export(example, work)
+        m = import_model(str(onnx_path), cache_dir=work / "cache")
+        os.environ["HARLFLOW_TRUST_PT2"] = "1"  # the program exported just above
+        torch_rt = Runtime("pytorch", "torch", str(onnx_path.with_suffix(".pt2")), "pt2")
+    else:
+        m = import_model(f"harlflow.examples:{example}", cache_dir=work / "cache")
+        torch_rt = Runtime("pytorch", "torch", m.source)
     ort = Runtime("onnxruntime", "ort", str(m.onnx_path))
 
     def row(runtime: Runtime, **extra) -> None:
@@ -66,7 +125,7 @@ def bench_model(
             }
         )
 
-    row(Runtime("pytorch", "torch", m.source))
+    row(torch_rt)
     mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
     art = None
     for kind, amount in budgets:
@@ -101,11 +160,12 @@ def bench_model(
                 budget=amount,
                 trials=res.trials,
                 tuning_seconds=round(tune_s, 1),
-                seconds_per_trial=round(res.seconds / max(1, res.trials), 3),
+                seconds_per_trial=round(res.seconds / res.trials, 3) if res.trials else None,
                 weighted_task_us=res.weighted_latency_us,
                 phases=res.phases,
+                kernels=kernel_split(art.directory, str(m.reference_path)),
             )
-    if art is not None:
+    if art is not None and not held_out:  # TVM's untuned build: minutes to compile, 10-100x
         untuned = work / f"untuned-{example}"
         untuned.mkdir()
         export_library(compilation.compile_untuned(mod, target), untuned / "model.so")
@@ -149,6 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="small_cnn,mobile_cnn,resnet18,bert_encoder")
+    p.add_argument("--families", help="held-out families of bench/families.py, instead")
     p.add_argument("--minutes", default="5,20", help="comma list of tuning budgets in minutes")
     p.add_argument("--budgets", default="", help="comma list of trial budgets")
     p.add_argument("--strategies", default="evolutionary", help="comma list: evolutionary,harl")
@@ -170,7 +231,7 @@ def main() -> None:
     }
     cols = (
         f"{'model':12s} {'runtime':30s} {'median ms':>10s} {'x ORT':>7s} {'95% interval':>13s} "
-        f"{'trials':>7s} {'s/trial':>8s}"
+        f"{'trials':>7s} {'s/trial':>8s}  kernel table split, ms"
     )
     print(cols, flush=True)
 
@@ -179,14 +240,18 @@ def main() -> None:
         print(
             f"{r['model']:12s} {r['runtime']:30s} {r['median_ms']:10.3f} "
             f"{r['ratio_to_onnxruntime']:7.2f} {r['ratio_ci'][0]:6.2f}-{r['ratio_ci'][1]:<6.2f} "
-            f"{r.get('trials') or '':>7} "
-            f"{r.get('seconds_per_trial') or '':>8}",
+            f"{r.get('trials') if r.get('trials') is not None else '':>7} "
+            f"{r.get('seconds_per_trial') or '':>8}" + _split_text(r.get("kernels")),
             flush=True,
         )
         out.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
     with tempfile.TemporaryDirectory(prefix="harlflow-bench-") as tmp:
-        for example in a.models.split(","):
+        models = a.models.split(",")
+        if a.families:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            models = [f"family:{f}" for f in a.families.split(",")]
+        for example in models:
             bench_model(
                 example,
                 budgets,

@@ -281,7 +281,8 @@ FAMILIES = {
 
 def export(name: str, directory: Path, seed: int = 0) -> Path:
     """``NAME.onnx`` in ``directory``: the family's network with seeded weights (batch-norm
-    statistics randomised, so they are not the identity), exported by TorchScript's exporter."""
+    statistics randomised, so they are not the identity), exported by TorchScript's exporter;
+    and ``NAME.pt2``, the same network as a ``torch.export`` program (PyTorch eager's run)."""
     build, shape, opset = FAMILIES[name]
     torch.manual_seed(seed)
     net = build().eval()
@@ -291,6 +292,7 @@ def export(name: str, directory: Path, seed: int = 0) -> Path:
             m.running_var.uniform_(0.5, 1.5)
     x = torch.randint(0, 512, shape) if name == "gpt_decoder" else torch.randn(shape)
     path = Path(directory) / f"{name}.onnx"
+    torch.export.save(torch.export.export(net, (x,)), str(path.with_suffix(".pt2")))
     torch.onnx.export(
         net,
         (x,),

@@ -65,3 +65,53 @@ def test_transcendental_functions_compile_to_polynomials_and_verify(tmp_path):
     ).stdout.split()
     imported = {s.split("@")[0] for s in symbols}  # erff@GLIBC_2.2.5
     assert not LIBM & imported, sorted(LIBM & imported)
+
+
+def conv_and_matmul(path: Path) -> Path:
+    """A 3x3 convolution (64 → 64 channels, 28²) and a 256 × 512 matrix product."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 28, 28])
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [64, 256])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 28, 28])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [64, 512])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["a", "b"], ["z"]),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((64, 64, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((256, 512)).astype(np.float32), "b"),
+    ]
+    graph = helper.make_graph(nodes, "conv_mm", [x, a], [y, z], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_fallback_schedules_are_parallel_vectorised_register_blocked(tmp_path):
+    """What an unmeasured convolution or matmul compiles with (``--trials 0``): outer loops
+    parallel, the contiguous output axis vectorised, a register tile of rows × vector lanes
+    accumulated in a local buffer, weights read in a prepacked layout."""
+    import tvm
+    from tvm import s_tir
+
+    from harl import compilation
+    from harl.sampling import fallback_trace
+    from harlflow.core.targets import resolve_target
+    from tasks.importing import import_model, to_relax
+
+    m = import_model(str(conv_and_matmul(tmp_path / "m.onnx")), cache_dir=tmp_path / "cache")
+    target = resolve_target("cpu")
+    mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
+    tasks = compilation.extract_tasks(mod, target)
+    empty = tvm.s_tir.meta_schedule.database.MemoryDatabase()
+    _, sources = compilation.compile_database(empty, tasks, target, seed=0)
+    anchors = [t for t in tasks if "conv2d" in t.task_name or "matmul" in t.task_name]
+    assert len(anchors) == 2, [t.task_name for t in tasks]
+    for task in anchors:
+        assert sources[task.task_name] == "fallback"
+        sch = s_tir.Schedule(task.dispatched[0])
+        fallback_trace(task, target, 0).apply_to_schedule(sch, remove_postproc=False)
+        text = sch.mod.script()
+        assert "T.parallel" in text and "T.vectorized" in text, text
+        assert "layout_rewrite_preproc" in text, text  # the weights' tiles folded at compile time
+        assert "_global = T.sblock_alloc_buffer" in text, text  # accumulated in a register tile
