@@ -128,6 +128,7 @@ def _fusion_passes(target, prepack: bool) -> list:
         *pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps(LEGALIZE),  # where TVM differs from onnxruntime
         relax.transform.AnnotateTIROpPattern(),
+        tvm.transform.module_pass(_unfused_slices, opt_level=0, name="UnfusedSlices"),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
@@ -135,6 +136,25 @@ def _fusion_passes(target, prepack: bool) -> list:
         *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
         tvm.transform.module_pass(_root_extern_kernels, opt_level=0, name="RootExternKernels"),
     ]
+
+
+SLICES = ("strided_slice", "split")
+OPAQUE = 8  # relax's OpPatternKind::kOpaque: FuseOps fuses nothing into or after it
+
+
+def _unfused_slices(mod, _ctx):
+    """Slices and splits kept out of fused kernels. Fused after a convolution, a slice reads
+    only part of the convolution's bias; MetaSchedule's weight-layout rewrite then sizes the
+    bias's new layout by the part read, and its prepacking writes every channel into it modulo
+    that size (``bias_global[c % 4] = bias[c]`` for 8 channels): the artifact computed wrong
+    values (a ShuffleNet-style split after a convolution; caught by verification, not
+    packaged). A separate slice costs one copy of its output."""
+    from tvm import tirx
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith(SLICES):
+            mod[gv] = func.with_attr("op_pattern", OPAQUE)
+    return mod
 
 
 def _root_extern_kernels(mod, _ctx):

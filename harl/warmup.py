@@ -48,10 +48,13 @@ def measure_random(
     deadline = deadline or Deadline(None)
     tgt = tvm.target.Target(target)
     per_task = []
-    for i, (task, summary, count) in enumerate(jobs):
+    for task, summary, count in jobs:
         if deadline.expired():
             break
-        samples = sample_schedules(task, target, count, seed + i, micro_kernel=MICRO_KERNEL_SHARE)
+        # the run's seed for every task: the first sample is the fallback schedule the task
+        # compiles with when unmeasured (harl.sampling.fallback_trace), so a measured task is
+        # never slower than it would be at --trials 0
+        samples = sample_schedules(task, target, count, seed, micro_kernel=MICRO_KERNEL_SHARE)
         if tiny is not None and summary.name in tiny:
             samples.insert(0, unscheduled(task))
         per_task.append([(task, summary, sch) for sch in samples])

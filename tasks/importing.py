@@ -410,10 +410,19 @@ def canonicalize(model_proto, source: str, given: dict[str, TensorSpec]):
     )
     model_proto.ir_version = min(model_proto.ir_version, max(needed, 8))
     model_proto = _inferred(model_proto, source)
-    model_proto, folded = fold_constants(model_proto)
-    if folded:
+    # Folding a Shape chain lets shape inference see through the Reshape it fed, which may
+    # make more Shapes static (a ShuffleNet's channel shuffle exported with its shapes computed
+    # at run time: TVM imported it with dynamic shapes and could not extract its tasks)
+    for _ in range(FOLD_ROUNDS):
+        model_proto, folded = fold_constants(model_proto)
+        if not folded:
+            break
         model_proto, _ = inference_form(model_proto)
-    return _inferred(model_proto, source)
+        model_proto = _inferred(model_proto, source)
+    return model_proto
+
+
+FOLD_ROUNDS = 8
 
 
 def _inferred(model_proto, source: str):

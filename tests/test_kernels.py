@@ -115,3 +115,25 @@ def test_fallback_schedules_are_parallel_vectorised_register_blocked(tmp_path):
         assert "T.parallel" in text and "T.vectorized" in text, text
         assert "layout_rewrite_preproc" in text, text  # the weights' tiles folded at compile time
         assert "_global = T.sblock_alloc_buffer" in text, text  # accumulated in a register tile
+
+
+def test_the_first_measured_sample_of_a_task_is_its_fallback_schedule(tmp_path):
+    """A tuned task compiles with its best measured record; its first warm-up sample is the
+    schedule it would compile with unmeasured, so a short run is never worse than
+    ``--trials 0`` (up to timing noise) and ``--trials 1`` spends exactly one trial."""
+    from harl import compilation, database, tuning
+    from harl.sampling import fallback_trace
+    from harlflow.core.targets import resolve_target
+    from tasks.importing import import_model, to_relax
+
+    m = import_model(str(conv_and_matmul(tmp_path / "m.onnx")), cache_dir=tmp_path / "cache")
+    target = resolve_target("cpu")
+    mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
+    result = tuning.tune(mod, target, tmp_path / "db", trials=1, min_trials_per_task=4, seed=3)
+    assert result.trials == 1
+    db = database.open_database(tmp_path / "db")
+    tasks = compilation.extract_tasks(mod, target)
+    measured = [(t, database.records_on_target(db, t.dispatched[0], target)) for t in tasks]
+    (task, records), *others = sorted(measured, key=lambda tr: -len(tr[1]))
+    assert len(records) == 1 and not any(r for _, r in others)
+    assert str(records[0].trace) == str(fallback_trace(task, target, 3))

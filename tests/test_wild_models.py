@@ -300,3 +300,37 @@ def test_convolutions_go_nhwc_around_an_operator_convert_layout_cannot_handle(tm
     convs = [c for c in ops if getattr(c.op, "name", "") == "relax.nn.conv2d"]
     assert [c.attrs.data_layout for c in convs] == ["NHWC", "NHWC"]
     assert any(getattr(c.op, "name", "") == "relax.stack" for c in ops)
+
+
+def test_a_channel_shuffle_exported_with_run_time_shapes_becomes_static(tmp_path):
+    """TorchScript's exporter writes ``view``/``chunk`` on a tensor's own shape as Shape →
+    Gather → Div → Concat → Reshape, twice in a row: the second chain's input shape is known
+    only once the first is folded. Folding repeats until nothing is left, so TVM sees static
+    shapes (it failed with "emit_te now only supports Tensor that has ShapeExpr shape")."""
+    import torch
+
+    from tests.models import untuned_artifact
+
+    class Shuffle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            a, b = x.chunk(2, dim=1)
+            y = torch.cat([a, self.conv(torch.cat([b, b], 1))[:, :4]], 1)
+            n, c, h, w = y.shape
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            n, c, h, w = y.shape
+            return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    torch.manual_seed(0)
+    path = tmp_path / "shuffle.onnx"
+    torch.onnx.export(
+        Shuffle().eval(), (torch.randn(1, 8, 6, 6),), str(path), dynamo=False, opset_version=11
+    )
+    assert "Shape" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    m, art = untuned_artifact(path, tmp_path)
+    assert "Shape" not in m.op_counts
+    (check,) = art.manifest["verification"].values()
+    assert check["within_tolerance"], check
