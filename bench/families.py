@@ -58,6 +58,17 @@ def resnet50ish() -> nn.Module:
     )
 
 
+def resnet50_deep() -> nn.Module:
+    """ResNet-50's full depth (3, 4, 6, 3 bottlenecks) at half width, 112x112 input: a
+    ~230-node graph, for the rewrite stage's time budget."""
+    layers, cin = [_bn_relu(3, 32, 7, 2), nn.MaxPool2d(3, 2, 1)], 32
+    for i, (mid, n) in enumerate(((32, 3), (64, 4), (128, 6), (256, 3))):
+        for j in range(n):
+            layers.append(Bottleneck(cin, mid, 2 if j == 0 and i else 1))
+            cin = mid * 4
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 100))
+
+
 class InvertedResidual(nn.Module):
     """MobileNet-v2: 1x1 expand, 3x3 depthwise, 1x1 project; residual when shapes allow."""
 
@@ -271,6 +282,7 @@ FAMILIES = {
     "gpt_decoder": (GPT, (1, 64), 17),
     "vit": (ViT, (1, 3, 64, 64), 17),
     "resnet50ish": (resnet50ish, (1, 3, 112, 112), 9),
+    "resnet50_deep": (resnet50_deep, (1, 3, 112, 112), 9),
     "mobilenet": (mobilenet_ish, (1, 3, 112, 112), 11),
     "densenet": (densenet_ish, (1, 3, 64, 64), 11),
     "inception": (inception_ish, (1, 3, 64, 64), 9),
