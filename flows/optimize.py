@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.budget import RunClock
+from flows.budget import COMPILE_S_PER_TASK, RunClock
 from flows.settings import RunSettings
 from harl.budget import format_duration
 from harlflow.core.config import (
@@ -100,6 +100,7 @@ def optimize(
                 database_dir=tuning_db_dir(),
                 trials=s.trials,
                 time_budget_s=clock.tune_s(s.measure_seconds if s.measure else 0.0),
+                reserve_s_per_task=COMPILE_S_PER_TASK if s.time_budget_s else 0.0,
                 strategy=s.strategy,
                 seed=s.seed,
                 min_trials_per_task=s.min_trials_per_task,

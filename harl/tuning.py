@@ -188,6 +188,7 @@ def trials_per_round(budget: int, num_tasks: int) -> int:
     return max(8, min(32, budget // max(1, 2 * num_tasks)))
 
 
+MIN_TUNING_S = 1.0  # a reserve larger than the budget still leaves the warm-up's first chunk
 SECONDS_PER_TRIAL_GUESS = 0.7  # sizes search rounds under --time-budget before warm-up measured
 
 
@@ -207,6 +208,7 @@ def tune(
     work_dir: str | Path | None = None,
     agent_path: str | Path | None = None,
     cost_model: Any = "xgb",
+    reserve_s_per_task: float = 0.0,
 ) -> TuneResult:
     """Tune the tasks of a prepared module whose workloads the database has not measured yet.
 
@@ -218,7 +220,9 @@ def tune(
     search. What remains of ``trials`` goes to the search ``strategy`` (a name in
     :data:`harl.strategies.STRATEGIES`, a :class:`~harl.strategies.Strategy` or a MetaSchedule
     ``SearchStrategy``). ``time_budget_s`` stops tuning at the first batch boundary after that
-    many seconds, whatever is left of ``trials``. ``trials=0`` measures nothing. Every
+    many seconds, whatever is left of ``trials``, less ``reserve_s_per_task`` per task (what
+    the caller needs after tuning, e.g. compiling every kernel). ``trials=0`` measures nothing.
+    Every
     measurement lands in the database. A module with no task (every operator a VM builtin)
     has nothing to tune: the result is empty.
 
@@ -262,6 +266,7 @@ def tune(
             work_dir=work_dir,
             agent_path=agent_path,
             cost_model=ranker,
+            reserve_s_per_task=reserve_s_per_task,
         )
 
 
@@ -281,12 +286,16 @@ def _tune(
     work_dir,
     agent_path,
     cost_model,
+    reserve_s_per_task,
 ) -> TuneResult:
     """:func:`tune`'s body, run while holding the database's lock."""
     from harl.runners import make_runner
 
     deadline = Deadline(time_budget_s)
     tasks = extract_tasks(mod, target)
+    if time_budget_s is not None and reserve_s_per_task:
+        left = max(MIN_TUNING_S, time_budget_s - reserve_s_per_task * len(tasks))
+        deadline = Deadline(left, start=deadline.start)
     result = TuneResult(
         target=target,
         strategy=strategy.name,

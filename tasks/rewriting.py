@@ -111,15 +111,17 @@ def _rewrite(
     original = ir.check(ir.load(imported.onnx_path))
     g = ir.normalize(original)
     judge = make_oracle(oracle, target, database_dir)
+    t = time.monotonic()
     if judge.estimate(g) == float("inf"):
         raise BadInputError(
             f"{imported.name}: the TVM oracle cannot compile this model; "
             "use --rewrite-oracle onnxruntime"
         )
+    pricing_s = time.monotonic() - t
     curve: list[dict[str, float]] = []
     if method == "greedy":
         log(f"rewrite: greedy over {len(g.nodes)} nodes, judged on {judge.name}")
-        result = search.greedy(g, judge, deadline=deadline)
+        result = search.greedy(g, judge, deadline=deadline, pricing_s=pricing_s)
     elif method == "xrlflow":
         agent = _agent(g, judge, agent_path, train_iterations, seed, curve, log)
         log(f"rewrite: X-RLflow policy, greedy + {rollouts} sampled rollouts on {judge.name}")

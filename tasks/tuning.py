@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,16 @@ def tune_model(
     agent_path: str | Path | None = None,
     rpc: str | None = None,
     cost_model: str = "xgb",
+    reserve_s_per_task: float = 0.0,
     log=print,
 ) -> TuneResult:
     """Tune every new workload of the model, measured locally or on the RPC tracker ``rpc``
     (``HOST:PORT:KEY``), for at most ``trials`` trials and ``time_budget_s`` seconds; progress
     as trials are measured, with the best latency so far against onnxruntime's. ``cost_model``:
-    ``"xgb"``, ``"transfer"`` or a saved attention cost model (:mod:`harl.cost_model`)."""
+    ``"xgb"``, ``"transfer"`` or a saved attention cost model (:mod:`harl.cost_model`).
+    ``time_budget_s`` counts from this call (onnxruntime's timing and the model's preparation
+    included); ``reserve_s_per_task`` is left over per task for the package stage."""
+    started = time.monotonic()
     ort_ms = _onnxruntime_ms(imported, target)
     last = [0.0]
 
@@ -55,11 +60,12 @@ def tune_model(
             strategy=strategy,
             seed=seed,
             min_trials_per_task=min_trials_per_task,
-            time_budget_s=time_budget_s,
+            time_budget_s=_left(time_budget_s, started),
             on_progress=progress,
             agent_path=agent_path,
             runner=runner,
             cost_model=cost_model,
+            reserve_s_per_task=reserve_s_per_task,
         )
     finally:
         if getattr(runner, "pool", None) is not None:
@@ -94,6 +100,12 @@ def progress_line(p: Progress, ort_ms: float | None) -> str:
         if ort_ms:
             best += f" ({p.weighted_us / 1e3 / ort_ms:.2f}x onnxruntime)"
     return f"tuning: {p.trials}/{budget} trials | {clock} | best {best} | last task {p.task}"
+
+
+def _left(budget_s: float | None, started: float) -> float | None:
+    if budget_s is None:
+        return None
+    return max(tuning.MIN_TUNING_S, budget_s - (time.monotonic() - started))
 
 
 def _onnxruntime_ms(imported: ImportedModel, target: dict) -> float | None:

@@ -68,6 +68,7 @@ def greedy(
     max_steps: int = 200,
     min_gain: float | None = None,
     deadline: float | None = None,
+    pricing_s: float | None = None,
 ) -> Result:
     """Take the candidate with the lowest estimate while it gains more than ``min_gain``
     (default: the oracle's ``decision_margin``) and, for an oracle that times operators, while
@@ -79,22 +80,30 @@ def greedy(
     Timing oracles still decide differently between runs: 4, 8 and 12 substitutions on BERT
     in three runs. The TVM oracle's decisions are the same in every run.)
 
-    At ``deadline`` (a ``time.monotonic()`` instant) the search stops pricing: the candidates
-    priced so far still compete for the current step, then it ends with the graph reached."""
+    Before ``deadline`` (a ``time.monotonic()`` instant) the search stops pricing, as soon as
+    pricing one more candidate at its pace so far would end after it: the candidates priced so
+    far still compete for the current step, then it ends with the graph reached.
+    ``pricing_s``: what pricing one graph took the caller, when it priced ``g`` already (the
+    oracle caches it, so timing ``g`` here would say nothing)."""
     t0, rules = time.monotonic(), rules or R.RULES
     g = check(g)
     margin = oracle.decision_margin if min_gain is None else min_gain
+    t = time.monotonic()
     before, est, steps, explored = oracle.measure(g), oracle.estimate(g), [], 0
+    # graphs priced, and the seconds they took
+    priced, pricing_s = 1, time.monotonic() - t if pricing_s is None else pricing_s
     out_of_time = False
     for _ in range(max_steps):
         signals.check()  # a stop request a swallowed TVM error may have hidden
         cands = R.candidates(g, rules)
         scored = []
         for i, c in enumerate(cands):
-            if _past(deadline):
+            if _past(deadline, pricing_s / priced):  # one more would end after the deadline
                 out_of_time = True
                 break
+            t = time.monotonic()
             scored.append((oracle.estimate(c.graph), i, c))
+            priced, pricing_s = priced + 1, pricing_s + time.monotonic() - t
         explored += len(scored)
         scored.sort(key=lambda x: (x[0], x[1]))
         taken = next(
@@ -116,8 +125,9 @@ def greedy(
     return Result("greedy", g, steps, before, after, time.monotonic() - t0, explored, notes)
 
 
-def _past(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
+def _past(deadline: float | None, ahead: float = 0.0) -> bool:
+    """Whether ``deadline`` has passed, or will have within ``ahead`` seconds."""
+    return deadline is not None and time.monotonic() + ahead >= deadline
 
 
 def _significant(oracle: CostOracle, before: Graph, after: Graph) -> bool:
