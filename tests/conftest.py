@@ -37,6 +37,18 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server for the session's command-line runs that are not about Prefect's
+    temporary server: each command on the embedded default starts its own (~9 s a run here);
+    tests/test_signals.py keeps testing that path."""
+    from services import start_prefect_server
+
+    server, api = start_prefect_server(tmp_path_factory.mktemp("prefect-api"))
+    yield api
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server over real HTTP on loopback; boto3 finds it through AWS_ENDPOINT_URL."""
     import boto3

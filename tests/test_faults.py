@@ -39,9 +39,10 @@ QUICK = ["--rewrite", "none", "--no-measure", "--ci"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    """The embedded stores (sqlite MLflow, local artifacts, a temporary Prefect) in a fresh home."""
-    return embedded_env(tmp_path_factory.mktemp("faults-home"))
+def env(prefect_api, tmp_path_factory) -> dict:
+    """The embedded stores (sqlite MLflow, local artifacts) in a fresh home; flow runs on the
+    session's Prefect server rather than a temporary one per command (~9 s each)."""
+    return {**embedded_env(tmp_path_factory.mktemp("faults-home")), "PREFECT_API_URL": prefect_api}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.models import untuned_artifact
@@ -87,7 +88,21 @@ def conv_and_matmul(path: Path) -> Path:
     return path
 
 
-def test_fallback_schedules_are_parallel_vectorised_register_blocked(tmp_path):
+@pytest.fixture(scope="module")
+def conv_mm(tmp_path_factory):
+    """The conv + matmul model prepared for TVM: (module, target, its tasks)."""
+    from harl import compilation
+    from harlflow.core.targets import resolve_target
+    from tasks.importing import import_model, to_relax
+
+    tmp = tmp_path_factory.mktemp("conv_mm")
+    m = import_model(str(conv_and_matmul(tmp / "m.onnx")), cache_dir=tmp / "cache")
+    target = resolve_target("cpu")
+    mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
+    return mod, target, compilation.extract_tasks(mod, target)
+
+
+def test_fallback_schedules_are_parallel_vectorised_register_blocked(conv_mm):
     """What an unmeasured convolution or matmul compiles with (``--trials 0``): outer loops
     parallel, the contiguous output axis vectorised, a register tile of rows × vector lanes
     accumulated in a local buffer, weights read in a prepacked layout."""
@@ -96,13 +111,8 @@ def test_fallback_schedules_are_parallel_vectorised_register_blocked(tmp_path):
 
     from harl import compilation
     from harl.sampling import fallback_trace
-    from harlflow.core.targets import resolve_target
-    from tasks.importing import import_model, to_relax
 
-    m = import_model(str(conv_and_matmul(tmp_path / "m.onnx")), cache_dir=tmp_path / "cache")
-    target = resolve_target("cpu")
-    mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
-    tasks = compilation.extract_tasks(mod, target)
+    mod, target, tasks = conv_mm
     empty = tvm.s_tir.meta_schedule.database.MemoryDatabase()
     _, sources = compilation.compile_database(empty, tasks, target, seed=0)
     anchors = [t for t in tasks if "conv2d" in t.task_name or "matmul" in t.task_name]
@@ -117,22 +127,17 @@ def test_fallback_schedules_are_parallel_vectorised_register_blocked(tmp_path):
         assert "_global = T.sblock_alloc_buffer" in text, text  # accumulated in a register tile
 
 
-def test_the_first_measured_sample_of_a_task_is_its_fallback_schedule(tmp_path):
+def test_the_first_measured_sample_of_a_task_is_its_fallback_schedule(conv_mm, tmp_path):
     """A tuned task compiles with its best measured record; its first warm-up sample is the
     schedule it would compile with unmeasured, so a short run is never worse than
     ``--trials 0`` (up to timing noise) and ``--trials 1`` spends exactly one trial."""
-    from harl import compilation, database, tuning
+    from harl import database, tuning
     from harl.sampling import fallback_trace
-    from harlflow.core.targets import resolve_target
-    from tasks.importing import import_model, to_relax
 
-    m = import_model(str(conv_and_matmul(tmp_path / "m.onnx")), cache_dir=tmp_path / "cache")
-    target = resolve_target("cpu")
-    mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
+    mod, target, tasks = conv_mm
     result = tuning.tune(mod, target, tmp_path / "db", trials=1, min_trials_per_task=4, seed=3)
     assert result.trials == 1
     db = database.open_database(tmp_path / "db")
-    tasks = compilation.extract_tasks(mod, target)
     measured = [(t, database.records_on_target(db, t.dispatched[0], target)) for t in tasks]
     (task, records), *others = sorted(measured, key=lambda tr: -len(tr[1]))
     assert len(records) == 1 and not any(r for _, r in others)

@@ -25,7 +25,6 @@ from services import (
     harlflow,
     kill_tree,
     start_mlflow_server,
-    start_prefect_server,
     start_rpc,
 )
 
@@ -36,18 +35,12 @@ FAST = ["--trials", "4", "--min-trials-per-task", "2", "--rewrite", "none", "--n
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """A real Prefect server and a real MLflow server (sqlite backend, proxied artifacts)."""
-    tmp = tmp_path_factory.mktemp("servers")
-    prefect, api = start_prefect_server(tmp)
-    try:
-        mlflow, tracking = start_mlflow_server(tmp)
-    except Exception:
-        prefect.stop()
-        raise
-    yield {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking}
+def servers(prefect_api, tmp_path_factory):
+    """A real Prefect server (the session's) and a real MLflow server (sqlite backend, proxied
+    artifacts)."""
+    mlflow, tracking = start_mlflow_server(tmp_path_factory.mktemp("servers"))
+    yield {"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": tracking}
     mlflow.stop()
-    prefect.stop()
 
 
 @pytest.fixture(scope="module")
