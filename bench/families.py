@@ -21,6 +21,11 @@ def _bn_relu(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1) -> nn
     )
 
 
+def _head(channels: int, classes: int = 100) -> list[nn.Module]:
+    """Global average pooling and a linear classifier."""
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)]
+
+
 class Bottleneck(nn.Module):
     """ResNet-50's block: 1x1 reduce, 3x3, 1x1 expand, projection shortcut on a stride."""
 
@@ -52,9 +57,7 @@ def resnet50ish() -> nn.Module:
         Bottleneck(128, 64, 2),
         Bottleneck(256, 128, 2),
         Bottleneck(512, 256, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(1024, 100),
+        *_head(1024),
     )
 
 
@@ -66,7 +69,7 @@ def resnet50_deep() -> nn.Module:
         for j in range(n):
             layers.append(Bottleneck(cin, mid, 2 if j == 0 and i else 1))
             cin = mid * 4
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 100))
+    return nn.Sequential(*layers, *_head(cin))
 
 
 class InvertedResidual(nn.Module):
@@ -96,9 +99,7 @@ def mobilenet_ish() -> nn.Module:
         InvertedResidual(24, 48, 2),
         InvertedResidual(48, 48, 1),
         InvertedResidual(48, 96, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(96, 100),
+        *_head(96),
     )
 
 
@@ -125,9 +126,7 @@ def densenet_ish() -> nn.Module:
         _bn_relu(96, 64, 1),
         nn.AvgPool2d(2),
         DenseBlock(64, 16, 4),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, 100),
+        *_head(128),
     )
 
 
@@ -149,9 +148,7 @@ def inception_ish() -> nn.Module:
         Inception(32, 32),
         nn.MaxPool2d(2),
         Inception(96, 64),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(192, 100),
+        *_head(192),
     )
 
 
@@ -183,9 +180,7 @@ def shufflenet_ish() -> nn.Module:
         ShuffleUnit(48),
         _bn_relu(48, 96, 3, 2),
         ShuffleUnit(96),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(96, 100),
+        *_head(96),
     )
 
 
