@@ -219,7 +219,7 @@ def test_cli_time_budget_stops_tuning_and_packages(first_run, tmp_path, capsys):
                 "optimize",
                 str(tmp_path / "budget.onnx"),
                 "--time-budget",
-                "15s",
+                "25s",
                 "--no-measure",
                 "--rewrite",
                 "none",
@@ -228,16 +228,18 @@ def test_cli_time_budget_stops_tuning_and_packages(first_run, tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "artifact  budget v1" in out and "of a 15s budget" in out, out
+    assert "artifact  budget v1" in out and "of a 25s budget" in out, out
     assert "seconds per stage: import" in out and "package" in out, out  # the budget's split
     trials = int(out.split("tuning    ")[1].split(" trials")[0])
-    assert trials > 0  # no --trials: the deadline alone ended tuning
+    # no --trials: the deadline alone ended tuning (25 s: what is left after the import, the
+    # package stage's reserve and onnxruntime's timing still measures the warm-up's first chunk)
+    assert trials > 0
     run = _client().search_runs(
         [_client().get_experiment_by_name("harlflow").experiment_id],
         "attributes.run_name = 'optimize budget'",
         max_results=1,
     )[0]
-    assert float(run.data.params["time_budget_s"]) == 15.0
+    assert float(run.data.params["time_budget_s"]) == 25.0
 
 
 def test_verification_mismatch_refuses_to_package(first_run, tmp_path):
