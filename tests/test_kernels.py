@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from models import untuned_artifact
 from onnx import TensorProto, helper, numpy_helper
-
-from tests.models import untuned_artifact
 
 LIBM = {"expf", "erff", "tanhf", "exp", "erf", "tanh"}
 

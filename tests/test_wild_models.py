@@ -308,8 +308,7 @@ def test_a_channel_shuffle_exported_with_run_time_shapes_becomes_static(tmp_path
     only once the first is folded. Folding repeats until nothing is left, so TVM sees static
     shapes (it failed with "emit_te now only supports Tensor that has ShapeExpr shape")."""
     import torch
-
-    from tests.models import untuned_artifact
+    from models import untuned_artifact
 
     class Shuffle(torch.nn.Module):
         def __init__(self):
