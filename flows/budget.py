@@ -16,10 +16,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from harl.tuning import MIN_TUNING_S
+
 REWRITE_SHARE = 0.2
 PACKAGE_FIXED_S = 8.0
 COMPILE_S_PER_TASK = 2.0
-MIN_TUNE_S = 1.0  # tuning with less measures nothing: every kernel gets its fallback
 
 
 @dataclass
@@ -55,7 +56,7 @@ class RunClock:
         if self.budget_s is None:
             return None
         reserve = PACKAGE_FIXED_S + 1.2 * measure_s
-        return max(MIN_TUNE_S, (self.left() or 0.0) - reserve)
+        return max(MIN_TUNING_S, (self.left() or 0.0) - reserve)
 
     def summary(self) -> dict:
         return {

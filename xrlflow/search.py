@@ -92,14 +92,14 @@ def greedy(
     before, est, steps, explored = oracle.measure(g), oracle.estimate(g), [], 0
     # graphs priced, and the seconds they took
     priced, pricing_s = 1, time.monotonic() - t if pricing_s is None else pricing_s
-    out_of_time = False
+    stopped = False  # by the deadline
     for _ in range(max_steps):
         signals.check()  # a stop request a swallowed TVM error may have hidden
         cands = R.candidates(g, rules)
         scored = []
         for i, c in enumerate(cands):
             if _past(deadline, pricing_s / priced):  # one more would end after the deadline
-                out_of_time = True
+                stopped = True
                 break
             t = time.monotonic()
             scored.append((oracle.estimate(c.graph), i, c))
@@ -114,13 +114,15 @@ def greedy(
             ),
             None,
         )
-        if taken is not None:
-            est, c = taken
-            g = c.graph
-            steps.append(Step(c.rule, c.node, est))
-        if taken is None or out_of_time or _past(deadline):
+        if taken is None:
             break
-    notes = {"stopped": "time budget"} if out_of_time or _past(deadline) else {}
+        est, c = taken
+        g = c.graph
+        steps.append(Step(c.rule, c.node, est))
+        if stopped or _past(deadline):
+            stopped = True
+            break
+    notes = {"stopped": "time budget"} if stopped else {}
     after = oracle.measure(g)
     return Result("greedy", g, steps, before, after, time.monotonic() - t0, explored, notes)
 
