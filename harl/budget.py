@@ -25,16 +25,17 @@ _DURATION = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>s|sec|m|min|h)?
 _UNIT_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"20m"``, ``"1h"``, ``"1.5h"`` or plain seconds (``"300"``) → seconds (> 0)."""
+def parse_duration(text: str, option: str = "--time-budget") -> float:
+    """``"90s"``, ``"20m"``, ``"1h"``, ``"1.5h"`` or plain seconds (``"300"``) → seconds (> 0);
+    ``option`` names the command-line option in the error."""
     m = _DURATION.match(str(text))
     if not m:
         raise BadInputError(
-            f"invalid --time-budget {text!r}: expected a number with s, m or h, e.g. 90s, 20m, 1h"
+            f"invalid {option} {text!r}: expected a number with s, m or h, e.g. 90s, 20m, 1h"
         )
     seconds = float(m["value"]) * _UNIT_SECONDS[(m["unit"] or "").lower() or None]
     if not (seconds > 0 and math.isfinite(seconds)):
-        raise BadInputError(f"invalid --time-budget {text!r}: it must be more than 0 seconds")
+        raise BadInputError(f"invalid {option} {text!r}: it must be more than 0 seconds")
     return seconds
 
 

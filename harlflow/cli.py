@@ -204,10 +204,27 @@ def cmd_retune(a: argparse.Namespace) -> int:
     return 0
 
 
+CRON_DEFAULT = "0 3 * * *"
+"""``harlflow serve``'s schedule: every night at 03:00"""
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
-    """Register ``retune`` with a cron schedule on the Prefect server and run its flow runs."""
+    """Register ``retune`` with a schedule (``--cron`` or ``--interval``) on the Prefect server
+    and run its flow runs."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from harl.budget import format_duration, parse_duration
     from harlflow.core.errors import StoreError
 
+    if a.cron is not None and a.interval is not None:
+        raise BadInputError("give either --cron or --interval, not both")
+    interval = parse_duration(a.interval, "--interval") if a.interval is not None else None
+    cron = None if interval is not None else a.cron or CRON_DEFAULT
+    if cron is not None:
+        try:
+            CronSchedule(cron=cron)
+        except Exception:
+            raise BadInputError(f"invalid --cron {cron!r}: expected e.g. '0 3 * * *'") from None
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         raise BadInputError(
@@ -216,12 +233,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     settings = _settings(a)
-    from prefect.client.schemas.schedules import CronSchedule
-
-    try:
-        CronSchedule(cron=a.cron)
-    except Exception:
-        raise BadInputError(f"invalid --cron {a.cron!r}: expected e.g. '0 3 * * *'") from None
     import httpx
 
     try:
@@ -237,18 +248,34 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from flows.retune import retune
 
     source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
+    when = f"cron {cron!r}" if cron is not None else f"every {format_duration(interval)}"
     print(
-        f"serving deployment 'retune/{a.deployment}' (cron {a.cron!r}) on {api}; "
+        f"serving deployment 'retune/{a.deployment}' ({when}) on {api}; "
         f"trigger a run now with: prefect deployment run 'retune/{a.deployment}'",
         flush=True,
     )
     # the deployment's parameters are JSON: the settings as a dict, checked again at each run
     retune.serve(
         name=a.deployment,
-        cron=a.cron,
+        schedule=_schedule(cron, interval),
         parameters={"source": source, "settings": dataclasses.asdict(settings)},
     )
     return 0
+
+
+def _schedule(cron: str | None, interval: float | None):
+    """The Prefect schedule of ``harlflow serve``: the cron expression, or every ``interval``
+    seconds with the first run at once (anchored one interval back, less a few seconds for the
+    server to schedule it), not one interval after the server starts."""
+    import datetime
+
+    from prefect.schedules import Cron, Interval
+
+    if cron is not None:
+        return Cron(cron)
+    every = datetime.timedelta(seconds=interval)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return Interval(every, anchor_date=now - every + datetime.timedelta(seconds=5))
 
 
 def cmd_rewrite_train(a: argparse.Namespace) -> int:
@@ -703,7 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(PREFECT_API_URL) and run it when the schedule fires",
     )
     sv.add_argument("source", help="directory or s3://bucket/prefix of .onnx / .pt2 files")
-    sv.add_argument("--cron", default="0 3 * * *", help="schedule (default '0 3 * * *')")
+    sv.add_argument("--cron", help=f"schedule (default {CRON_DEFAULT!r}: every night at 03:00)")
+    sv.add_argument(
+        "--interval",
+        help="run every DURATION instead of on --cron (e.g. 6h, 30m), the first run at once",
+    )
     sv.add_argument(
         "--deployment", default="harlflow-retune", help="deployment name (default harlflow-retune)"
     )

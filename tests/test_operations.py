@@ -108,9 +108,26 @@ def _retune_runs(c) -> list:
     return runs
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--interval", "0s"], "invalid --interval '0s': it must be more than 0 seconds"),
+        (["--interval", "6x"], "invalid --interval '6x': expected a number with s, m or h"),
+        (["--cron", "every night"], "invalid --cron 'every night'"),
+        (["--cron", "0 3 * * *", "--interval", "6h"], "either --cron or --interval, not both"),
+    ],
+)
+def test_serve_refuses_a_bad_schedule_before_contacting_anything(args, message, tmp_path, capsys):
+    from harlflow.cli import main
+
+    assert main(["serve", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harlflow: error:") and message in err and len(err.splitlines()) == 1
+
+
 def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_env, tmp_path):
-    """`harlflow serve` registers a cron deployment on a real Prefect server; when the schedule
-    fires, the changed model is optimised (from the tuning records of earlier runs: no new
+    """`harlflow serve` registers a scheduled deployment on a real Prefect server (every hour,
+    the first run at once); when the schedule fires, the changed model is optimised (from the tuning records of earlier runs: no new
     trials) and the unchanged one is skipped, as recorded in the MLflow server. `prefect
     deployment run` then triggers the same deployment by hand: both unchanged, both skipped."""
     env, api = ops_env, ops_env["PREFECT_API_URL"]
@@ -132,7 +149,7 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
     _perturb(watch / "beta.onnx", seed=2)  # a new checkpoint lands for beta only
     new_beta_sha = sha256_file(watch / "beta.onnx")
     serve = subprocess.Popen(
-        [str(BIN / "harlflow"), "serve", str(watch), "--cron", "* * * * *", *FAST],
+        [str(BIN / "harlflow"), "serve", str(watch), "--interval", "1h", *FAST],
         env=env,
         stdout=open(tmp_path / "serve.log", "wb"),
         stderr=subprocess.STDOUT,
