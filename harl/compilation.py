@@ -50,9 +50,10 @@ def prepare(mod, *, index_checks: bool = True):
 
 
 def _nhwc(mod):
-    """Convolutions in NHWC (:mod:`harl.layouts`); a layout choice, not a requirement: what
-    cannot be converted stays in the model's layout and still compiles."""
-    from harl.layouts import to_nhwc
+    """Convolutions in NHWC (:mod:`harl.layouts`), the first ones reading the model's NCHW input
+    directly; a layout choice, not a requirement: what cannot be converted stays in the model's
+    layout and still compiles."""
+    from harl.layouts import fold_input_transposes, to_nhwc
 
     out = to_nhwc(mod)
     if not out.converted:
@@ -64,7 +65,7 @@ def _nhwc(mod):
             ", ".join(k.removeprefix("relax.") for k in out.kept),
             out.error,
         )
-    return out.mod
+    return fold_input_transposes(out.mod) if out.converted else out.mod
 
 
 def _calls(mod, op_name: str) -> bool:
@@ -197,6 +198,7 @@ def apply_database(mod, target: dict[str, Any], database, *, prepack: bool = Tru
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.LiftTransformParams(),
             relax.transform.FoldConstant(),
+            tvm.transform.module_pass(_constant_fields, opt_level=0, name="ConstantFields"),
             # the prepacking kernels and the (empty) transform_params ran at compile time
             relax.transform.DeadCodeElimination(["main"]),
         ]
@@ -214,6 +216,38 @@ def apply_database(mod, target: dict[str, Any], database, *, prepack: bool = Tru
     return tvm.IRModule(keep, attrs=mod.attrs)
 
 
+def _constant_fields(mod, _ctx):
+    """``t[i]`` of a tuple of constants replaced by the constant. Folding the prepacked weights
+    leaves each kernel's weights as a tuple constant taken apart field by field; the VM built
+    the tuple and took it apart again on every call (a tuple, two ``tuple_getitem`` and a
+    ``kill_object`` per kernel). With the fields constant, dead-code elimination drops the
+    tuple."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    def is_constant(e) -> bool:
+        return isinstance(e, tvm.ir.expr.Constant)
+
+    @mutator
+    class _Fields(PyExprMutator):
+        def visit_tuple_getitem_(self, op):
+            op = super().visit_tuple_getitem_(op)
+            tup = op.tuple_value
+            if isinstance(tup, relax.Var):
+                tup = self.lookup_binding(tup)
+            if isinstance(tup, relax.Tuple):
+                field = tup.fields[op.index]
+                if is_constant(field):
+                    return field
+            return op
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _Fields(mod).visit_expr(func)
+    return mod
+
+
 def compile_module(mod, target: dict[str, Any], database, *, prepack: bool = True):
     """Compile a prepared (un-fused) module with the records of ``database`` applied, the chosen
     weight layouts folded into the constants when ``prepack``."""
@@ -223,7 +257,9 @@ def compile_module(mod, target: dict[str, Any], database, *, prepack: bool = Tru
         raise TuningError(f"compilation failed: {first_line(e)}") from None
 
 
-def _build(mod, target: dict[str, Any], database, *, prepack: bool):
+def _build(mod, target: dict[str, Any], database, *, prepack: bool, exec_mode: str = "bytecode"):
+    """``exec_mode="compiled"``: the VM's instructions compiled to C (``bench/vm_overhead.py``
+    compares the two)."""
     import tvm
     from tvm import relax
 
@@ -235,7 +271,7 @@ def _build(mod, target: dict[str, Any], database, *, prepack: bool):
         return tvm.transform.Sequential(_lowering_passes())(m)
 
     with tgt, tvm.transform.PassContext(opt_level=3):
-        return relax.build(scheduled, target=tgt, relax_pipeline=_lower)
+        return relax.build(scheduled, target=tgt, relax_pipeline=_lower, exec_mode=exec_mode)
 
 
 def _lowering_passes() -> list:

@@ -185,3 +185,116 @@ def _unhide(mod, calls: dict[str, _Hidden]):
             continue
         out[gv] = unhide.visit_expr(func) if isinstance(func, relax.Function) else func
     return relax.transform.Normalize()(tvm.IRModule(out, attrs=mod.attrs))
+
+
+TO_NHWC_AXES = [0, 2, 3, 1]
+
+
+def fold_input_transposes(mod):
+    """A convolution fed by a transpose of NCHW data into NHWC reads the NCHW data itself
+    (``data_layout="NCHW"``, ``out_layout="NHWC"``; lowered by :func:`conv2d_mixed_layouts`):
+    the transpose ``ConvertLayout`` puts at the model's input (a kernel, a buffer and its
+    allocation on every call) folds into the first convolution's loads. Grouped convolutions
+    keep their transpose."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    permute = tvm.ir.Op.get("relax.permute_dims")
+
+    def folds(call, source) -> bool:
+        a = call.attrs
+        return (
+            isinstance(source, relax.Call)
+            and source.op.same_as(permute)
+            and source.attrs.axes is not None
+            and [int(x) for x in source.attrs.axes] == TO_NHWC_AXES
+            and a.data_layout == "NHWC"
+            and a.out_layout == "NHWC"
+            and int(a.groups) == 1
+        )
+
+    @mutator
+    class _Fold(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(conv2d) or not isinstance(call.args[0], relax.Var):
+                return call
+            source = self.lookup_binding(call.args[0])
+            if not folds(call, source):
+                return call
+            a = call.attrs
+            return relax.op.nn.conv2d(
+                source.args[0],
+                call.args[1],
+                strides=a.strides,
+                padding=a.padding,
+                dilation=a.dilation,
+                groups=a.groups,
+                data_layout="NCHW",
+                kernel_layout=a.kernel_layout,
+                out_layout="NHWC",
+                out_dtype=_dtype(a.out_dtype),
+            )
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            func = _Fold(mod).visit_expr(func)
+            mod[gv] = relax.analysis.remove_all_unused(func)
+    return mod
+
+
+def _dtype(attr) -> str | None:
+    """A convolution's ``out_dtype`` attribute, None when unset (the input's)."""
+    text = str(attr)
+    return None if text in ("", "void", "None") else text
+
+
+def conv2d_mixed_layouts(bb, call):
+    """Lowering of a ``relax.nn.conv2d`` whose output layout differs from its input's (TOPI's
+    needs them equal), any of NCHW/NHWC data with a 4-d kernel layout, ungrouped: one compute
+    reading the input in its layout and writing the output in its own."""
+    from tvm import te, topi
+
+    a = call.attrs
+    dl, kl, ol = str(a.data_layout), str(a.kernel_layout), str(a.out_layout)
+    if dl == ol or int(a.groups) != 1 or len(dl) != 4 or len(kl) != 4 or len(ol) != 4:
+        return call.op.get_attr("FLegalize")(bb, call)  # TVM's own lowering
+    strides = [int(s) for s in a.strides]
+    dilation = [int(d) for d in a.dilation]
+    top, left, bottom, right = (int(p) for p in a.padding)
+    out_dtype = _dtype(a.out_dtype) or str(call.args[0].ty.dtype)
+
+    def conv(data, weight):
+        shape = dict(zip(dl, data.shape, strict=True))
+        kshape = dict(zip(kl, weight.shape, strict=True))
+        before = [{"H": top, "W": left}.get(d, 0) for d in dl]
+        after = [{"H": bottom, "W": right}.get(d, 0) for d in dl]
+        padded = topi.nn.pad(data, before, after, name="pad_temp")
+        kh, kw = kshape["H"], kshape["W"]
+        oh = (shape["H"] + top + bottom - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+        ow = (shape["W"] + left + right - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+        sizes = {"N": shape["N"], "C": kshape["O"], "H": oh, "W": ow}
+        rc = te.reduce_axis((0, kshape["I"]), name="rc")
+        ry = te.reduce_axis((0, kh), name="ry")
+        rx = te.reduce_axis((0, kw), name="rx")
+
+        def compute(*index):
+            i = dict(zip(ol, index, strict=True))
+            at = {
+                "N": i["N"],
+                "C": rc,
+                "H": i["H"] * strides[0] + ry * dilation[0],
+                "W": i["W"] * strides[1] + rx * dilation[1],
+            }
+            w = {"O": i["C"], "I": rc, "H": ry, "W": rx}
+            return te.sum(
+                padded[tuple(at[d] for d in dl)].astype(out_dtype)
+                * weight[tuple(w[d] for d in kl)].astype(out_dtype),
+                axis=[rc, ry, rx],
+            )
+
+        return te.compute([sizes[d] for d in ol], compute, name="conv2d", tag="conv2d_mixed")
+
+    return bb.call_te(conv, call.args[0], call.args[1], primfunc_name_hint="conv2d")

@@ -12,13 +12,15 @@ ONNX's conformance tolerance, where onnxruntime is exact). Below 1/16 its Taylor
 (four terms: error under 1e-12) is used instead; a select per element (in
 :mod:`harl.fast_math`, with the other transcendental functions).
 
-:data:`LEGALIZE` is passed to ``relax.transform.LegalizeOps``: these lowerings and the fast,
-vectorisable transcendental ones of :mod:`harl.fast_math`.
+:data:`LEGALIZE` is passed to ``relax.transform.LegalizeOps``: these lowerings, the fast,
+vectorisable transcendental ones of :mod:`harl.fast_math`, and convolutions whose output layout
+differs from their input's (:mod:`harl.layouts`: the model's input transpose folded away).
 """
 
 from __future__ import annotations
 
 from harl.fast_math import FAST_MATH
+from harl.layouts import conv2d_mixed_layouts
 
 
 def _relu(bb, call):
@@ -97,4 +99,5 @@ LEGALIZE = {
     "relax.clip": _clip,
     "relax.max": _extremum(True),
     "relax.min": _extremum(False),
+    "relax.nn.conv2d": conv2d_mixed_layouts,
 }

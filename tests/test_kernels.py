@@ -141,3 +141,31 @@ def test_the_first_measured_sample_of_a_task_is_its_fallback_schedule(conv_mm, t
     (task, records), *others = sorted(measured, key=lambda tr: -len(tr[1]))
     assert len(records) == 1 and not any(r for _, r in others)
     assert str(records[0].trace) == str(fallback_trace(task, target, 3))
+
+
+def test_the_input_transpose_folds_into_the_first_convolution(conv_mm):
+    """The NCHW input is read by the NHWC convolution itself: no transpose kernel (and no
+    buffer) between the model's input and its first convolution. Its numbers are checked by
+    every packaged CNN's verification (``test_runtime_safety``, ``test_throughput``)."""
+    import tvm
+    from tvm import relax
+
+    mod, _, tasks = conv_mm
+    convs, permuted = [], []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            if e.op.name == "relax.nn.conv2d":
+                convs.append(e)
+            elif e.op.name == "relax.permute_dims":
+                permuted.append(e.args[0])
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    (conv,) = convs
+    x = mod["main"].params[0]
+    assert conv.args[0].same_as(x), conv.args[0]  # the model's input itself
+    assert (conv.attrs.data_layout, conv.attrs.out_layout) == ("NCHW", "NHWC")
+    assert not any(p.same_as(x) for p in permuted)
+    # the output goes back to NCHW; the only transpose kernel left is that one
+    transposes = [t.task_name for t in tasks if "transpose" in t.task_name]
+    assert len(transposes) <= 1, transposes
