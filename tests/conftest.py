@@ -73,3 +73,41 @@ def tiny_onnx(tmp_path) -> Path:
     path = tmp_path / "tiny.onnx"
     assert main(["export-example", "tiny_mlp", "--out", str(path)]) == 0
     return path
+
+
+# ------------------------------------------------------------------ tests that time, run alone
+# The suite runs on two pytest-xdist workers (the README's test command). A test marked
+# ``alone`` times runtimes side by side (or tunes on a short time budget) and asserts on what it
+# measured; with another test compiling on the other core its intervals widened past any limit
+# (a fast model's ratio to a 2 000x slower one came out with an interval up to 2.7). So every test holds a shared lock on
+# one file from its setup to its teardown and an ``alone`` test holds it exclusively: it waits
+# for the other worker's test to end, and the other worker waits for it. A second file is a
+# turnstile that keeps a waiting ``alone`` test from being starved by the next shared holders.
+def _lock_files() -> tuple[Path, Path] | None:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
+    if run is None:
+        return None  # one process: nothing runs beside the test
+    base = Path(tempfile.gettempdir()) / f"harlflow-tests-{run}"
+    return base.with_suffix(".turnstile"), base.with_suffix(".lock")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import fcntl
+
+    files = _lock_files()
+    if files is None:
+        yield
+        return
+    alone = item.get_closest_marker("alone") is not None
+    with open(files[0], "a") as turnstile, open(files[1], "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)

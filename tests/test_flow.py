@@ -198,6 +198,7 @@ def test_cli_optimize_trials_zero_from_database(first_run, capsys):
     assert "artifact  tiny v" in out and "tuning    0 trials" in out
 
 
+@pytest.mark.alone  # 25 s must leave time to measure a trial
 def test_cli_time_budget_stops_tuning_and_packages(first_run, tmp_path, capsys):
     import onnx
     from onnx import TensorProto, helper, numpy_helper

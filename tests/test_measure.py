@@ -28,6 +28,7 @@ def artifacts(tmp_path_factory):
     return Path(fast.directory), copy, Path(slow.directory)
 
 
+@pytest.mark.alone
 def test_rounds_alternate_in_blocks_of_fresh_processes_and_an_aa_pair_is_promoted(artifacts):
     fast, copy, _ = artifacts
     m = side_by_side(
@@ -53,6 +54,7 @@ def test_rounds_alternate_in_blocks_of_fresh_processes_and_an_aa_pair_is_promote
     assert d.to_dict()["decision"] == "promote" and d.rounds == 12 and d.blocks == 3
 
 
+@pytest.mark.alone
 def test_compare_separates_a_slow_model_and_says_bad_input_in_one_line(artifacts, tmp_path):
     fast, _, slow = artifacts
     x = np.load(fast / "reference.npz")["input/x"]

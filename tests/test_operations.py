@@ -206,6 +206,7 @@ def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_en
         kill_tree(serve.pid)
 
 
+@pytest.mark.alone
 def test_ci_gate_measures_production_side_by_side_and_refuses_a_slowed_version(ops_env, tmp_path):
     """The CI trigger against the MLflow server: `optimize --ci --promote` prints one JSON object.
     The first version (a deliberately slow model) takes the production alias unmeasured; a fast

@@ -149,6 +149,7 @@ def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(c
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # 12 s must leave time to measure a trial
 def test_time_budget_stops_tuning_keeps_every_trial_and_leaves_no_process(conv, tmp_path):
     _, mod, target, _ = conv
     before = {p.pid for p in psutil.Process().children(recursive=True)}
