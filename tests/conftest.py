@@ -79,10 +79,11 @@ def tiny_onnx(tmp_path) -> Path:
 # The suite runs on two pytest-xdist workers (the README's test command). A test marked
 # ``alone`` times runtimes side by side (or tunes on a short time budget) and asserts on what it
 # measured; with another test compiling on the other core its intervals widened past any limit
-# (a fast model's ratio to a 2 000x slower one came out with an interval up to 2.7). So every test holds a shared lock on
-# one file from its setup to its teardown and an ``alone`` test holds it exclusively: it waits
-# for the other worker's test to end, and the other worker waits for it. A second file is a
-# turnstile that keeps a waiting ``alone`` test from being starved by the next shared holders.
+# (a fast model's ratio to a 2 000x slower one came out with an interval up to 2.7). So every
+# test holds a shared lock on one file from its setup to its teardown and an ``alone`` test
+# holds it exclusively: it waits for the other worker's test to end, and the other worker waits
+# for it. A second file is a turnstile that keeps a waiting ``alone`` test from being starved by
+# the next shared holders.
 def _lock_files() -> tuple[Path, Path] | None:
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
     if run is None:
