@@ -143,3 +143,54 @@ def test_tvm_oracle_ranks_graphs_as_they_run_compiled():
     assert TvmOracle(target).estimate(chain) == est_chain
     assert oracle.sources(chain) == {"roofline": 2} and oracle.sources(folded) == {"roofline": 1}
     assert _compiled_seconds(folded, target) < _compiled_seconds(chain, target)
+
+
+def _conv_bn_relu_chain(blocks: int = 4) -> ir.Graph:
+    """``blocks`` × (Conv → BatchNormalization → Relu) on a 1×8×16×16 input."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for b in range(blocks):
+        arrays = {
+            f"w{b}": rng.standard_normal((8, 8, 3, 3)) * 0.2,
+            f"scale{b}": rng.uniform(0.5, 1.5, 8),
+            f"bias{b}": rng.standard_normal(8) * 0.1,
+            f"mean{b}": rng.standard_normal(8) * 0.1,
+            f"var{b}": rng.uniform(0.5, 1.5, 8),
+        }
+        inits += [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()]
+        bn = [f"scale{b}", f"bias{b}", f"mean{b}", f"var{b}"]
+        nodes += [
+            helper.make_node("Conv", [x, f"w{b}"], [f"c{b}"], name=f"conv{b}", pads=[1] * 4),
+            helper.make_node("BatchNormalization", [f"c{b}", *bn], [f"n{b}"], name=f"bn{b}"),
+            helper.make_node("Relu", [f"n{b}"], [f"r{b}"], name=f"relu{b}"),
+        ]
+        x = f"r{b}"
+    g = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 8, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return ir.check(ir.from_onnx(model))
+
+
+def test_tvm_oracle_prices_a_rewrite_by_the_region_it_changed():
+    """A candidate priced from its base graph and the nodes the rewrite changed (with their
+    neighbours) costs what pricing the whole candidate costs, to 1 %; the region imported is a
+    fraction of the graph; an unchanged graph is its base's price."""
+    from tasks.rewrite_oracle import _regions
+    from xrlflow import rules as R
+
+    g = _conv_bn_relu_chain()
+    oracle = TvmOracle(resolve_target(None))
+    cands = {c.rule: c for c in reversed(R.candidates(g, R.RULES))}  # one of each rule
+    assert {"conv_bn_fold", "bn_to_mul_add"} <= set(cands)
+    for c in cands.values():
+        old, new = _regions(g, c.graph)
+        assert 0 < len(old) <= len(g.nodes) // 2 and len(new) <= len(c.graph.nodes) // 2
+        by_region = oracle.estimate_change(g, c.graph)
+        assert by_region == pytest.approx(oracle.estimate(c.graph), rel=0.01), c.rule
+    assert oracle.estimate_change(g, g) == oracle.estimate(g)

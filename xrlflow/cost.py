@@ -22,7 +22,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from harlflow.core import signals
-from xrlflow.ir import Graph, Node, _attr_key
+from xrlflow.ir import Graph, Node, attr_key
 from xrlflow.verify import random_inputs, session
 
 
@@ -62,7 +62,7 @@ def _signature(g: Graph, n: Node) -> tuple:
     return (
         n.domain,
         n.op,
-        tuple(sorted((k, _attr_key(v)) for k, v in n.attrs.items())),
+        tuple(sorted((k, attr_key(v)) for k, v in n.attrs.items())),
         tuple(ins),
     )
 

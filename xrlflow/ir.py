@@ -246,7 +246,7 @@ class Graph:
                     (
                         n.domain,
                         n.op,
-                        sorted((k, _attr_key(v)) for k, v in n.attrs.items()),
+                        sorted((k, attr_key(v)) for k, v in n.attrs.items()),
                         [memo.get(i, i) for i in n.inputs],
                     )
                 ).encode()
@@ -281,7 +281,8 @@ def _array_digest(arr: np.ndarray) -> str:
     return digest
 
 
-def _attr_key(v: Any) -> Any:
+def attr_key(v: Any) -> Any:
+    """An attribute value as a hashable, comparable key (arrays by their digest)."""
     if isinstance(v, np.ndarray):
         return _array_digest(v)
     if isinstance(v, onnx.TensorProto):
@@ -289,7 +290,7 @@ def _attr_key(v: Any) -> Any:
     if isinstance(v, onnx.GraphProto):
         return hashlib.sha1(v.SerializeToString()).hexdigest()
     if isinstance(v, list):
-        return tuple(_attr_key(x) for x in v)
+        return tuple(attr_key(x) for x in v)
     return v
 
 

@@ -49,9 +49,9 @@ def cse(m: Match, n: Node):
 
 
 def _node_key(n: Node):
-    from xrlflow.ir import _attr_key
+    from xrlflow.ir import attr_key
 
-    return (n.domain, n.op, n.inputs, sorted((k, _attr_key(v)) for k, v in n.attrs.items()))
+    return (n.domain, n.op, n.inputs, sorted((k, attr_key(v)) for k, v in n.attrs.items()))
 
 
 def split_concat_elim(m: Match, cat: Node):
