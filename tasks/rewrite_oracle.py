@@ -15,7 +15,7 @@ more on TVM. :class:`TvmOracle` prices a graph the way the compiled artifact run
    are three of each);
 4. the graph's cost is the weighted sum.
 
-Pricing a whole graph imports, prepares and fuses all of it (a 175-node ResNet-style CNN: 15-50 s
+Pricing a whole graph imports, prepares and fuses all of it (a 175-node ResNet-style CNN: 18-24 s
 here), and a search prices every candidate of every step. :meth:`TvmOracle.estimate_change`
 prices a candidate against the graph it was derived from instead: only the nodes the rewrite
 changed and their unchanged neighbours (so that fusion across the change's edge is the same on
@@ -57,6 +57,8 @@ DEFAULT_BANDWIDTH = 8e9
 """bytes/s a tuned memory-bound kernel moves before calibration"""
 KERNEL_OVERHEAD = 2e-6
 """seconds per kernel launch by the Relax VM (call, argument checks, the thread pool's wake-up)"""
+CACHE_SIZE = 4096
+"""graphs, regions and changes an oracle remembers (each cache starts over past it)"""
 COMPUTE_BOUND = 4.0
 """FLOPs per byte above which a kernel's calibration sample counts as compute-bound"""
 
@@ -109,6 +111,8 @@ class TvmOracle:
         key = (base.structural_hash(), g.structural_hash())
         if key in self._changes:
             return self._changes[key]
+        if len(self._changes) > CACHE_SIZE:
+            self._changes.clear()
         regions = _regions(base, g)
         if regions is None or not math.isfinite(full):
             return self.estimate(g)
@@ -135,7 +139,7 @@ class TvmOracle:
         signals.check()  # every candidate: a stop request is never priced away
         key = g.structural_hash()
         if key not in self._graphs:
-            if len(self._graphs) > 4096:
+            if len(self._graphs) > CACHE_SIZE:
                 self._graphs.clear()
             try:
                 tasks = _tasks(g, self.target)
@@ -181,6 +185,8 @@ class TvmOracle:
         sub = _subgraph(g, nodes, other)
         key = sub.structural_hash()
         if key not in self._regions:
+            if len(self._regions) > CACHE_SIZE:
+                self._regions.clear()
             signals.check()
             try:
                 tasks = _tasks(sub, self.target)
