@@ -36,22 +36,22 @@ def test_rounds_alternate_in_blocks_of_fresh_processes_and_an_aa_pair_is_promote
         fast / "reference.npz",
         threads=1,
         max_seconds=0.1,  # the time limit comes first: exactly the 3 blocks every session has
-        rounds_per_block=4,
+        rounds_per_block=10,  # 4 let an A/A pair's median ratio reach 1.22 once
         stop=None,
     )
-    assert m.stopped == "time limit" and m.blocks == 3 and len(m.rounds) == 12
-    assert m.block_of == [0] * 4 + [1] * 4 + [2] * 4
-    assert m.order == ["production", "new"] * 12  # A B A B ...: never two rounds of one in a row
+    assert m.stopped == "time limit" and m.blocks == 3 and len(m.rounds) == 30
+    assert m.block_of == [0] * 10 + [1] * 10 + [2] * 10
+    assert m.order == ["production", "new"] * 30  # A B A B ...: never two rounds of one in a row
     for r in m.rounds:
         assert {k: len(v) for k, v in r.items()} == m.calls and min(min(v) for v in r.values()) > 0
     for label in m.labels:
         e = m.estimate(label)
-        assert e.ci_ms[0] <= e.median_ms <= e.ci_ms[1] and e.blocks == 3 and e.rounds == 12
+        assert e.ci_ms[0] <= e.median_ms <= e.ci_ms[1] and e.blocks == 3 and e.rounds == 30
     r = m.ratio("new", "production")
     assert r.ci[0] <= r.value <= r.ci[1]
     d = gate(m, max_regression=0.05)
     assert d.promote, d.describe()  # the same artifact twice is not a regression
-    assert d.to_dict()["decision"] == "promote" and d.rounds == 12 and d.blocks == 3
+    assert d.to_dict()["decision"] == "promote" and d.rounds == 30 and d.blocks == 3
 
 
 @pytest.mark.alone
