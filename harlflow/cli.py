@@ -206,6 +206,8 @@ def cmd_retune(a: argparse.Namespace) -> int:
 
 CRON_DEFAULT = "0 3 * * *"
 """``harlflow serve``'s schedule: every night at 03:00"""
+FIRST_RUN_S = 30
+"""``harlflow serve --interval``: seconds from the start to the first run"""
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -265,8 +267,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def _schedule(cron: str | None, interval: float | None):
     """The Prefect schedule of ``harlflow serve``: the cron expression, or every ``interval``
-    seconds with the first run at once (anchored one interval back, less a few seconds for the
-    server to schedule it), not one interval after the server starts."""
+    seconds with the first run :data:`FIRST_RUN_S` after the start, not one interval after it.
+    (Anchored one interval back plus that margin: the server schedules only future runs, and
+    with a 5 s margin a busy machine registered the deployment after the first slot had passed,
+    which moved the first run an interval later.)"""
     import datetime
 
     from prefect.schedules import Cron, Interval
@@ -275,7 +279,7 @@ def _schedule(cron: str | None, interval: float | None):
         return Cron(cron)
     every = datetime.timedelta(seconds=interval)
     now = datetime.datetime.now(datetime.timezone.utc)
-    return Interval(every, anchor_date=now - every + datetime.timedelta(seconds=5))
+    return Interval(every, anchor_date=now - every + datetime.timedelta(seconds=FIRST_RUN_S))
 
 
 def cmd_rewrite_train(a: argparse.Namespace) -> int:
@@ -733,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cron", help=f"schedule (default {CRON_DEFAULT!r}: every night at 03:00)")
     sv.add_argument(
         "--interval",
-        help="run every DURATION instead of on --cron (e.g. 6h, 30m), the first run at once",
+        help="run every DURATION instead of on --cron (e.g. 6h, 30m), the first run 30 s after "
+        "the start",
     )
     sv.add_argument(
         "--deployment", default="harlflow-retune", help="deployment name (default harlflow-retune)"

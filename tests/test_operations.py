@@ -127,10 +127,10 @@ def test_serve_refuses_a_bad_schedule_before_contacting_anything(args, message, 
 
 def test_schedule_fires_on_prefect_server_retunes_changed_skips_unchanged(ops_env, tmp_path):
     """`harlflow serve` registers a scheduled deployment on a real Prefect server (every hour,
-    the first run at once); when the schedule fires, the changed model is optimised (from the
-    tuning records of earlier runs: no new trials) and the unchanged one is skipped, as recorded
-    in the MLflow server. `prefect deployment run` then triggers the same deployment by hand:
-    both unchanged, both skipped."""
+    the first run 30 s after the start); when the schedule fires, the changed model is optimised
+    (from the tuning records of earlier runs: no new trials) and the unchanged one is skipped, as
+    recorded in the MLflow server. `prefect deployment run` then triggers the same deployment by
+    hand: both unchanged, both skipped."""
     env, api = ops_env, ops_env["PREFECT_API_URL"]
     watch = tmp_path / "models"
     watch.mkdir()

@@ -130,6 +130,7 @@ def _compiled_seconds(g: ir.Graph, target: dict) -> float:
     return float(np.median(times[5:]))
 
 
+@pytest.mark.alone  # it compares two compiled graphs' wall-clock latencies
 def test_tvm_oracle_ranks_graphs_as_they_run_compiled():
     """The oracle's ranking of two equivalent graphs agrees with their compiled latencies; its
     estimates are deterministic (a second oracle gives the same numbers) and say where each
