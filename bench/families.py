@@ -286,6 +286,14 @@ FAMILIES = {
 }
 
 
+def source(model: str, directory: Path) -> str:
+    """What ``harlflow optimize`` takes for a bench's model name: ``family:NAME`` exported to
+    ONNX in ``directory``, else a bundled example."""
+    if model.startswith("family:"):
+        return str(export(model.removeprefix("family:"), directory))
+    return f"harlflow.examples:{model}"
+
+
 def export(name: str, directory: Path, seed: int = 0) -> Path:
     """``NAME.onnx`` in ``directory``: the family's network with seeded weights (batch-norm
     statistics randomised, so they are not the identity), exported by TorchScript's exporter;

@@ -25,19 +25,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 def bench(model: str, n: int, work: Path) -> dict:
+    from families import source
+
     from harlflow.core.targets import resolve_target
     from tasks.importing import import_model
     from tasks.rewrite_oracle import TvmOracle, _regions
     from xrlflow import rules as R
     from xrlflow.ir import check, load
 
-    if model.startswith("family:"):
-        from families import export
-
-        source = str(export(model.removeprefix("family:"), work))
-    else:
-        source = f"harlflow.examples:{model}"
-    m = import_model(source, cache_dir=work / "cache")
+    m = import_model(source(model, work), cache_dir=work / "cache")
     g = check(load(m.onnx_path))
     oracle = TvmOracle(resolve_target("host"))
     t = time.perf_counter()

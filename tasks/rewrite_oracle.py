@@ -9,11 +9,19 @@ more on TVM. :class:`TvmOracle` prices a graph the way the compiled artifact run
    and how many times each runs (its weight);
 2. each kernel's latency is the best *measured* record of that workload on this target in the
    tuning database, where there is one;
-3. otherwise a roofline estimate, ``overhead + max(flops / peak, bytes / bandwidth)``, with the
-   peak FLOP/s and bandwidth calibrated on the database's tuned kernels for this target (the
-   median achieved by compute-bound and by memory-bound kernels; built-in defaults until there
-   are three of each);
+3. otherwise a roofline estimate, ``max(launch, flops / rate, bytes / bandwidth)``, read off
+   the target's measured profile (``harl.calibration``: kept in the store, measured once per
+   target): ``rate`` is what a GEMM of the kernel's shape (rows, output columns, reduction
+   length of its largest reduction) reaches on this target, ``bandwidth`` what a copy of the
+   kernel's size moves, ``launch`` what the VM charges per kernel call. Both are scaled by how
+   much faster than the profile the database's tuned kernels of this target ran (the median
+   ratio over compute-bound and over memory-bound kernels; none until there are three of
+   each). So merging three narrow projections into one wide GEMM is priced at the wide GEMM's
+   rate, one launch instead of three, and the split's copies;
 4. the graph's cost is the weighted sum.
+
+Without a store (``database_dir`` None) the profile is flat: one FLOP rate and one bandwidth
+for every shape (:data:`DEFAULT_PEAK`, :data:`DEFAULT_BANDWIDTH`), nothing measured.
 
 Pricing a whole graph imports, prepares and fuses all of it (a 175-node ResNet-style CNN: 18-24 s
 here), and a search prices every candidate of every step. :meth:`TvmOracle.estimate_change`
@@ -43,7 +51,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harl.calibration import TargetProfile, load_or_measure
 from harlflow.core import signals
+from harlflow.core.config import machine_cache_dir
 from harlflow.core.errors import first_line
 from xrlflow.cost import FlopsOracle
 from xrlflow.ir import Graph, Node, Value, attr_key
@@ -51,12 +61,12 @@ from xrlflow.ir import Graph, Node, Value, attr_key
 log = logging.getLogger("tasks.rewrite_oracle")
 
 DEFAULT_PEAK = 20e9
-"""FLOP/s a tuned compute-bound kernel reaches before calibration (a 2-core AVX-512 host reaches
-15-40 GFLOP/s on the suite's matmuls and convolutions after a few dozen trials)"""
+"""FLOP/s of every GEMM in the flat profile (a 2-core AVX-512 host reaches 15-40 GFLOP/s on the
+suite's matmuls and convolutions after a few dozen trials)"""
 DEFAULT_BANDWIDTH = 8e9
-"""bytes/s a tuned memory-bound kernel moves before calibration"""
+"""bytes/s of every memory-bound kernel in the flat profile"""
 KERNEL_OVERHEAD = 2e-6
-"""seconds per kernel launch by the Relax VM (call, argument checks, the thread pool's wake-up)"""
+"""seconds per kernel call in the flat profile (call, argument checks, the pool's wake-up)"""
 CACHE_SIZE = 4096
 """graphs, regions and changes an oracle remembers (each cache starts over past it)"""
 COMPUTE_BOUND = 4.0
@@ -73,7 +83,10 @@ class TvmOracle:
     worth 0.06% (BERT's scale_into_matmul) compiled 3.8% slower after equal tuning. Steps under
     0.5% are not worth a new task set."""
 
-    def __init__(self, target: dict[str, Any], database_dir: str | Path | None = None):
+    def __init__(self, target: dict[str, Any], database_dir: str | Path | None = None,
+                 profile: TargetProfile | None = None):  # fmt: skip
+        """``profile``: the target's costs (``harl.calibration``); by default the store's
+        (measured into it the first time), flat without a store."""
         from harl.database import open_database
 
         self.target = target
@@ -82,8 +95,15 @@ class TvmOracle:
             if database_dir is not None and Path(database_dir).is_dir()
             else None
         )
-        self.peak, self.bandwidth = self._calibrate()
-        self._ops = FlopsOracle(self.peak, self.bandwidth, KERNEL_OVERHEAD)
+        if profile is None and database_dir is not None:
+            profile = load_or_measure(database_dir, target, machine_cache_dir())
+        self.profile = profile or TargetProfile.flat(
+            target, DEFAULT_PEAK, DEFAULT_BANDWIDTH, KERNEL_OVERHEAD
+        )
+        self.compute_scale, self.memory_scale = self._calibrate()
+        self.peak = self.profile.peak * self.compute_scale
+        self.bandwidth = self.profile.bandwidth(1 << 20) * self.memory_scale
+        self._ops = FlopsOracle(self.peak, self.bandwidth, self.profile.launch_s)
         self._graphs: dict[str, tuple[float, list[dict]]] = {}
         self._kernels: dict[int, tuple[float, str]] = {}
         self._regions: dict[str, float] = {}  # a region's structural hash -> its cost
@@ -175,8 +195,7 @@ class TvmOracle:
             if best:
                 self._kernels[key] = (mean_run_secs(best[0].run_secs), "database")
             else:
-                flops, moved = _work(mod)
-                self._kernels[key] = (self._roofline(flops, moved), "roofline")
+                self._kernels[key] = (self._roofline(mod), "roofline")
         return self._kernels[key]
 
     def _region_cost(self, g: Graph, nodes: list[Node], other: Graph) -> float:
@@ -196,13 +215,29 @@ class TvmOracle:
             self._regions[key] = sum(t.weight * self._kernel(t)[0] for t in tasks)
         return self._regions[key]
 
-    def _roofline(self, flops: float, moved: float) -> float:
-        return KERNEL_OVERHEAD + max(flops / self.peak, moved / self.bandwidth)
+    def _roofline(self, mod) -> float:
+        """The kernel's seconds from the target's profile, scaled to this store's tuning."""
+        flops, moved = _work(mod)
+        compute, memory = self._profile_rates(mod, flops, moved)
+        return max(
+            self.profile.launch_s,
+            flops / (compute * self.compute_scale),
+            moved / (memory * self.memory_scale),
+        )
+
+    def _profile_rates(self, mod, flops: float, moved: float) -> tuple[float, float]:
+        """FLOP/s and bytes/s the profile gives a kernel: the GEMM rate of its largest
+        reduction's shape (the profile's peak when it has none), the copy bandwidth of its size."""
+        shape = _gemm_shape(mod)
+        compute = self.profile.gemm_rate(*shape) if shape else self.profile.peak
+        return compute, self.profile.bandwidth(max(moved, 1.0))
 
     def _calibrate(self) -> tuple[float, float]:
-        """Peak FLOP/s and bandwidth: medians over this target's tuned kernels in the database."""
+        """How much faster than the profile this target's tuned kernels in the database ran:
+        the median ratio of achieved to profiled rate over compute-bound and over memory-bound
+        kernels (1 until there are three of each)."""
         if self.db is None:
-            return DEFAULT_PEAK, DEFAULT_BANDWIDTH
+            return 1.0, 1.0
         from tvm_ffi import structural_hash
 
         from harl.database import best_records, mean_run_secs
@@ -216,15 +251,19 @@ class TvmOracle:
             best = best_records(self.db, wl, self.target)
             if not best:
                 continue
-            secs = max(mean_run_secs(best[0].run_secs) - KERNEL_OVERHEAD, 1e-9)
+            secs = max(mean_run_secs(best[0].run_secs), 1e-9)
             flops, moved = _work(wl)
-            if moved > 0 and flops / moved >= COMPUTE_BOUND:
-                compute.append(flops / secs)
-            elif moved > 0:
-                memory.append(moved / secs)
-        peak = statistics.median(compute) if len(compute) >= 3 else DEFAULT_PEAK
-        bandwidth = statistics.median(memory) if len(memory) >= 3 else DEFAULT_BANDWIDTH
-        return peak, bandwidth
+            if moved <= 0:
+                continue
+            rate, bandwidth = self._profile_rates(wl, flops, moved)
+            if flops / moved >= COMPUTE_BOUND:
+                compute.append(flops / secs / rate)
+            else:
+                memory.append(moved / secs / bandwidth)
+        return (
+            statistics.median(compute) if len(compute) >= 3 else 1.0,
+            statistics.median(memory) if len(memory) >= 3 else 1.0,
+        )
 
 
 class _Unpriceable(Exception):
@@ -331,6 +370,37 @@ def _work(mod) -> tuple[float, float]:
         if all(_static(d) for d in shape):
             moved += math.prod(int(d) for d in shape) * _bytes(str(arg.dtype))
     return flops, moved
+
+
+def _gemm_shape(mod) -> tuple[int, int, int] | None:
+    """``(rows, columns, reduction length)`` of the kernel's largest reduction block, as a
+    GEMM: the innermost spatial axis is the columns (the contiguous output axis), the other
+    spatial axes the rows; None when the kernel reduces nothing or its extents are dynamic."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(mod)
+        blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    except Exception:  # noqa: BLE001 - no root block: priced without a shape
+        return None
+    best, size = None, 0
+    for blk in blocks:
+        spatial, reduce = [], []
+        for iv in blk.iter_vars:
+            if not _static(iv.dom.extent):
+                return None
+            (reduce if int(iv.iter_type) == REDUCE else spatial).append(int(iv.dom.extent))
+        k = math.prod(reduce)
+        if not reduce or not spatial or k < 2:
+            continue
+        m, n = math.prod(spatial[:-1]), spatial[-1]
+        if m * n * k > size:
+            best, size = (m, n, k), m * n * k
+    return best
+
+
+REDUCE = 2
+"""``IterVar.iter_type`` of a reduction axis (``kCommReduce``)"""
 
 
 def _static(d) -> bool:

@@ -10,6 +10,9 @@ from pathlib import Path
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="harlflow-tests-"))
 os.environ["HARLFLOW_HOME"] = str(_SESSION_HOME / "home")
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+# what the machine measured about itself (a target's profile) outlives the session, as it would
+# for a user: the suite's workers measure it once per machine, not once per home
+os.environ["HARLFLOW_MACHINE_CACHE"] = str(Path(tempfile.gettempdir()) / "harlflow-tests-machine")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -21,6 +21,16 @@ def tuning_db_dir() -> Path:
     return home() / "tuning_db"
 
 
+def machine_cache_dir() -> Path:
+    """What this machine measured about itself, shared by every home on it (a target's
+    profile: ``harl.calibration``): ``$HARLFLOW_MACHINE_CACHE``, else
+    ``$XDG_CACHE_HOME/harlflow``, else ``~/.cache/harlflow``."""
+    if os.environ.get("HARLFLOW_MACHINE_CACHE"):
+        return Path(os.environ["HARLFLOW_MACHINE_CACHE"]).resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).resolve() / "harlflow"
+
+
 def harl_agent_path() -> Path:
     """HARL's agent weights: loaded at the start of a run, saved at its end (warm start)."""
     return home() / "harl" / "agent.pt"
