@@ -142,10 +142,28 @@ def sample_schedules(
     return out
 
 
+def postprocessors(task, target: dict[str, Any]) -> list:
+    """MetaSchedule's postprocessors for ``task`` on ``target`` (what makes a schedule valid)."""
+    return _context(task, target, 0).space_generator.postprocs
+
+
+def first_samples(task, target: dict[str, Any], count: int, seed: int,
+                  micro_kernel: float = 0.0) -> list:  # fmt: skip
+    """``count`` schedules of a task, the first the one it compiles with before it is measured:
+    the row-reduction schedule where the kernel has that shape (``harl.reductions``), then
+    :func:`sample_schedules`'s."""
+    from harl.reductions import row_reduction
+
+    built = row_reduction(task, target) if count > 0 else None
+    rest = sample_schedules(task, target, count - (built is not None), seed, micro_kernel)
+    return [built, *rest] if built is not None else rest
+
+
 def fallback_trace(task, target: dict[str, Any], seed: int):
     """A measurement-free schedule for a task never measured on this target (``--trials 0``):
-    one register-blocked sample (:func:`sample_schedules`), else one random sample."""
-    samples = sample_schedules(task, target, 1, seed, micro_kernel=1.0)
+    the row-reduction schedule where it applies, else one register-blocked sample
+    (:func:`sample_schedules`), else one random sample."""
+    samples = first_samples(task, target, 1, seed, micro_kernel=1.0)
     return samples[0].trace if samples else None
 
 

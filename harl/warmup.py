@@ -11,7 +11,7 @@ from typing import Any
 
 from harl.budget import Deadline
 from harl.database import FAILED_RUN_SECS
-from harl.sampling import sample_schedules, unscheduled
+from harl.sampling import first_samples, unscheduled
 
 MICRO_KERNEL_SHARE = 0.75  # warm-up samples with register-blocked tiles (harl.sampling)
 
@@ -54,7 +54,7 @@ def measure_random(
         # the run's seed for every task: the first sample is the fallback schedule the task
         # compiles with when unmeasured (harl.sampling.fallback_trace), so a measured task is
         # never slower than it would be at --trials 0
-        samples = sample_schedules(task, target, count, seed, micro_kernel=MICRO_KERNEL_SHARE)
+        samples = first_samples(task, target, count, seed, micro_kernel=MICRO_KERNEL_SHARE)
         if tiny is not None and summary.name in tiny:
             samples.insert(0, unscheduled(task))
         per_task.append([(task, summary, sch) for sch in samples])

@@ -4,6 +4,7 @@ onnxruntime."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -65,6 +66,33 @@ def test_transcendental_functions_compile_to_polynomials_and_verify(tmp_path):
     ).stdout.split()
     imported = {s.split("@")[0] for s in symbols}  # erff@GLIBC_2.2.5
     assert not LIBM & imported, sorted(LIBM & imported)
+
+
+def test_row_reductions_get_vectorised_partial_sums(tmp_path):
+    """Softmax and layer norm over the contiguous axis (the block above, which the test before
+    verifies packaged at ``--trials 0``) compile with the row-reduction schedule: rows in
+    parallel, each reduction accumulating 16-lane partial vectors (an ``rfactor`` block with a
+    vectorised loop) inside its row, the output row vectorised."""
+    from tvm import s_tir
+
+    from harl import compilation
+    from harl.sampling import fallback_trace
+    from harlflow.core.targets import resolve_target
+    from tasks.importing import import_model, to_relax
+
+    m = import_model(str(gelu_softmax_layernorm(tmp_path / "b.onnx")), cache_dir=tmp_path / "c")
+    target = resolve_target("cpu")
+    tasks = compilation.extract_tasks(compilation.prepare(to_relax(m.onnx_path, m.inputs)), target)
+    rows = [t for t in tasks if "softmax" in t.task_name or "layer_norm" in t.task_name]
+    assert len(rows) == 2, [t.task_name for t in tasks]
+    for task in rows:
+        sch = s_tir.Schedule(task.dispatched[0])
+        fallback_trace(task, target, 0).apply_to_schedule(sch, remove_postproc=False)
+        text = sch.mod.script()
+        names = re.findall(r'T\.sblock\("([^"]+)"\)', text)
+        assert any("_rf" in n for n in names), (task.task_name, names)  # partial vectors
+        assert text.count("T.parallel") == 1, task.task_name  # one parallel loop: the rows
+        assert text.count("T.vectorized") >= 2, task.task_name  # partials and the output row
 
 
 def conv_and_matmul(path: Path) -> Path:
