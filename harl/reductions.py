@@ -21,8 +21,6 @@ nothing measured beats it.
 
 from __future__ import annotations
 
-from typing import Any
-
 VECTOR = 16
 """fp32 lanes of an AVX-512 register: the split of every reduction and of the output's last axis"""
 MIN_REDUCTION = 4 * VECTOR
@@ -30,15 +28,15 @@ MIN_REDUCTION = 4 * VECTOR
 SPATIAL, REDUCE = 0, 2  # IterVar.iter_type of a data-parallel and of a reduction axis
 
 
-def row_reduction(task, target: dict[str, Any]):
+def row_reduction(task, postprocs: list):
     """The schedule above for ``task`` (a post-processed ``Schedule``), or None when the kernel
     does not have that shape: no reduction, a reduction over more than one axis or not over the
     innermost loop, one shorter than :data:`MIN_REDUCTION` or not a multiple of the vector, an
-    output without a row axis, or a step TVM refuses."""
+    output without a row axis, or a step TVM refuses. ``postprocs``: MetaSchedule's
+    postprocessors for the task (``harl.sampling.postprocessors``)."""
     from tvm.s_tir import Schedule
     from tvm.s_tir.schedule import ScheduleError
 
-    from harl.sampling import postprocessors
     from harl.schedules import postprocess
 
     mod = task.dispatched[0]
@@ -49,7 +47,7 @@ def row_reduction(task, target: dict[str, Any]):
         _apply(sch)
     except ScheduleError:
         return None
-    return sch if postprocess(sch, postprocessors(task, target)) else None
+    return sch if postprocess(sch, postprocs) else None
 
 
 def _kinds(sch, block) -> list[int]:

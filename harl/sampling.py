@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from harl._fast_import import import_tensor_intrinsics
+from harl.reductions import row_reduction
 from harl.schedules import postprocess, replay
 
 TILE, CATEGORICAL = "SamplePerfectTile", "SampleCategorical"
@@ -152,9 +153,7 @@ def first_samples(task, target: dict[str, Any], count: int, seed: int,
     """``count`` schedules of a task, the first the one it compiles with before it is measured:
     the row-reduction schedule where the kernel has that shape (``harl.reductions``), then
     :func:`sample_schedules`'s."""
-    from harl.reductions import row_reduction
-
-    built = row_reduction(task, target) if count > 0 else None
+    built = row_reduction(task, postprocessors(task, target)) if count > 0 else None
     rest = sample_schedules(task, target, count - (built is not None), seed, micro_kernel)
     return [built, *rest] if built is not None else rest
 
