@@ -192,7 +192,7 @@ def main() -> None:
         "--peak-gflops",
         type=float,
         default=520.0,
-        help="machine peak for the fraction column (ENVIRONMENT.md: ~520 on 2 Zen 5 cores)",
+        help="machine peak for the fraction column (docs/ENVIRONMENT.md: ~520 on 2 Zen 5 cores)",
     )
     p.add_argument(
         "--cost-model", default="xgb", help="both strategies' cost model: xgb, transfer or a file"

@@ -60,11 +60,20 @@ def _ops() -> dict:
             {"g": rng.uniform(0.5, 1.5, d).astype(f32), "b": rng.standard_normal(d).astype(f32)},
         ),
         "reduce_mean": ([("ReduceMean", ["x"], ["y"], {"axes": [-1]})], {"x": ROWS}, {}),
-        "global_avg_pool": ([("GlobalAveragePool", ["x"], ["y"], None)], {"x": [1, 256, 32, 32]},
-                            {}),  # fmt: skip
+        "global_avg_pool": (
+            [("GlobalAveragePool", ["x"], ["y"], None)],
+            {"x": [1, 256, 32, 32]},
+            {},
+        ),  # fmt: skip
         "max_pool": (
-            [("MaxPool", ["x"], ["y"], {"kernel_shape": [3, 3], "strides": [2, 2],
-                                        "pads": [1, 1, 1, 1]})],  # fmt: skip
+            [
+                (
+                    "MaxPool",
+                    ["x"],
+                    ["y"],
+                    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+                )
+            ],  # fmt: skip
             {"x": [1, 64, 64, 64]},
             {},
         ),
@@ -88,9 +97,7 @@ def _bytes(path: Path) -> int:
     import onnx
 
     g = onnx.load(str(path)).graph
-    shapes = [
-        [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*g.input, *g.output)
-    ]
+    shapes = [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*g.input, *g.output)]
     return sum(4 * math.prod(s) for s in shapes)
 
 

@@ -210,7 +210,7 @@ def main() -> None:
         "--peak-gflops",
         type=float,
         default=650.0,
-        help="fp32 FMA peak of the machine (ENVIRONMENT.md: ~620-690 on 2 cores)",
+        help="fp32 FMA peak of the machine (docs/ENVIRONMENT.md: ~620-690 on 2 cores)",
     )
     p.add_argument("--out", default="bench/results/trial_profile.json")
     a = p.parse_args()

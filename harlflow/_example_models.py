@@ -307,14 +307,3 @@ def squeezenet_small(seed: int = 0) -> nn.Module:
     """A SqueezeNet-style net (four Fire modules) on a 1×3×96×96 image."""
     torch.manual_seed(seed)
     return _finish(SqueezeNet(), [("image", (1, 3, 96, 96), "float32")], seed)
-
-
-EXAMPLES = {
-    "tiny_mlp": tiny_mlp,
-    "small_cnn": small_cnn,
-    "resnet18": resnet18,
-    "bert_encoder": bert_encoder,
-    "vit_small": vit_small,
-    "inception_small": inception_small,
-    "squeezenet_small": squeezenet_small,
-}

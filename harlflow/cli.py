@@ -16,15 +16,11 @@ import sys
 from pathlib import Path
 
 from harl.strategies import STRATEGIES
+from harlflow import examples
 from harlflow.core import signals
 from harlflow.core.errors import BadInputError, HarlflowError
 
-# the bundled models of harlflow.examples (a test keeps this in step with it; importing it here
-# would import PyTorch for every command)
-EXAMPLE_NAMES = (
-    "tiny_mlp", "small_cnn", "resnet18", "bert_encoder", "vit_small", "inception_small",
-    "squeezenet_small",
-)  # fmt: skip
+EXAMPLE_NAMES = examples.NAMES  # the bundled models (their names import without PyTorch)
 EXAMPLES = "harlflow.examples:{" + ",".join(EXAMPLE_NAMES) + "}"
 
 

@@ -7,8 +7,6 @@ compiled latencies it predicts.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -107,34 +105,11 @@ def _two_matmuls(fold: bool) -> ir.Graph:
     return ir.check(ir.from_onnx(model))
 
 
-def _compiled_seconds(g: ir.Graph, target: dict) -> float:
-    """The graph compiled as the package stage compiles it with no records (fallback
-    schedules), median of timed runs."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-    from tvm.s_tir import meta_schedule as ms
-
-    from harl.compilation import compile_database, compile_module, extract_tasks, prepare
-
-    mod = prepare(from_onnx(ir.to_onnx(g), shape_dict={"x": [16, 128]}))
-    empty = ms.database.MemoryDatabase(module_equality="structural")
-    db, _ = compile_database(empty, extract_tasks(mod, target), target, seed=0)
-    vm = relax.VirtualMachine(compile_module(mod, target, db), tvm.cpu())
-    x = tvm.runtime.tensor(np.ones((16, 128), np.float32), tvm.cpu())
-    times = []
-    for _ in range(30):
-        t = time.perf_counter()
-        vm["main"](x)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[5:]))
-
-
-@pytest.mark.alone  # it compares two compiled graphs' wall-clock latencies
-def test_tvm_oracle_ranks_graphs_as_they_run_compiled():
-    """The oracle's ranking of two equivalent graphs agrees with their compiled latencies; its
-    estimates are deterministic (a second oracle gives the same numbers) and say where each
-    kernel's price came from."""
+def test_tvm_oracle_prices_a_folded_matmul_chain_below_the_chain():
+    """Two matmuls with a constant weight chain folded into one cost less than the chain (one
+    kernel fewer, half the FLOPs); the estimates are deterministic (a second oracle gives the
+    same numbers) and say where each kernel's price came from. (Whether such rankings hold once
+    compiled is measured by ``bench/rewrite_oracles.py``, not by a test: wall-clock.)"""
     target = resolve_target(None)
     chain, folded = _two_matmuls(False), _two_matmuls(True)
     assert max_mismatch(chain, folded) is None
@@ -143,7 +118,6 @@ def test_tvm_oracle_ranks_graphs_as_they_run_compiled():
     assert est_folded < est_chain
     assert TvmOracle(target).estimate(chain) == est_chain
     assert oracle.sources(chain) == {"roofline": 2} and oracle.sources(folded) == {"roofline": 1}
-    assert _compiled_seconds(folded, target) < _compiled_seconds(chain, target)
 
 
 def _conv_bn_relu_chain(blocks: int = 4) -> ir.Graph:

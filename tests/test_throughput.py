@@ -126,7 +126,8 @@ def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(c
         assert [r.error_msg for r in second] == [None] * 4
         seen.update(builder.worker_pids())
 
-        # a worker killed while building is restarted; at most what it was building fails
+        # a worker killed while building is restarted and the candidate it held built again:
+        # the round loses nothing
         out: list = []
         job = threading.Thread(target=lambda: out.extend(builder.build(inputs * 3)))
         job.start()
@@ -135,9 +136,8 @@ def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(c
         os.kill(victim, signal.SIGKILL)
         job.join(timeout=300)
         seen.update(builder.worker_pids())
-        failed = [r for r in out if r.error_msg is not None]
-        assert len(out) == 12 and len(failed) < 12
-        assert all("PersistentBuilder" in r.error_msg for r in failed)
+        assert [r.error_msg for r in out] == [None] * 12
+        assert victim not in builder.worker_pids()
         assert [r.error_msg for r in builder.build(inputs[:2])] == [None, None]
         seen.update(builder.worker_pids())
     finally:

@@ -71,10 +71,19 @@ def test_every_rule_has_its_one_line_doc_and_the_cli_lists_them(capsys):
     assert any(rules.RULES[5].doc in line for line in out)
 
 
-def test_the_cli_names_every_bundled_example():
-    from harlflow import cli, examples
+def test_every_bundled_example_name_loads_a_model_that_declares_its_inputs():
+    """The names the CLI offers (importable without PyTorch) each resolve to a factory whose
+    model lists its inputs, as ``harlflow optimize harlflow.examples:NAME`` needs."""
+    import sys
 
-    assert list(cli.EXAMPLE_NAMES) == list(examples.EXAMPLES)
+    from harlflow import examples
+
+    assert "tiny_mlp" in examples.NAMES and set(examples.EXAMPLES) == set(examples.NAMES)
+    for name in examples.NAMES:
+        assert getattr(examples, name) is examples.EXAMPLES[name]
+    assert examples.tiny_mlp().harlflow_inputs and "torch" in sys.modules
+    with pytest.raises(AttributeError):
+        examples.no_such_model  # noqa: B018 - the attribute access is the test
 
 
 def test_a_bug_in_a_rule_is_an_error_not_a_non_match():
