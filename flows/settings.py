@@ -12,7 +12,7 @@ from harl.runners import parse_rpc
 from harl.strategies import STRATEGIES
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import resolve_target
-from tasks.rewriting import METHODS, ORACLES
+from tasks.rewrite_methods import METHODS, ORACLES
 from tasks.s3 import parse_s3_uri
 
 DEFAULT_TRIALS = 64

@@ -19,6 +19,7 @@ from harl.strategies import STRATEGIES
 from harlflow import examples
 from harlflow.core import signals
 from harlflow.core.errors import BadInputError, HarlflowError
+from tasks.rewrite_methods import METHODS, ORACLES
 
 EXAMPLE_NAMES = examples.NAMES  # the bundled models (their names import without PyTorch)
 EXAMPLES = "harlflow.examples:{" + ",".join(EXAMPLE_NAMES) + "}"
@@ -286,8 +287,8 @@ def cmd_rewrite_train(a: argparse.Namespace) -> int:
         xrlflow_agent_path,
     )
     from tasks.importing import default_name, import_model
+    from tasks.rewrite_methods import make_oracle
     from tasks.rewrite_training import train_agent
-    from tasks.rewriting import make_oracle
     from xrlflow import ir
 
     if a.iterations < 1 or a.episodes < 1 or a.max_steps < 1:
@@ -646,18 +647,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
     p.add_argument(
         "--rewrite",
-        choices=["none", "greedy", "xrlflow", "rlflow"],
+        choices=list(METHODS),
         default="greedy",
         help="graph rewriting before tuning (default greedy; xrlflow and rlflow use the agent "
-        "from 'harlflow rewrite-train --agent ...', or train one on this model)",
+        "from 'harlflow rewrite-train --agent ...', or train one on this model; "
+        "tasks/rewrite_methods.py describes each)",
     )
     p.add_argument(
         "--rewrite-oracle",
-        choices=["tvm", "onnxruntime"],
+        choices=list(ORACLES),
         default="tvm",
         help="what judges a rewrite (default tvm: the kernels of the compiled artifact, from "
-        "the tuning database's records or a calibrated roofline; onnxruntime: per-operator "
-        "timings)",
+        "the tuning database's records or the target's measured profile; onnxruntime: "
+        "per-operator timings; flops: an analytical count)",
     )
     p.add_argument(
         "--measure-seconds",
@@ -855,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--oracle",
-        choices=["tvm", "onnxruntime"],
+        choices=list(ORACLES),
         default="tvm",
         help="what judges a rewrite (default tvm, as --rewrite-oracle)",
     )

@@ -25,27 +25,10 @@ from typing import Any
 
 from harlflow import rl
 from harlflow.core import tvmlog
-from harlflow.core.errors import BadInputError, VerificationError, loading
+from harlflow.core.errors import BadInputError, VerificationError
 from harlflow.core.outputs import compare, mismatches
 from tasks.importing import ImportedModel
-
-METHODS = ("none", "greedy", "xrlflow", "rlflow")
-ORACLES = ("tvm", "onnxruntime")
-
-
-def make_oracle(name: str, target: dict | None = None, database_dir: str | Path | None = None):
-    """The cost oracle called ``name``: TVM for ``target`` (priced from ``database_dir``'s
-    records where it has them) or onnxruntime."""
-    if name == "onnxruntime":
-        from xrlflow.cost import OrtOracle
-
-        return OrtOracle()
-    if name == "tvm":
-        from harlflow.core.targets import resolve_target
-        from tasks.rewrite_oracle import TvmOracle
-
-        return TvmOracle(resolve_target(target), database_dir)
-    raise BadInputError(f"unknown rewrite oracle {name!r}; choose one of {', '.join(ORACLES)}")
+from tasks.rewrite_methods import METHODS, ORACLES, RewriteJob, lookup, make_oracle
 
 
 @dataclass
@@ -80,14 +63,8 @@ def rewrite_model(
     stages should use. With ``time_budget_s`` the search stops pricing candidates after that
     many seconds and hands on the best graph reached (training an agent that is not saved yet
     is not cut short)."""
-    if method not in METHODS:
-        raise BadInputError(
-            f"unknown rewrite method {method!r}; choose one of {', '.join(METHODS)}"
-        )
-    if oracle not in ORACLES:
-        raise BadInputError(
-            f"unknown rewrite oracle {oracle!r}; choose one of {', '.join(ORACLES)}"
-        )
+    lookup(METHODS, method, "rewrite method")
+    lookup(ORACLES, oracle, "rewrite oracle")
     if method == "none":
         return RewriteOutcome(imported, "none", {"method": "none"})
     with tvmlog.collected(log) as warned:  # TVM warns once per priced candidate otherwise
@@ -118,22 +95,11 @@ def _rewrite(
             "use --rewrite-oracle onnxruntime"
         )
     pricing_s = time.monotonic() - t
-    curve: list[dict[str, float]] = []
-    if method == "greedy":
-        log(f"rewrite: greedy over {len(g.nodes)} nodes, judged on {judge.name}")
-        result = search.greedy(g, judge, deadline=deadline, pricing_s=pricing_s)
-    elif method == "xrlflow":
-        agent = _agent(g, judge, agent_path, train_iterations, seed, curve, log)
-        log(f"rewrite: X-RLflow policy, greedy + {rollouts} sampled rollouts on {judge.name}")
-        result = search.xrlflow(
-            g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed, deadline=deadline
-        )
-    else:
-        agent = _rlflow_agent(g, judge, rlflow_agent_path, train_iterations, seed, curve, log)
-        log(f"rewrite: RLFlow controller, greedy + {rollouts} sampled rollouts on {judge.name}")
-        result = search.rlflow(
-            g, agent, judge, rollouts=rollouts, max_steps=max_steps, seed=seed, deadline=deadline
-        )
+    job = RewriteJob(
+        g, judge, log, seed, deadline, pricing_s, max_steps, rollouts, train_iterations,
+        agent_path, rlflow_agent_path,
+    )  # fmt: skip
+    result = METHODS[method].run(job)
     if result.notes.get("stopped"):
         log(
             f"rewrite: stopped at its share of the time budget ({time_budget_s:.0f} s) with "
@@ -154,9 +120,9 @@ def _rewrite(
         )
     )
     if not result.steps:
-        return RewriteOutcome(imported, method, summary, curve)
+        return RewriteOutcome(imported, method, summary, job.curve)
     model, path = _write(imported, result.graph, work_dir, summary)
-    return RewriteOutcome(model, method, summary, curve, path)
+    return RewriteOutcome(model, method, summary, job.curve, path)
 
 
 def _both_oracles(before, after, judge, target) -> dict[str, dict[str, float]]:
@@ -172,69 +138,6 @@ def _both_oracles(before, after, judge, target) -> dict[str, dict[str, float]]:
         "onnxruntime_measured": ort.measure,
     }
     return {k: {"before_ms": f(before) * 1e3, "after_ms": f(after) * 1e3} for k, f in rows.items()}
-
-
-def _agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
-    """The saved agent when there is one; else one trained on this graph (and saved)."""
-    from xrlflow import agent as A
-    from xrlflow.env import RewriteEnv
-
-    if agent_path and Path(agent_path).is_file():
-        log(f"rewrite: loading the X-RLflow agent from {agent_path}")
-        return A.XRLflowAgent.load(agent_path, seed=seed)
-    log(
-        f"rewrite: no trained agent at {agent_path}; training one on this model "
-        f"({iterations} PPO iterations)"
-    )
-    agent = A.XRLflowAgent(seed=seed)
-    env = RewriteEnv({"model": g}, oracle, max_steps=20, measure_every=5)
-
-    def progress(i: int, m: dict) -> None:
-        curve.append(m)
-        log(
-            f"rewrite: PPO iteration {i + 1}/{iterations} | "
-            f"mean return {m['charts/mean_return']:+.4f} | "
-            f"best gain {m['charts/mean_best_gain']:+.2%}"
-        )
-
-    A.train(env, agent, iterations=iterations, episodes_per_iter=2, callback=progress, seed=seed)
-    if agent_path:
-        agent.save(agent_path)
-    return agent
-
-
-def _rlflow_agent(g, oracle, agent_path, iterations: int, seed: int, curve: list, log):
-    """The saved RLFlow agent when there is one; else one trained on this graph (and saved):
-    a world model from random real episodes, the controller in imagination."""
-    from xrlflow import rlflow as RF
-    from xrlflow.env import RewriteEnv
-
-    if agent_path and Path(agent_path).is_file():
-        log(f"rewrite: loading the RLFlow agent from {agent_path}")
-        with loading(agent_path, "RLFlow agent"):
-            return RF.RLFlowAgent.load(agent_path, seed=seed)
-    iterations = max(iterations, 1) * 3  # imagined iterations are cheap
-    log(
-        f"rewrite: no trained RLFlow agent at {agent_path}; training one on this model "
-        f"(world model from random episodes, {iterations} PPO iterations in imagination)"
-    )
-    agent = RF.RLFlowAgent(seed=seed)
-    env = RewriteEnv({"model": g}, oracle, max_steps=10, measure_every=5)
-
-    def progress(i: int, m: dict) -> None:
-        curve.append(m)
-        if "charts/real_return" in m:
-            log(
-                f"rewrite: RLFlow iteration {i + 1}/{iterations} | imagined return "
-                f"{m['charts/imagined_return']:+.4f} | real return {m['charts/real_return']:+.4f}"
-                f" | real steps {m['charts/real_steps']:.0f}"
-            )
-
-    RF.train(env, agent, iterations=iterations, random_episodes=12, ground_every=10,
-             callback=progress, seed=seed)  # fmt: skip
-    if agent_path:
-        agent.save(agent_path)
-    return agent
 
 
 def _write(

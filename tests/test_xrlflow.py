@@ -122,3 +122,26 @@ def test_an_unknown_rule_is_an_error_not_the_first_rule(fire):
     agent = A.XRLflowAgent(rules=[r for r in R.RULES if r.name not in rules_seen])
     with pytest.raises(ValueError, match="is not in this agent's rule library"):
         agent.state(obs, ORACLE, ORACLE.estimate(g))
+
+
+def test_rewrite_methods_and_oracles_are_found_by_name(fire):
+    """The stage finds methods and oracles in one registry: the flops oracle by name,
+    backtracking reaching at least greedy's graph on the fire module, backtracking stopping at
+    a spent deadline with nothing priced, and an unknown name refused with the choices."""
+    import time
+
+    from harlflow.core.errors import BadInputError
+    from tasks.rewrite_methods import METHODS, RewriteJob, lookup, make_oracle
+
+    g, _ = fire
+    judge = make_oracle("flops")
+    assert judge.name == "flops"
+    quiet = lambda *_: None  # noqa: E731
+    greedy = METHODS["greedy"].run(RewriteJob(g, judge, log=quiet))
+    best_first = METHODS["backtracking"].run(RewriteJob(g, judge, log=quiet))
+    assert best_first.latency_after <= greedy.latency_after < greedy.latency_before
+    spent = RewriteJob(g, judge, log=quiet, deadline=time.monotonic())
+    stopped = METHODS["backtracking"].run(spent)
+    assert stopped.explored == 0 and not stopped.steps
+    with pytest.raises(BadInputError, match="choose one of none, greedy, backtracking"):
+        lookup(METHODS, "magic", "rewrite method")

@@ -151,7 +151,10 @@ def backtracking(
     rules: list[R.Rule] | None = None,
     alpha: float = 1.05,
     budget: int = 300,
+    deadline: float | None = None,
 ) -> Result:
+    """Best-first search: expand the cheapest graph reached, keep every candidate priced within
+    ``alpha`` of the best so far; stop after ``budget`` expansions or at ``deadline``."""
     t0, rules = time.monotonic(), rules or R.RULES
     g = check(g)
     before = oracle.measure(g)
@@ -160,7 +163,7 @@ def backtracking(
     seen = {g.structural_hash()}
     queue: list[tuple[float, int, Graph, list[Step]]] = [(start_est, 0, g, [])]
     tie, expanded, explored = 1, 0, 0
-    while queue and expanded < budget:
+    while queue and expanded < budget and not _past(deadline):
         signals.check()
         est, _, cur, steps = heapq.heappop(queue)
         expanded += 1
