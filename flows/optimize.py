@@ -11,7 +11,6 @@ from prefect import flow, get_run_logger
 
 from flows.budget import COMPILE_S_PER_TASK, RunClock
 from flows.settings import RunSettings
-from harl.budget import format_duration
 from harlflow.core.config import (
     harl_agent_path,
     home,
@@ -21,6 +20,7 @@ from harlflow.core.config import (
     validate_name,
     xrlflow_agent_path,
 )
+from harlflow.core.durations import format_duration
 from harlflow.core.signature import TensorSpec
 from tasks import tracking
 from tasks.importing import default_name, log_import

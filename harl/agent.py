@@ -106,11 +106,19 @@ class EditAgent:
         states = torch.as_tensor(np.stack([s.state.features for s in samples]), dtype=torch.float32)
         return torch.stack(logps), torch.stack(ents), self.net.value(states)
 
-    def update(self, trajectories: list[list[Sample]]) -> dict[str, float]:
-        """One PPO update on complete or cut-off trajectories (a cut-off one bootstraps from its
-        last value); returns the update's metrics, empty when there was too little to learn."""
-        lasts = [0.0 if not t or t[-1].done else t[-1].value for t in trajectories]
-        samples, adv, ret = advantages(trajectories, lasts, self.config)
+    @torch.no_grad()
+    def value(self, features: np.ndarray) -> float:
+        """The critic's value of a state vector (bootstraps a trajectory cut off there)."""
+        return float(self.net.value(torch.as_tensor(features, dtype=torch.float32)))
+
+    def update(
+        self, trajectories: list[list[Sample]], last_values: list[float]
+    ) -> dict[str, float]:
+        """One PPO update on whole or cut-off trajectories, as X-RLflow's agent takes them:
+        ``last_values[i]`` is the value of the state trajectory ``i`` was cut off in (the one
+        after its last edit; ignored when its last sample is ``done``). Returns the update's
+        metrics, empty when there was too little to learn."""
+        samples, adv, ret = advantages(trajectories, last_values, self.config)
         if len(samples) < 2:
             return {}
         metrics = ppo_update(

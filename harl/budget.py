@@ -13,40 +13,13 @@ MetaSchedule's evolutionary search counts the trials it was told about
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 import time
 
-from harlflow.core.errors import BadInputError
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
 
 UNLIMITED_TRIALS = 1_000_000  # --time-budget without --trials: the deadline decides
-_DURATION = re.compile(r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>s|sec|m|min|h)?\s*$", re.I)
-_UNIT_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
-
-
-def parse_duration(text: str, option: str = "--time-budget") -> float:
-    """``"90s"``, ``"20m"``, ``"1h"``, ``"1.5h"`` or plain seconds (``"300"``) → seconds (> 0);
-    ``option`` names the command-line option in the error."""
-    m = _DURATION.match(str(text))
-    if not m:
-        raise BadInputError(
-            f"invalid {option} {text!r}: expected a number with s, m or h, e.g. 90s, 20m, 1h"
-        )
-    seconds = float(m["value"]) * _UNIT_SECONDS[(m["unit"] or "").lower() or None]
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise BadInputError(f"invalid {option} {text!r}: it must be more than 0 seconds")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds → ``"1h05m"``, ``"4m10s"``, ``"42s"``."""
-    s = int(round(max(0.0, seconds)))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 class Deadline:
@@ -96,50 +69,36 @@ class Allowance:
         return n
 
 
-@functools.cache
-def _budgeted_strategy_class():
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
+@derived_object
+class BudgetedStrategy(ms.search_strategy.PySearchStrategy):
+    """Wraps a search strategy: its rounds are cut to what the shared allowance still has,
+    and it ends (``None``) when not one more trial fits."""
 
-    @derived_object
-    class BudgetedStrategy(ms.search_strategy.PySearchStrategy):
-        """Wraps a search strategy: its rounds are cut to what the shared allowance still has,
-        and it ends (``None``) when not one more trial fits."""
+    def __init__(self, inner, allowance: Allowance):
+        self.inner, self.allowance = inner, allowance
 
-        def __init__(self, inner, allowance: Allowance):
-            self.inner, self.allowance = inner, allowance
+    def _initialize_with_tune_context(self, context) -> None:
+        self.inner._initialize_with_tune_context(context)
 
-        def _initialize_with_tune_context(self, context) -> None:
-            self.inner._initialize_with_tune_context(context)
+    def pre_tuning(
+        self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None
+    ) -> None:
+        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
 
-        def pre_tuning(
-            self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None
-        ) -> None:
-            self.inner.pre_tuning(
-                max_trials, num_trials_per_iter, design_spaces, database, cost_model
-            )
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
 
-        def post_tuning(self) -> None:
-            self.inner.post_tuning()
+    def generate_measure_candidates(self):
+        if self.allowance.available(1) == 0:
+            return None
+        candidates = self.inner.generate_measure_candidates()
+        if candidates is None:
+            return None
+        keep = self.allowance.take(len(candidates))  # the search itself took time
+        return list(candidates)[:keep] if keep else None
 
-        def generate_measure_candidates(self):
-            if self.allowance.available(1) == 0:
-                return None
-            candidates = self.inner.generate_measure_candidates()
-            if candidates is None:
-                return None
-            keep = self.allowance.take(len(candidates))  # the search itself took time
-            return list(candidates)[:keep] if keep else None
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        self.inner.notify_runner_results(measure_candidates, results)
 
-        def notify_runner_results(self, measure_candidates, results) -> None:
-            self.inner.notify_runner_results(measure_candidates, results)
-
-        def clone(self):
-            return BudgetedStrategy(self.inner.clone(), self.allowance)
-
-    return BudgetedStrategy
-
-
-def BudgetedStrategy(inner, allowance: Allowance):  # noqa: N802 (a factory that reads like a class)
-    """``inner`` (a ``SearchStrategy``) held to ``allowance``'s trials and deadline."""
-    return _budgeted_strategy_class()(inner, allowance)
+    def clone(self):
+        return BudgetedStrategy(self.inner.clone(), self.allowance)

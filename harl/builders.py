@@ -16,10 +16,14 @@ pipe closes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import tempfile
 from collections.abc import Iterator
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from harl._fast_import import import_tensor_intrinsics
 
@@ -30,8 +34,6 @@ def build_shared_object(mod, target) -> str:
     Runs in a build worker. The directory it creates is removed by MetaSchedule's
     ``RemoveBuildArtifact`` callback (or by :func:`harl.warmup.measure_random`) after the run.
     """
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
-
     rt_mod = default_build(mod, target, None)
     path = os.path.join(tempfile.mkdtemp(prefix="harl-build-"), "candidate.so")
     rt_mod.export_library(path)
@@ -40,98 +42,83 @@ def build_shared_object(mod, target) -> str:
 
 def build_tar(mod, target) -> str:
     """MetaSchedule's default build and ``.tar`` export (for RPC devices that link themselves)."""
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
-
     return default_export(default_build(mod, target, None))
 
 
-@functools.cache
-def _builder_class():
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+@derived_object
+class PersistentBuilder(ms.builder.PyBuilder):
+    """A MetaSchedule builder whose worker pool lives until :meth:`close`."""
 
-    @derived_object
-    class PersistentBuilder(ms.builder.PyBuilder):
-        """A MetaSchedule builder whose worker pool lives until :meth:`close`."""
+    def __init__(self, *, max_workers: int = 2, timeout_sec: float = 60.0, link: bool = True):
+        super().__init__()
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self.max_workers, self.timeout_sec = max_workers, timeout_sec
+        self.export = build_shared_object if link else build_tar
+        self.pool = None
 
-        def __init__(self, *, max_workers: int = 2, timeout_sec: float = 60.0, link: bool = True):
-            super().__init__()
-            if max_workers < 1:
-                raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-            self.max_workers, self.timeout_sec = max_workers, timeout_sec
-            self.export = build_shared_object if link else build_tar
-            self.pool = None
+    def _pool(self):
+        if self.pool is None:
+            self.pool = PopenPoolExecutor(
+                max_workers=self.max_workers,
+                timeout=self.timeout_sec,
+                initializer=import_tensor_intrinsics,
+            )
+        return self.pool
 
-        def _pool(self):
-            if self.pool is None:
-                self.pool = PopenPoolExecutor(
-                    max_workers=self.max_workers,
-                    timeout=self.timeout_sec,
-                    initializer=import_tensor_intrinsics,
-                )
-            return self.pool
+    def _reap(self) -> None:
+        """Reset workers that died while idle, so they restart on their next build instead
+        of failing it (``PopenWorker`` only restarts after a failed send)."""
+        if self.pool is None:
+            return
+        for worker in list(self.pool._worker_map.values()):
+            if worker._proc is not None and not worker.is_alive():
+                worker.kill()
 
-        def _reap(self) -> None:
-            """Reset workers that died while idle, so they restart on their next build instead
-            of failing it (``PopenWorker`` only restarts after a failed send)."""
-            if self.pool is None:
-                return
-            for worker in list(self.pool._worker_map.values()):
-                if worker._proc is not None and not worker.is_alive():
-                    worker.kill()
-
-        def build(self, build_inputs):
+    def build(self, build_inputs):
+        self._reap()
+        export = self.export
+        jobs = [(b.mod, b.target) for b in build_inputs]
+        done = list(self._pool().map_with_error_catching(lambda x: export(*x), jobs))
+        # a worker that died under a candidate (killed, out of memory) is restarted; the
+        # candidate gets one more try before it counts as a failed build
+        again = [
+            k
+            for k, r in enumerate(done)
+            if r.status == StatusKind.EXCEPTION and isinstance(r.value, ChildProcessError)
+        ]
+        if again:
             self._reap()
-            export = self.export
-            jobs = [(b.mod, b.target) for b in build_inputs]
-            done = list(self._pool().map_with_error_catching(lambda x: export(*x), jobs))
-            # a worker that died under a candidate (killed, out of memory) is restarted; the
-            # candidate gets one more try before it counts as a failed build
-            again = [
-                k
-                for k, r in enumerate(done)
-                if r.status == StatusKind.EXCEPTION and isinstance(r.value, ChildProcessError)
-            ]
-            if again:
-                self._reap()
-                retried = self._pool().map_with_error_catching(
-                    lambda x: export(*x), [jobs[k] for k in again]
-                )
-                for k, r in zip(again, retried, strict=True):
-                    done[k] = r
-            results = []
-            for r in done:
-                if r.status == StatusKind.COMPLETE:
-                    results.append(ms.builder.BuilderResult(r.value, None))
-                elif r.status == StatusKind.TIMEOUT:
-                    results.append(
-                        ms.builder.BuilderResult(
-                            None, f"PersistentBuilder: timeout, killed after {self.timeout_sec} s"
-                        )
+            retried = self._pool().map_with_error_catching(
+                lambda x: export(*x), [jobs[k] for k in again]
+            )
+            for k, r in zip(again, retried, strict=True):
+                done[k] = r
+        results = []
+        for r in done:
+            if r.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(r.value, None))
+            elif r.status == StatusKind.TIMEOUT:
+                results.append(
+                    ms.builder.BuilderResult(
+                        None, f"PersistentBuilder: timeout, killed after {self.timeout_sec} s"
                     )
-                else:
-                    results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {r.value}"))
-            return results
+                )
+            else:
+                results.append(ms.builder.BuilderResult(None, f"PersistentBuilder: {r.value}"))
+        return results
 
-        def worker_pids(self) -> list[int]:
-            """PIDs of the live build workers (for tests and diagnostics)."""
-            if self.pool is None:
-                return []
-            return [w._proc.pid for w in self.pool._worker_map.values() if w._proc is not None]
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live build workers (for tests and diagnostics)."""
+        if self.pool is None:
+            return []
+        return [w._proc.pid for w in self.pool._worker_map.values() if w._proc is not None]
 
-        def close(self) -> None:
-            """End every worker process now (idempotent)."""
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-                self.pool = None
-
-    return PersistentBuilder
-
-
-def PersistentBuilder(**kwargs):  # noqa: N802 (a factory that reads like the class it builds)
-    """Build a :class:`PersistentBuilder` (the TVM-derived class is created on first use)."""
-    return _builder_class()(**kwargs)
+    def close(self) -> None:
+        """End every worker process now (idempotent)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
 
 @contextlib.contextmanager

@@ -13,10 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
 
 from harl._fast_import import import_tensor_intrinsics
 from harl.budget import Allowance, BudgetedStrategy, Deadline
@@ -163,22 +167,21 @@ class _Tracker:
 
     def callback(self, summaries: list[TaskSummary]):
         """A MetaSchedule measure callback feeding this tracker (``summaries`` in task order)."""
-        from tvm.ir.utils import derived_object
-        from tvm.s_tir import meta_schedule as ms
+        return ProgressCallback(self, summaries)
 
-        tracker = self
 
-        @derived_object
-        class _Progress(ms.measure_callback.PyMeasureCallback):
-            def apply(
-                self, task_scheduler, task_id, measure_candidates, builder_results, runner_results
-            ):
-                summary = summaries[task_id]
-                for br, rr in zip(builder_results, runner_results, strict=True):
-                    ok = br.error_msg is None and rr.error_msg is None and rr.run_secs
-                    tracker.measured(summary, [float(x) for x in rr.run_secs] if ok else None)
+@derived_object
+class ProgressCallback(ms.measure_callback.PyMeasureCallback):
+    """Reports every measured trial of a MetaSchedule search to a :class:`_Tracker`."""
 
-        return _Progress()
+    def __init__(self, tracker: _Tracker, summaries: list[TaskSummary]):
+        self.tracker, self.summaries = tracker, summaries
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        summary = self.summaries[task_id]
+        for br, rr in zip(builder_results, runner_results, strict=True):
+            ok = br.error_msg is None and rr.error_msg is None and rr.run_secs
+            self.tracker.measured(summary, [float(x) for x in rr.run_secs] if ok else None)
 
 
 def trials_per_round(budget: int, num_tasks: int) -> int:
@@ -441,10 +444,6 @@ def _search(
 ) -> None:
     """MetaSchedule's ``tune_tasks`` over the searched tasks with ``strategy``, held to
     ``remaining`` trials and the deadline (:class:`~harl.budget.BudgetedStrategy`)."""
-    import tempfile
-
-    from tvm.s_tir import meta_schedule as ms
-
     affordable = remaining
     if not deadline.unlimited:  # the tracker keeps the run's pace in deadline.per_trial_s
         pace = deadline.per_trial_s or SECONDS_PER_TRIAL_GUESS

@@ -102,7 +102,7 @@ def _settings(a: argparse.Namespace):
     """The run options as checked :class:`~flows.settings.RunSettings` (the target resolved);
     bad values fail here, before any store is touched."""
     from flows.settings import RunSettings
-    from harl.budget import parse_duration
+    from harlflow.core.durations import parse_duration
 
     settings = RunSettings(
         trials=a.trials,
@@ -212,7 +212,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     and run its flow runs."""
     from prefect.client.schemas.schedules import CronSchedule
 
-    from harl.budget import format_duration, parse_duration
+    from harlflow.core.durations import format_duration, parse_duration
     from harlflow.core.errors import StoreError
 
     if a.cron is not None and a.interval is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harl.budget import format_duration
 from harl.tuning import TuneResult
+from harlflow.core.durations import format_duration
 from tasks.importing import ImportedModel
 from tasks.packaging import Artifact
 from tasks.publishing import Publication

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from harl import compilation, tuning
-from harl.budget import UNLIMITED_TRIALS, format_duration
+from harl.budget import UNLIMITED_TRIALS
 from harl.runners import make_runner
 from harl.tuning import Progress, TuneResult
 from harlflow.core import tvmlog
+from harlflow.core.durations import format_duration
 from tasks.importing import ImportedModel, to_relax
 
 

@@ -187,3 +187,29 @@ def test_harl_accepts_a_round_the_budget_cut_short(tmp_path):
     )
     assert res.trials == 21  # the budget, exactly: the last round was cut
     assert sum(t.schedule == "tuned" for t in res.tasks) >= 2
+
+
+def test_cut_off_trajectories_bootstrap_from_the_state_they_stopped_in(matmul):
+    """A walk still improving when the episode's steps run out is cut off, not ended: PPO gets
+    the critic's value of the state after its last edit (not its last state's own value, the
+    old bootstrap), and a walk that stopped by its own rule bootstraps nothing."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy
+
+    _, target, task = matmul
+    rl.setup(0)
+    walks = ExplorationConfig(trajectories=4, steps=3, patience=100, random_starts=8)
+    strategy = HARLSearchStrategy(seed=0, exploration=walks)
+    ctx = _context(task, target, strategy)
+    spaces = ctx.space_generator.generate_design_space(ctx.mod)
+    ctx.search_strategy.pre_tuning(
+        8, 4, spaces, ms.database.MemoryDatabase(), ms.cost_model.RandomModel()
+    )
+    _, trajectories, last_values = strategy._explore()
+    assert trajectories and len(last_values) == len(trajectories)
+    cut = [(t, v) for t, v in zip(trajectories, last_values, strict=True) if not t[-1].done]
+    assert cut, "with patience 100, walks are cut off by the 3 steps"
+    for t, v in cut:
+        assert len(t) == 3 and v != t[-1].value
+    assert all(v == 0.0 for t, v in zip(trajectories, last_values, strict=True) if t[-1].done)

@@ -15,9 +15,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from harl import compilation, database, tuning
-from harl.budget import UNLIMITED_TRIALS, Deadline, format_duration, parse_duration
+from harl.budget import UNLIMITED_TRIALS, Deadline
 from harl.builders import PersistentBuilder
 from harl.sampling import sample_schedules
+from harlflow.core.durations import format_duration, parse_duration
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import resolve_target
 from tasks.importing import import_model, to_relax

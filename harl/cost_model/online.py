@@ -12,11 +12,12 @@ the known targets' and learned online.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
 
 from harl.cost_model.model import CostModel, ModelConfig
 from harl.database import mean_run_secs
@@ -29,55 +30,48 @@ ONLINE_EPOCHS = 2  # passes over the run's measurements after each round
 ONLINE_WINDOW = 512  # the most recent measurements kept for online updates
 
 
-@functools.cache
-def _learned_cost_model_class():
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
+@derived_object
+class LearnedCostModel(ms.cost_model.PyCostModel):
+    """Scores candidates with an attention :class:`CostModel`; learns from each round."""
 
-    @derived_object
-    class LearnedCostModel(ms.cost_model.PyCostModel):
-        """Scores candidates with an attention :class:`CostModel`; learns from each round."""
+    def __init__(self, model: CostModel, target: dict[str, Any]):
+        self.model = model
+        self.target = target_key(target)
+        self.model = model.with_targets([self.target])  # a new target: its own embedding
+        self.rows: list[dict] = []
+        self.extractor = ms.feature_extractor.PerStoreFeature()
 
-        def __init__(self, model: CostModel, target: dict[str, Any]):
-            self.model = model
-            self.target = target_key(target)
-            self.model = model.with_targets([self.target])  # a new target: its own embedding
-            self.rows: list[dict] = []
-            self.extractor = ms.feature_extractor.PerStoreFeature()
+    def load(self, path: str) -> None:
+        self.model = CostModel.load(path)
 
-        def load(self, path: str) -> None:
-            self.model = CostModel.load(path)
+    def save(self, path: str) -> None:
+        self.model.save(path)
 
-        def save(self, path: str) -> None:
-            self.model.save(path)
+    def _rows(self, context, candidates) -> list[dict]:
+        feats = self.extractor.extract_from(context, candidates)
+        workload = str(hash(context.mod))
+        return [
+            {
+                "features": f.numpy().astype(np.float32),
+                "target": self.target,
+                "workload": workload,
+            }
+            for f in feats
+        ]
 
-        def _rows(self, context, candidates) -> list[dict]:
-            feats = self.extractor.extract_from(context, candidates)
-            workload = str(hash(context.mod))
-            return [
-                {
-                    "features": f.numpy().astype(np.float32),
-                    "target": self.target,
-                    "workload": workload,
-                }
-                for f in feats
-            ]
+    def predict(self, context, candidates) -> np.ndarray:
+        if not candidates:
+            return np.zeros(0)
+        return self.model.predict(self._rows(context, candidates)).astype("float64")
 
-        def predict(self, context, candidates) -> np.ndarray:
-            if not candidates:
-                return np.zeros(0)
-            return self.model.predict(self._rows(context, candidates)).astype("float64")
-
-        def update(self, context, candidates, results) -> None:
-            for row, res in zip(self._rows(context, candidates), results, strict=True):
-                ok = res.error_msg is None and res.run_secs
-                run_us = mean_run_secs(res.run_secs) * 1e6 if ok else np.nan
-                row.update(run_us=run_us, failed=not ok)
-                self.rows.append(row)
-            del self.rows[:-ONLINE_WINDOW]
-            self.model.fit(self.rows, seed=len(self.rows), epochs=ONLINE_EPOCHS)
-
-    return LearnedCostModel
+    def update(self, context, candidates, results) -> None:
+        for row, res in zip(self._rows(context, candidates), results, strict=True):
+            ok = res.error_msg is None and res.run_secs
+            run_us = mean_run_secs(res.run_secs) * 1e6 if ok else np.nan
+            row.update(run_us=run_us, failed=not ok)
+            self.rows.append(row)
+        del self.rows[:-ONLINE_WINDOW]
+        self.model.fit(self.rows, seed=len(self.rows), epochs=ONLINE_EPOCHS)
 
 
 def transfer_model_path() -> Path:
@@ -100,7 +94,7 @@ def create_cost_model(spec: str | Path | CostModel, target: dict[str, Any]):
         model = CostModel.load(spec)
     else:
         raise BadInputError(f"--cost-model must be 'xgb', 'transfer' or a model file, got {spec!r}")
-    return _learned_cost_model_class()(model, target)
+    return LearnedCostModel(model, target)
 
 
 def untrained(target: dict[str, Any], cfg: ModelConfig | None = None) -> CostModel:
