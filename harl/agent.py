@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from harlflow.core.errors import loading
-from harlflow.core.files import replacing
-from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
+from harlflow.rl import PPOConfig, Sample, advantages, load_checkpoint, ppo_update, save_checkpoint
 
 PRETRAINED = Path(__file__).with_name("pretrained_agent.pt")
 """the agent pre-trained offline against the shipped cost model (``harlflow harl-train``; the
 README names the command that regenerates it): where a HARL run with no agent of its own starts"""
 
+KIND = "HARL agent"
 STATE_DIM = 2 * 164 + 24 + 4  # PerStoreFeature mean+max, decision encoding, search context
 ACTION_DIM = 12
 
@@ -106,11 +106,6 @@ class EditAgent:
         states = torch.as_tensor(np.stack([s.state.features for s in samples]), dtype=torch.float32)
         return torch.stack(logps), torch.stack(ents), self.net.value(states)
 
-    @torch.no_grad()
-    def value(self, features: np.ndarray) -> float:
-        """The critic's value of a state vector (bootstraps a trajectory cut off there)."""
-        return float(self.net.value(torch.as_tensor(features, dtype=torch.float32)))
-
     def update(
         self, trajectories: list[list[Sample]], last_values: list[float]
     ) -> dict[str, float]:
@@ -128,23 +123,20 @@ class EditAgent:
         return metrics
 
     def save(self, path: str | Path) -> None:
-        """Weights, optimiser state and config (a plain state dict: loadable with weights_only)."""
-        with replacing(path) as tmp:
-            torch.save(
-                {
-                    "net": self.net.state_dict(),
-                    "opt": self.opt.state_dict(),
-                    "config": asdict(self.config),
-                    "updates": self.updates,
-                },
-                tmp,
-            )
+        """Weights, optimiser state and config (:func:`harlflow.rl.save_checkpoint`)."""
+        state = {
+            "net": self.net.state_dict(),
+            "opt": self.opt.state_dict(),
+            "config": asdict(self.config),
+            "updates": self.updates,
+        }
+        save_checkpoint(path, KIND, state)
 
     @classmethod
     def load(cls, path: str | Path, *, seed: int = 0) -> EditAgent:
         """A saved agent; a corrupt or mismatched file is a :class:`BadInputError` naming it."""
-        with loading(path, "HARL agent"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path, KIND)
+        with loading(path, KIND):
             agent = cls(EditAgentConfig(**state["config"]), seed=seed)
             agent.net.load_state_dict(state["net"])
             agent.opt.load_state_dict(state["opt"])

@@ -265,8 +265,8 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         del self.imagined[32:]
 
     def _explore(self):
-        """Run this round's trajectories; returns (candidate pool, trajectories, the value of
-        the state each cut-off trajectory stopped in: 0 for the ended ones)."""
+        """Run this round's trajectories; returns (candidate pool, trajectories, the value each
+        would bootstrap from: 0, since every walk ends, by its own rule or its step limit)."""
         cfg, agent = self.cfg, self.shared.agent
         pool: dict[int, tuple[float, int, Any]] = {}  # hash → (score, sketch, schedule)
         starts = self._starts(pool)
@@ -306,14 +306,12 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
                     t.best, t.idle = t.score, 0
                 else:
                     t.idle += 1
-                # a walk ends when it stops improving; one still going when the episode's
-                # steps run out is cut off, not ended: PPO bootstraps it from the next state
-                done = t.idle >= cfg.patience
+                # a walk ends when it stops improving or its steps run out: the state carries
+                # step / steps, so the step limit is part of the task (time-aware, not a cut)
+                done = t.idle >= cfg.patience or step == cfg.steps - 1
                 t.samples.append(Sample(p.state, p.action, p.logprob, p.value, reward, done))
         walked = [t for t in live if t.samples]
-        last_values = [
-            0.0 if t.samples[-1].done else agent.value(self._state(t, cfg.steps)) for t in walked
-        ]
+        last_values = [0.0] * len(walked)  # every walk has ended: nothing to bootstrap
         for t in live:
             if t.idle == 0 and t.samples:
                 still_improving += 1

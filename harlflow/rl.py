@@ -7,17 +7,25 @@ taken, policy entropies, state values). The update then reads as CleanRL's ``ppo
 policy loss, value loss, entropy bonus, one gradient step per epoch, and metrics named by group
 (``losses/policy``, ``losses/value``, ``losses/entropy``, ``losses/approx_kl``,
 ``losses/clipfrac``; agents add their own ``charts/...``).
+
+Every learned thing (the three agents, the cost model) saves and loads through
+:func:`save_checkpoint` / :func:`load_checkpoint`: weights-only, versioned, one error naming the
+file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from harlflow.core.errors import loading
+from harlflow.core.files import replacing
 
 
 class Sample(NamedTuple):
@@ -172,3 +180,34 @@ def ppo_update(
             "losses/clipfrac": clipfrac.item(),
         }
     return metrics
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_VERSION = 1
+"""the format :func:`save_checkpoint` writes; files without a header are format 0 (before it)"""
+
+
+def save_checkpoint(path: str | Path, kind: str, state: dict[str, Any]) -> None:
+    """Write ``state`` (tensors, numbers, strings and lists or dicts of them: what
+    ``torch.load(weights_only=True)`` reads back, never pickled code) as a ``kind`` checkpoint
+    ("HARL agent", "X-RLflow agent", ...), with the format version, in one rename."""
+    with replacing(path) as tmp:
+        torch.save({"harlflow": kind, "version": CHECKPOINT_VERSION, **state}, tmp)
+
+
+def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
+    """The state a ``kind`` checkpoint holds. Files of format 0 (no header) load as they are.
+    A missing, corrupt or foreign file, another kind or a newer format is one
+    :class:`~harlflow.core.errors.BadInputError` naming the file; a loader that finds the state
+    does not fit (another rule library, ...) raises ``ValueError`` inside ``loading(path, kind)``
+    and reads the same."""
+    with loading(path, kind):
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict):
+            raise ValueError(f"it holds a {type(blob).__name__}, not a checkpoint")
+        found, version = blob.pop("harlflow", kind), int(blob.pop("version", 0))
+        if found != kind:
+            raise ValueError(f"it is a {found} checkpoint")
+        if version > CHECKPOINT_VERSION:
+            raise ValueError(f"it has checkpoint format {version}: upgrade harlflow to load it")
+        return blob

@@ -45,7 +45,7 @@ def test_ppo_reaches_the_best_of_a_known_task():
     rng = np.random.default_rng(0)
     before = np.mean([_bandit_episode(agent, rng, greedy=True).reward for _ in range(200)])
     for _ in range(60):
-        agent.update([[_bandit_episode(agent, rng)] for _ in range(32)])
+        agent.update([[_bandit_episode(agent, rng)] for _ in range(32)], [0.0] * 32)
     after = np.mean([_bandit_episode(agent, rng, greedy=True).reward for _ in range(200)])
     assert before < 0.5 and after > 0.95, (before, after)
 
@@ -53,7 +53,7 @@ def test_ppo_reaches_the_best_of_a_known_task():
 def test_save_load_round_trip_and_seeding(tmp_path):
     a = EditAgent(seed=3)
     rng = np.random.default_rng(1)
-    a.update([[_bandit_episode(a, rng)] for _ in range(8)])
+    a.update([[_bandit_episode(a, rng)] for _ in range(8)], [0.0] * 8)
     a.save(tmp_path / "agent.pt")
     b = EditAgent.load(tmp_path / "agent.pt", seed=3)
     assert b.updates == 1
@@ -68,3 +68,32 @@ def test_save_load_round_trip_and_seeding(tmp_path):
     )
     state = EditState(s, acts)
     assert [c.act(state)[0] for _ in range(20)] == [d.act(state)[0] for _ in range(20)]
+
+
+def test_checkpoints_are_versioned_and_every_failure_names_the_file(tmp_path):
+    """Every learned thing saves through one helper: a file of the format before versions (no
+    header, as the shipped agent was written) still loads; another kind, a newer format, a
+    pickled object and a missing file are each one BadInputError naming the file."""
+    import torch
+
+    from harlflow.core.errors import BadInputError
+    from harlflow.rl import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+
+    agent = EditAgent(seed=0)
+    agent.updates = 7
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"net": agent.net.state_dict(), "opt": agent.opt.state_dict(),
+                "config": agent.config.__dict__, "updates": 7}, legacy)  # fmt: skip
+    assert EditAgent.load(legacy).updates == 7
+
+    save_checkpoint(tmp_path / "cm.pt", "harlflow cost model", {"weights": {}})
+    with pytest.raises(BadInputError, match=r"cm\.pt is not a HARL agent: it is a harlflow cost"):
+        EditAgent.load(tmp_path / "cm.pt")
+    torch.save({"harlflow": "HARL agent", "version": CHECKPOINT_VERSION + 1}, tmp_path / "new.pt")
+    with pytest.raises(BadInputError, match=r"new\.pt is not a HARL agent: .*format 2"):
+        load_checkpoint(tmp_path / "new.pt", "HARL agent")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(BadInputError, match=r"list\.pt is not a HARL agent"):
+        EditAgent.load(tmp_path / "list.pt")
+    with pytest.raises(BadInputError, match=r"HARL agent file not found: .*none\.pt"):
+        EditAgent.load(tmp_path / "none.pt")

@@ -189,10 +189,11 @@ def test_harl_accepts_a_round_the_budget_cut_short(tmp_path):
     assert sum(t.schedule == "tuned" for t in res.tasks) >= 2
 
 
-def test_cut_off_trajectories_bootstrap_from_the_state_they_stopped_in(matmul):
-    """A walk still improving when the episode's steps run out is cut off, not ended: PPO gets
-    the critic's value of the state after its last edit (not its last state's own value, the
-    old bootstrap), and a walk that stopped by its own rule bootstraps nothing."""
+def test_every_walk_ends_and_none_bootstraps_from_its_own_value(matmul):
+    """A walk ends when it stops improving, when its steps run out (its state carries
+    step / steps) or when nothing is left to edit; PPO gets each walk's next-state value as
+    X-RLflow's agent does, which for an ended walk is 0. (The old update bootstrapped a walk that
+    ran out of edits from its own last state's value.)"""
     from tvm.s_tir import meta_schedule as ms
 
     from harl.search_strategy import ExplorationConfig, HARLSearchStrategy
@@ -208,8 +209,5 @@ def test_cut_off_trajectories_bootstrap_from_the_state_they_stopped_in(matmul):
     )
     _, trajectories, last_values = strategy._explore()
     assert trajectories and len(last_values) == len(trajectories)
-    cut = [(t, v) for t, v in zip(trajectories, last_values, strict=True) if not t[-1].done]
-    assert cut, "with patience 100, walks are cut off by the 3 steps"
-    for t, v in cut:
-        assert len(t) == 3 and v != t[-1].value
-    assert all(v == 0.0 for t, v in zip(trajectories, last_values, strict=True) if t[-1].done)
+    assert all(len(t) == 3 and t[-1].done and not any(s.done for s in t[:-1]) for t in trajectories)
+    assert last_values == [0.0] * len(trajectories)

@@ -12,6 +12,7 @@ import pytest
 from rewrite_problems import ORACLE, exhaustive_best, fire_module
 
 from harlflow import rl
+from harlflow.core.errors import BadInputError
 from xrlflow import agent as A
 from xrlflow import rules as R
 from xrlflow import search
@@ -98,7 +99,7 @@ def test_agent_checkpoint_round_trip(tmp_path, fire):
     (a,), _ = agent.net([s])
     (b,), _ = loaded.net([s])
     assert np.allclose(a.detach().numpy(), b.detach().numpy())
-    with pytest.raises(ValueError, match="different rule library"):
+    with pytest.raises(BadInputError, match=r"agent\.pt is not a X-RLflow agent: .*rule library"):
         A.XRLflowAgent.load(tmp_path / "agent.pt", rules=R.RULES[:-1])
 
 

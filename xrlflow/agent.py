@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from harlflow.core.files import replacing
-from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
+from harlflow.core.errors import loading
+from harlflow.rl import PPOConfig, Sample, advantages, load_checkpoint, ppo_update, save_checkpoint
 from xrlflow import rules as R
 from xrlflow.cost import CostOracle
 from xrlflow.ir import Graph
@@ -46,6 +46,10 @@ _OP_INDEX = {op: i for i, op in enumerate(OPS)}
 NODE_DIM = len(OPS) + 1 + 6 + 2 + 2
 EDGE_DIM = 6 + 1
 GLOBAL_DIM = 2
+
+
+KIND = "X-RLflow agent"
+"""what its checkpoints say they hold (``harlflow.rl.save_checkpoint``)"""
 
 
 class GraphTensors(NamedTuple):
@@ -291,30 +295,30 @@ class XRLflowAgent:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
-        with replacing(path) as tmp:
-            torch.save(
-                {
-                    "config": asdict(self.cfg),
-                    "rules": self.rule_names,
-                    "ops": OPS,
-                    "weights": self.net.state_dict(),
-                },
-                tmp,
-            )
+        state = {
+            "config": asdict(self.cfg),
+            "rules": self.rule_names,
+            "ops": OPS,
+            "weights": self.net.state_dict(),
+        }
+        save_checkpoint(path, KIND, state)
 
     @classmethod
     def load(
         cls, path: str | Path, rules: list[R.Rule] | None = None, seed: int = 0
     ) -> XRLflowAgent:
-        blob = torch.load(str(path), weights_only=True)  # never unpickle arbitrary objects
+        """A saved agent; a missing, corrupt or mismatched file is a ``BadInputError`` naming
+        it (one trained with another rule library says to retrain)."""
+        blob = load_checkpoint(path, KIND)
         rules = rules or R.RULES
-        if blob["rules"] != [r.name for r in rules] or blob["ops"] != OPS:
-            raise ValueError(
-                f"{path}: checkpoint was trained with a different rule library or op "
-                "vocabulary; retrain it (harlflow rewrite-train)"
-            )
-        agent = cls(AgentConfig(**blob["config"]), rules, seed)
-        agent.net.load_state_dict(blob["weights"])
+        with loading(path, KIND):
+            if blob["rules"] != [r.name for r in rules] or blob["ops"] != OPS:
+                raise ValueError(
+                    "it was trained with a different rule library or op vocabulary; retrain "
+                    "it (harlflow rewrite-train)"
+                )
+            agent = cls(AgentConfig(**blob["config"]), rules, seed)
+            agent.net.load_state_dict(blob["weights"])
         return agent
 
 

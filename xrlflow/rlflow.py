@@ -32,11 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from harlflow.core.files import replacing
-from harlflow.rl import PPOConfig, Sample, advantages, ppo_update
+from harlflow.core.errors import loading
+from harlflow.rl import PPOConfig, Sample, advantages, load_checkpoint, ppo_update, save_checkpoint
 from xrlflow import rules as R
 from xrlflow.agent import OPS
 from xrlflow.world import Episode, WorldConfig, WorldModel, collect, real_episode
+
+KIND = "RLFlow agent"
+"""what its checkpoints say they hold (``harlflow.rl.save_checkpoint``)"""
 
 
 @dataclass
@@ -162,30 +165,33 @@ class RLFlowAgent:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
-        with replacing(path) as tmp:
-            torch.save(
-                {
-                    "world_config": asdict(self.world.cfg),
-                    "config": asdict(self.cfg),
-                    "ops": OPS,
-                    "world": self.world.state_dict(),
-                    "controller": self.ctrl.state_dict(),
-                },
-                tmp,
-            )
+        state = {
+            "world_config": asdict(self.world.cfg),
+            "config": asdict(self.cfg),
+            "ops": OPS,
+            "world": self.world.state_dict(),
+            "controller": self.ctrl.state_dict(),
+        }
+        save_checkpoint(path, KIND, state)
 
     @classmethod
     def load(
         cls, path: str | Path, rules: list[R.Rule] | None = None, seed: int = 0
     ) -> RLFlowAgent:
-        blob = torch.load(str(path), weights_only=True)  # never unpickle arbitrary objects
-        if blob.get("ops") != OPS:
-            raise ValueError(f"{path}: trained with another operator vocabulary; retrain it")
-        agent = cls(
-            WorldConfig(**blob["world_config"]), ControllerConfig(**blob["config"]), rules, seed
-        )
-        agent.world.load_state_dict(blob["world"])
-        agent.ctrl.load_state_dict(blob["controller"])
+        """A saved agent; a missing, corrupt or mismatched file is a ``BadInputError`` naming
+        it."""
+        blob = load_checkpoint(path, KIND)
+        with loading(path, KIND):
+            if blob.get("ops") != OPS:
+                raise ValueError(
+                    "it was trained with another operator vocabulary; retrain it "
+                    "(harlflow rewrite-train --agent rlflow)"
+                )
+            agent = cls(
+                WorldConfig(**blob["world_config"]), ControllerConfig(**blob["config"]), rules, seed
+            )
+            agent.world.load_state_dict(blob["world"])
+            agent.ctrl.load_state_dict(blob["controller"])
         return agent
 
 

@@ -20,8 +20,10 @@ from torch import nn
 
 from harl.cost_model.dataset import FEATURES
 from harlflow.core.errors import loading
-from harlflow.core.files import replacing
+from harlflow.rl import load_checkpoint, save_checkpoint
 
+KIND = "harlflow cost model"
+"""what its checkpoints say they hold (``harlflow.rl.save_checkpoint``)"""
 MAX_STORES = 32  # statements kept per program (the rest are rare: fused kernels have a few)
 
 
@@ -205,23 +207,25 @@ class CostModel:
         return evaluate(self.predict, rows)
 
     def save(self, path: str | Path) -> None:
-        """Weights, config and target vocabulary (a plain state dict: ``weights_only`` loads)."""
-        blob = {
+        """Weights, config and target vocabulary (:func:`harlflow.rl.save_checkpoint`)."""
+        state = {
             "config": asdict(self.cfg),
             "targets": self.targets,
             "features": FEATURES,
             "weights": self.net.state_dict(),
         }
-        with replacing(path) as tmp:
-            torch.save(blob, tmp)
+        save_checkpoint(path, KIND, state)
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         """A saved model; a corrupt or mismatched file is a :class:`BadInputError` naming it."""
-        with loading(path, "harlflow cost model"):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_checkpoint(path, KIND)
+        with loading(path, KIND):
             if blob.get("features") != FEATURES:
-                raise ValueError(f"it has {blob.get('features')} features per statement")
+                raise ValueError(
+                    f"it has {blob.get('features')} features per statement, not {FEATURES}: "
+                    "retrain it (harlflow cost-model train)"
+                )
             model = cls(ModelConfig(**blob["config"]), blob["targets"])
             model.net.load_state_dict(blob["weights"])
         return model
