@@ -117,7 +117,7 @@ def main() -> None:
                 env = RewriteEnv(others, oracle, max_steps=a.train_steps, candidate_cache=cands)
                 curve = A.train(env, agent, iterations=a.iterations, episodes_per_iter=a.episodes)
             train_s = time.monotonic() - t0
-            results["xrlflow"] = search.xrlflow(
+            results["xrlflow"] = search.policy(
                 g, agent, oracle, rollouts=a.rollouts, max_steps=a.max_steps
             )
             xrl_steps = np.cumsum([m["charts/mean_steps"] * a.episodes for m in curve])
@@ -137,7 +137,7 @@ def main() -> None:
                     seed=0,
                 )
             rl_train_s = time.monotonic() - t0
-            results["rlflow"] = search.rlflow(
+            results["rlflow"] = search.policy(
                 g, rlflow_agent, oracle, rollouts=a.rollouts, max_steps=a.max_steps
             )
             row |= efficiency(curve, xrl_steps, rl_curve)

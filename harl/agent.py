@@ -74,11 +74,11 @@ class EditAgent:
     weights, same edits. The network's initial weights come from torch's global RNG, which the
     run seeds once (:func:`harlflow.rl.setup`)."""
 
-    def __init__(self, config: EditAgentConfig | None = None, *, seed: int = 0):
-        self.config = config or EditAgentConfig()
-        self.net = ActorCritic(self.config.hidden)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, eps=1e-5)
-        self.rng = torch.Generator().manual_seed(seed)
+    def __init__(self, cfg: EditAgentConfig | None = None, *, seed: int = 0):
+        self.cfg = cfg or EditAgentConfig()
+        self.net = ActorCritic(self.cfg.hidden)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr, eps=1e-5)
+        self.gen = torch.Generator().manual_seed(seed)
         self.updates = 0
 
     @torch.no_grad()
@@ -90,7 +90,7 @@ class EditAgent:
         if greedy:
             a = int(torch.argmax(probs))
         else:
-            a = int(torch.multinomial(probs, 1, generator=self.rng))
+            a = int(torch.multinomial(probs, 1, generator=self.gen))
         return a, float(torch.log(probs[a] + 1e-12)), float(self.net.value(s))
 
     def evaluate(self, samples: list[Sample]) -> tuple[torch.Tensor, ...]:
@@ -113,11 +113,11 @@ class EditAgent:
         ``last_values[i]`` is the value of the state trajectory ``i`` was cut off in (the one
         after its last edit; ignored when its last sample is ``done``). Returns the update's
         metrics, empty when there was too little to learn."""
-        samples, adv, ret = advantages(trajectories, last_values, self.config)
+        samples, adv, ret = advantages(trajectories, last_values, self.cfg)
         if len(samples) < 2:
             return {}
         metrics = ppo_update(
-            self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.config
+            self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.cfg
         )
         self.updates += 1
         return metrics
@@ -127,7 +127,7 @@ class EditAgent:
         state = {
             "net": self.net.state_dict(),
             "opt": self.opt.state_dict(),
-            "config": asdict(self.config),
+            "config": asdict(self.cfg),
             "updates": self.updates,
         }
         save_checkpoint(path, KIND, state)

@@ -115,7 +115,7 @@ def xrlflow(job: RewriteJob):
     agent = _load_or_train(job, "X-RLflow agent", job.agent_path, _xrlflow_load, _xrlflow_train)
     job.log(f"rewrite: X-RLflow policy, greedy + {job.rollouts} sampled rollouts on "
             f"{job.judge.name}")  # fmt: skip
-    return search.xrlflow(
+    return search.policy(
         job.graph, agent, job.judge, rollouts=job.rollouts, max_steps=job.max_steps,
         seed=job.seed, deadline=job.deadline,
     )  # fmt: skip
@@ -128,7 +128,7 @@ def rlflow(job: RewriteJob):
     agent = _load_or_train(job, "RLFlow agent", job.rlflow_agent_path, _rlflow_load, _rlflow_train)
     job.log(f"rewrite: RLFlow controller, greedy + {job.rollouts} sampled rollouts on "
             f"{job.judge.name}")  # fmt: skip
-    return search.rlflow(
+    return search.policy(
         job.graph, agent, job.judge, rollouts=job.rollouts, max_steps=job.max_steps,
         seed=job.seed, deadline=job.deadline,
     )  # fmt: skip

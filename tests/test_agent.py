@@ -83,7 +83,7 @@ def test_checkpoints_are_versioned_and_every_failure_names_the_file(tmp_path):
     agent.updates = 7
     legacy = tmp_path / "legacy.pt"
     torch.save({"net": agent.net.state_dict(), "opt": agent.opt.state_dict(),
-                "config": agent.config.__dict__, "updates": 7}, legacy)  # fmt: skip
+                "config": agent.cfg.__dict__, "updates": 7}, legacy)  # fmt: skip
     assert EditAgent.load(legacy).updates == 7
 
     save_checkpoint(tmp_path / "cm.pt", "harlflow cost model", {"weights": {}})

@@ -68,13 +68,13 @@ def test_ppo_in_imagination_reaches_the_fire_optimum(fire, tmp_path):
     assert all(np.isfinite(m["losses/policy"]) for m in curve)
     real_steps = curve[-1]["charts/real_steps"]
     assert real_steps <= 300
-    found = search.rlflow(g, agent, ORACLE, rollouts=0, max_steps=6)  # the greedy controller
+    found = search.policy(g, agent, ORACLE, rollouts=0, max_steps=6)  # the greedy controller
     assert found.latency_after == pytest.approx(best), found.summary()
     assert "enlarge_conv_kernel" in [s.rule for s in found.steps]
     assert max_mismatch(g, found.graph) is None
 
     agent.save(tmp_path / "rlflow.pt")
-    again = search.rlflow(g, RF.RLFlowAgent.load(tmp_path / "rlflow.pt"), ORACLE, rollouts=0)
+    again = search.policy(g, RF.RLFlowAgent.load(tmp_path / "rlflow.pt"), ORACLE, rollouts=0)
     assert [s.rule for s in again.steps] == [s.rule for s in found.steps]
 
 

@@ -70,7 +70,7 @@ def test_greedy_misses_what_backtracking_and_ppo_find(fire):
     curve = []
     A.train(env, agent, iterations=40, episodes_per_iter=4, callback=lambda i, m: curve.append(m))
     assert len(curve) == 40 and all(np.isfinite(m["losses/policy"]) for m in curve)
-    found = search.xrlflow(g, agent, ORACLE, rollouts=0, max_steps=6)  # the greedy policy only
+    found = search.policy(g, agent, ORACLE, rollouts=0, max_steps=6)  # the greedy policy only
     assert found.latency_after == pytest.approx(best), found.summary()
     assert max_mismatch(g, found.graph) is None
 

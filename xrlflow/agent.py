@@ -229,6 +229,8 @@ class XRLflowAgent:
     (:func:`harlflow.rl.setup`).
     """
 
+    name = "xrlflow"
+
     def __init__(
         self, cfg: AgentConfig | None = None, rules: list[R.Rule] | None = None, seed: int = 0
     ):
@@ -292,6 +294,10 @@ class XRLflowAgent:
         return ppo_update(
             self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.cfg
         )
+
+    def episode(self, env, *, model=None, greedy: bool = False, seed=None) -> dict:
+        """One episode on ``env`` (:func:`run_episode`); its last info (``search.policy``)."""
+        return run_episode(env, self, model, greedy, seed)[2]
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:

@@ -78,6 +78,8 @@ class Controller(nn.Module):
 class RLFlowAgent:
     """The world model and the controller, trained together by :func:`train`."""
 
+    name = "rlflow"
+
     def __init__(
         self,
         world: WorldConfig | None = None,
@@ -164,6 +166,11 @@ class RLFlowAgent:
         return trajs, [0.0 if not alive[i] else float(last[i]) for i in range(b)]
 
     # ------------------------------------------------------------------ checkpoints
+    def episode(self, env, *, model=None, greedy: bool = False, seed=None) -> dict:
+        """One real episode on ``env`` (:func:`run_episode`); its last info
+        (``search.policy``)."""
+        return run_episode(env, self, model, greedy, seed)[1]
+
     def save(self, path: str | Path) -> None:
         state = {
             "world_config": asdict(self.world.cfg),

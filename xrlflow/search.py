@@ -192,7 +192,7 @@ def backtracking(
     )
 
 
-def xrlflow(
+def policy(
     g: Graph,
     agent,
     oracle: CostOracle,
@@ -203,44 +203,9 @@ def xrlflow(
     seed: int = 0,
     deadline: float | None = None,
 ) -> Result:
-    """The X-RLflow policy greedily, then ``rollouts`` sampled episodes (no new one after
-    ``deadline``); the best measured graph wins."""
-    from xrlflow.agent import run_episode
-
-    def episode(env, greedy: bool, k: int) -> dict:
-        return run_episode(env, agent, model="model", greedy=greedy, seed=k)[2]
-
-    return _policy(
-        "xrlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed, deadline
-    )
-
-
-def rlflow(
-    g: Graph,
-    agent,
-    oracle: CostOracle,
-    rules: list[R.Rule] | None = None,
-    rollouts: int = 4,
-    max_steps: int = 40,
-    measure_every: int = 5,
-    seed: int = 0,
-    deadline: float | None = None,
-) -> Result:
-    """The RLFlow controller greedily, then ``rollouts`` sampled episodes (no new one after
-    ``deadline``), in the real environment; the best measured graph wins."""
-    from xrlflow.rlflow import run_episode
-
-    def episode(env, greedy: bool, k: int) -> dict:
-        return run_episode(env, agent, model="model", greedy=greedy, seed=k)[1]
-
-    return _policy(
-        "rlflow", g, episode, oracle, rules, rollouts, max_steps, measure_every, seed, deadline
-    )
-
-
-def _policy(
-    method, g, episode, oracle, rules, rollouts, max_steps, measure_every, seed, deadline
-) -> Result:
+    """An agent's policy (X-RLflow's or RLFlow's: anything with a ``name`` and an
+    ``episode(env, model=, greedy=, seed=) -> info``) greedily, then ``rollouts`` sampled
+    episodes (no new one after ``deadline``); the best measured graph wins."""
     t0 = time.monotonic()
     env = RewriteEnv(
         {"model": g}, oracle, rules or R.RULES, max_steps=max_steps, measure_every=measure_every
@@ -253,14 +218,14 @@ def _policy(
         if k and _past(deadline):  # the greedy episode always runs
             notes |= {"stopped": "time budget", "rollouts_run": k - 1}
             break
-        info = episode(env, k == 0, seed + k)
+        info = agent.episode(env, model="model", greedy=k == 0, seed=seed + k)
         before = info["start_latency"]
         lat, graph, n = info["best"]
         steps = info["steps"][:n]
         if best is None or lat < best[0]:
             best = (lat, graph, steps)
     return Result(
-        method,
+        agent.name,
         best[1],
         best[2],
         before,
