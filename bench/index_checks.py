@@ -82,6 +82,7 @@ def main() -> int:
     a = p.parse_args()
 
     from harl import compilation, database
+    from harl.spec import TuningSpec
     from tasks.importing import import_model, to_relax
     from tasks.packaging import package
     from tasks.tuning import tune_model
@@ -90,8 +91,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-index-checks-"))
     m = import_model(str(decoder(work / "decoder.onnx")), cache_dir=work / "cache")
     tuned = tune_model(
-        m, target, database_dir=work / "db", trials=a.trials, strategy="evolutionary",
-        seed=0, min_trials_per_task=1, log=print,
+        m, target, database_dir=work / "db", spec=TuningSpec(a.trials, min_trials_per_task=1),
+        log=print,
     )  # fmt: skip
     art = package(
         m, target, database_dir=work / "db", home=work / "home",

@@ -76,6 +76,7 @@ def old_measure(artifact: Path) -> tuple[float, float]:
 
 def build(name: str, work: Path, trials: int, target: dict):
     """Import, tune ``trials`` and package one model: (imported model, artifact directory)."""
+    from harl.spec import TuningSpec
     from tasks.importing import import_model
     from tasks.packaging import package
     from tasks.tuning import tune_model
@@ -89,8 +90,8 @@ def build(name: str, work: Path, trials: int, target: dict):
     m = import_model(source, cache_dir=work / "cache")
     db = work / f"db-{name}"
     tuned = tune_model(
-        m, target, database_dir=db, trials=trials, strategy="evolutionary", seed=0,
-        min_trials_per_task=1, log=lambda *_: None,
+        m, target, database_dir=db, spec=TuningSpec(trials, min_trials_per_task=1),
+        log=lambda *_: None,
     )  # fmt: skip
     art = package(
         m, target, database_dir=db, home=work / "home", tune_summary=tuned.summary(),

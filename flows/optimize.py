@@ -94,19 +94,17 @@ def optimize(
             log_rewrite(c, rid, rewritten)
 
         with tracking.run(c, "tune", parent_run_id=parent) as rid, clock.stage("tune"):
+            spec = s.tuning_spec(
+                time_budget_s=clock.tune_s(s.measure_seconds if s.measure else 0.0),
+                reserve_s_per_task=COMPILE_S_PER_TASK if s.time_budget_s else 0.0,
+                agent_path=harl_agent_path(),
+            )
             tuned = tune_task(
                 rewritten.model,
                 s.target,
                 database_dir=tuning_db_dir(),
-                trials=s.trials,
-                time_budget_s=clock.tune_s(s.measure_seconds if s.measure else 0.0),
-                reserve_s_per_task=COMPILE_S_PER_TASK if s.time_budget_s else 0.0,
-                strategy=s.strategy,
-                seed=s.seed,
-                min_trials_per_task=s.min_trials_per_task,
-                agent_path=harl_agent_path(),
+                spec=spec,
                 rpc=s.rpc,
-                cost_model=s.cost_model,
                 log=logger.info,
             )
             log_tuning(c, rid, tuned, s.min_trials_per_task, harl_agent_path())

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from harl.budget import UNLIMITED_TRIALS
 from harl.runners import parse_rpc
+from harl.spec import TuningSpec
 from harl.strategies import STRATEGIES
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import resolve_target
@@ -64,10 +66,7 @@ class RunSettings:
         trials = self.trials
         if trials is None:  # a time budget alone is not capped by a trial count
             trials = UNLIMITED_TRIALS if self.time_budget_s else DEFAULT_TRIALS
-        if trials < 0:
-            raise BadInputError(f"--trials must be >= 0, got {trials}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise BadInputError(f"--time-budget must be more than 0 seconds: {self.time_budget_s}")
+        TuningSpec(trials, self.time_budget_s, min_trials_per_task=self.min_trials_per_task)
         if self.strategy not in STRATEGIES:
             raise BadInputError(
                 f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}"
@@ -80,10 +79,6 @@ class RunSettings:
             raise BadInputError(
                 f"unknown rewrite oracle {self.rewrite_oracle!r}: choose one of "
                 f"{', '.join(ORACLES)}"
-            )
-        if self.min_trials_per_task < 0:
-            raise BadInputError(
-                f"--min-trials-per-task must be >= 0, got {self.min_trials_per_task}"
             )
         if self.max_regression < 0 or self.measure_seconds <= 0:
             raise BadInputError("--max-regression must be >= 0 and --measure-seconds > 0")
@@ -100,3 +95,12 @@ class RunSettings:
             path = transfer_model_path() if self.cost_model == "transfer" else self.cost_model
             CostModel.load(path)  # a missing or bad file fails here, named
         return dataclasses.replace(self, trials=trials, target=resolve_target(self.target))
+
+    def tuning_spec(self, *, time_budget_s: float | None, reserve_s_per_task: float = 0.0,
+                    agent_path: str | Path | None = None) -> TuningSpec:  # fmt: skip
+        """What the tune stage is asked to do: these (checked) settings, with the time left of
+        the run's budget for tuning."""
+        return TuningSpec(
+            self.trials, time_budget_s, self.strategy, self.seed, self.min_trials_per_task,
+            self.cost_model, agent_path, reserve_s_per_task,
+        )  # fmt: skip

@@ -3,7 +3,7 @@
 A :class:`Deadline` is checked before every measured batch (warm-up chunks and search rounds), and
 a batch is cut to the trials that fit in the time left at the run's pace, so tuning ends close to
 the deadline and keeps everything measured. Every search strategy runs as a
-:class:`BudgetedStrategy`, whose rounds are also cut to the trials left of ``--trials``
+:class:`harl.tuning.BudgetedStrategy`, whose rounds are also cut to the trials left of ``--trials``
 (MetaSchedule itself lets the last round overshoot its global budget) and which ends a task's
 search (``None``: no more candidates) when not one more trial fits, the way MetaSchedule ends a
 converged task.
@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-
-from tvm.ir.utils import derived_object
-from tvm.s_tir import meta_schedule as ms
 
 UNLIMITED_TRIALS = 1_000_000  # --time-budget without --trials: the deadline decides
 
@@ -67,38 +64,3 @@ class Allowance:
         n = self.available(wanted)
         self.trials -= n
         return n
-
-
-@derived_object
-class BudgetedStrategy(ms.search_strategy.PySearchStrategy):
-    """Wraps a search strategy: its rounds are cut to what the shared allowance still has,
-    and it ends (``None``) when not one more trial fits."""
-
-    def __init__(self, inner, allowance: Allowance):
-        self.inner, self.allowance = inner, allowance
-
-    def _initialize_with_tune_context(self, context) -> None:
-        self.inner._initialize_with_tune_context(context)
-
-    def pre_tuning(
-        self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None
-    ) -> None:
-        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
-
-    def post_tuning(self) -> None:
-        self.inner.post_tuning()
-
-    def generate_measure_candidates(self):
-        if self.allowance.available(1) == 0:
-            return None
-        candidates = self.inner.generate_measure_candidates()
-        if candidates is None:
-            return None
-        keep = self.allowance.take(len(candidates))  # the search itself took time
-        return list(candidates)[:keep] if keep else None
-
-    def notify_runner_results(self, measure_candidates, results) -> None:
-        self.inner.notify_runner_results(measure_candidates, results)
-
-    def clone(self):
-        return BudgetedStrategy(self.inner.clone(), self.allowance)

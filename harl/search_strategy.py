@@ -204,7 +204,7 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
     def notify_runner_results(self, measure_candidates, results) -> None:
         self.trials += len(results)
         improved = False
-        # a budget (harl.budget.BudgetedStrategy) may cut a round short: what was measured
+        # a budget (harl.tuning.BudgetedStrategy) may cut a round short: what was measured
         # is a prefix of what was proposed
         pending = self.pending[: len(results)]
         for (h, k), cand, res in zip(pending, measure_candidates, results, strict=True):

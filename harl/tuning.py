@@ -23,16 +23,17 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from harl._fast_import import import_tensor_intrinsics
-from harl.budget import Allowance, BudgetedStrategy, Deadline
+from harl.budget import Allowance, Deadline
 from harl.builders import default_builder
 from harl.compilation import extract_tasks, task_flop
 from harl.cost_model.online import create_cost_model
 from harl.database import best_records, count_records, locked, mean_run_secs, open_database
 from harl.journal import RunJournal
+from harl.spec import TuningSpec
 from harl.strategies import Strategy, create_strategy
 from harl.warmup import measure_random
 from harlflow import rl
-from harlflow.core.errors import BadInputError, TuningError, first_line
+from harlflow.core.errors import TuningError, first_line
 from harlflow.core.targets import use_target_threads
 
 log = logging.getLogger("harl.tuning")
@@ -184,6 +185,41 @@ class ProgressCallback(ms.measure_callback.PyMeasureCallback):
             self.tracker.measured(summary, [float(x) for x in rr.run_secs] if ok else None)
 
 
+@derived_object
+class BudgetedStrategy(ms.search_strategy.PySearchStrategy):
+    """Wraps a search strategy: its rounds are cut to what the shared allowance still has,
+    and it ends (``None``) when not one more trial fits."""
+
+    def __init__(self, inner, allowance: Allowance):
+        self.inner, self.allowance = inner, allowance
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.inner._initialize_with_tune_context(context)
+
+    def pre_tuning(
+        self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None
+    ) -> None:
+        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self):
+        if self.allowance.available(1) == 0:
+            return None
+        candidates = self.inner.generate_measure_candidates()
+        if candidates is None:
+            return None
+        keep = self.allowance.take(len(candidates))  # the search itself took time
+        return list(candidates)[:keep] if keep else None
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        self.inner.notify_runner_results(measure_candidates, results)
+
+    def clone(self):
+        return BudgetedStrategy(self.inner.clone(), self.allowance)
+
+
 def trials_per_round(budget: int, num_tasks: int) -> int:
     """Measurements per search round: every task gets about two rounds of a small budget; large
     budgets batch up to 32, amortising each round's ~5-10 s of evolutionary search (on 2 cores)
@@ -199,21 +235,16 @@ def tune(
     mod,
     target: dict[str, Any],
     database_dir: str | Path,
+    spec: TuningSpec | None = None,
     *,
-    trials: int,
-    strategy: str | Strategy | Any = "evolutionary",
-    seed: int = 0,
-    min_trials_per_task: int = 4,
-    time_budget_s: float | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     builder=None,
     runner=None,
     work_dir: str | Path | None = None,
-    agent_path: str | Path | None = None,
-    cost_model: Any = "xgb",
-    reserve_s_per_task: float = 0.0,
+    **fields: Any,
 ) -> TuneResult:
-    """Tune the tasks of a prepared module whose workloads the database has not measured yet.
+    """Tune the tasks of a prepared module whose workloads the database has not measured yet,
+    as ``spec`` says (a :class:`~harl.spec.TuningSpec`; or its fields as keywords).
 
     Workloads with valid records for this target are not measured again; the budget goes to new
     ones. Each new task first gets ``min_trials_per_task`` measured samples, most of them
@@ -238,61 +269,36 @@ def tune(
     from the agent pre-trained offline on its rewards (:mod:`harl.pretraining`). ``seed`` seeds
     the run: what it samples and the agent's initial weights (:func:`harlflow.rl.setup`).
     """
-    if trials < 0:
-        raise BadInputError(f"--trials must be >= 0, got {trials}")
-    if min_trials_per_task < 0:
-        raise BadInputError(f"min_trials_per_task must be >= 0, got {min_trials_per_task}")
-    if time_budget_s is not None and not time_budget_s > 0:
-        raise BadInputError(f"--time-budget must be more than 0 seconds, got {time_budget_s}")
-    rl.setup(seed)  # before the agent's network is built
+    if spec is None:
+        spec = TuningSpec(**fields)
+    elif fields:
+        raise TypeError(f"tune() takes a spec or its fields, not both: {sorted(fields)}")
+    rl.setup(spec.seed)  # before the agent's network is built
     # the shipped HARL agent learned from the learned cost model's rewards; with XGBoost's (a
     # different scale and ranking) it measured worse than a fresh agent (bench/harl_vs_ms.py)
-    learned = not (isinstance(cost_model, str) and cost_model == "xgb")
-    chosen = create_strategy(strategy, seed=seed, agent_path=agent_path, pretrained=learned)
-    ranker = create_cost_model(cost_model, target)
+    learned = not (isinstance(spec.cost_model, str) and spec.cost_model == "xgb")
+    chosen = create_strategy(
+        spec.strategy, seed=spec.seed, agent_path=spec.agent_path, pretrained=learned
+    )
+    ranker = create_cost_model(spec.cost_model, target)
     import_tensor_intrinsics()
     use_target_threads(target)  # before the runner's worker process starts: it inherits it
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to files
     with locked(database_dir):
         return _tune(
-            mod,
-            target,
-            database_dir,
-            trials=trials,
-            strategy=chosen,
-            seed=seed,
-            min_trials_per_task=min_trials_per_task,
-            time_budget_s=time_budget_s,
-            on_progress=on_progress,
-            builder=builder,
-            runner=runner,
-            work_dir=work_dir,
-            agent_path=agent_path,
-            cost_model=ranker,
-            reserve_s_per_task=reserve_s_per_task,
+            mod, target, database_dir, spec, chosen, ranker, on_progress, builder, runner, work_dir
         )
 
 
 def _tune(
-    mod,
-    target,
-    database_dir,
-    *,
-    trials,
-    strategy: Strategy,
-    seed,
-    min_trials_per_task,
-    time_budget_s,
-    on_progress,
-    builder,
-    runner,
-    work_dir,
-    agent_path,
-    cost_model,
-    reserve_s_per_task,
-) -> TuneResult:
+    mod, target, database_dir, spec: TuningSpec, strategy: Strategy, cost_model, on_progress,
+    builder, runner, work_dir,
+) -> TuneResult:  # fmt: skip
     """:func:`tune`'s body, run while holding the database's lock."""
     from harl.runners import make_runner
+
+    trials, time_budget_s, seed = spec.trials, spec.time_budget_s, spec.seed
+    min_trials_per_task, reserve_s_per_task = spec.min_trials_per_task, spec.reserve_s_per_task
 
     deadline = Deadline(time_budget_s)
     tasks = extract_tasks(mod, target)
@@ -387,8 +393,8 @@ def _tune(
                 cost_model=cost_model,
             )
             result.agent_metrics = list(strategy.metrics)
-            if strategy.agent is not None and agent_path:
-                strategy.agent.save(agent_path)
+            if strategy.agent is not None and spec.agent_path:
+                strategy.agent.save(spec.agent_path)
         result.phases["search_s"] = round(
             deadline.elapsed() - result.phases["extract_s"] - result.phases["warm_up_s"], 2
         )
@@ -443,7 +449,7 @@ def _search(
     cost_model,
 ) -> None:
     """MetaSchedule's ``tune_tasks`` over the searched tasks with ``strategy``, held to
-    ``remaining`` trials and the deadline (:class:`~harl.budget.BudgetedStrategy`)."""
+    ``remaining`` trials and the deadline (:class:`BudgetedStrategy`)."""
     affordable = remaining
     if not deadline.unlimited:  # the tracker keeps the run's pace in deadline.per_trial_s
         pace = deadline.per_trial_s or SECONDS_PER_TRIAL_GUESS

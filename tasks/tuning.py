@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -11,6 +12,7 @@ from typing import Any
 from harl import compilation, tuning
 from harl.budget import UNLIMITED_TRIALS
 from harl.runners import make_runner
+from harl.spec import TuningSpec
 from harl.tuning import Progress, TuneResult
 from harlflow.core import tvmlog
 from harlflow.core.durations import format_duration
@@ -23,23 +25,14 @@ def tune_model(
     target: dict[str, Any],
     *,
     database_dir: str | Path,
-    trials: int,
-    strategy: str,
-    seed: int,
-    min_trials_per_task: int,
-    time_budget_s: float | None = None,
-    agent_path: str | Path | None = None,
+    spec: TuningSpec,
     rpc: str | None = None,
-    cost_model: str = "xgb",
-    reserve_s_per_task: float = 0.0,
     log=print,
 ) -> TuneResult:
-    """Tune every new workload of the model, measured locally or on the RPC tracker ``rpc``
-    (``HOST:PORT:KEY``), for at most ``trials`` trials and ``time_budget_s`` seconds; progress
-    as trials are measured, with the best latency so far against onnxruntime's. ``cost_model``:
-    ``"xgb"``, ``"transfer"`` or a saved attention cost model (:mod:`harl.cost_model`).
-    ``time_budget_s`` counts from this call (onnxruntime's timing and the model's preparation
-    included); ``reserve_s_per_task`` is left over per task for the package stage."""
+    """Tune every new workload of the model as ``spec`` says, measured locally or on the RPC
+    tracker ``rpc`` (``HOST:PORT:KEY``); progress as trials are measured, with the best latency
+    so far against onnxruntime's. ``spec.time_budget_s`` counts from this call (onnxruntime's
+    timing and the model's preparation included)."""
     started = time.monotonic()
     ort_ms = _onnxruntime_ms(imported, target)
     last = [0.0]
@@ -53,28 +46,15 @@ def tune_model(
     mod = compilation.prepare(to_relax(imported.onnx_path, imported.inputs))
     runner = make_runner(rpc, target)
     try:
-        result = tuning.tune(
-            mod,
-            target,
-            database_dir,
-            trials=trials,
-            strategy=strategy,
-            seed=seed,
-            min_trials_per_task=min_trials_per_task,
-            time_budget_s=_left(time_budget_s, started),
-            on_progress=progress,
-            agent_path=agent_path,
-            runner=runner,
-            cost_model=cost_model,
-            reserve_s_per_task=reserve_s_per_task,
-        )
+        left = dataclasses.replace(spec, time_budget_s=_left(spec.time_budget_s, started))
+        result = tuning.tune(mod, target, database_dir, left, on_progress=progress, runner=runner)
     finally:
         if getattr(runner, "pool", None) is not None:
             runner.pool.shutdown()  # the runner's worker process ends with the stage
     result.runner = f"rpc {rpc}" if rpc else "local"
     s = result.summary()
     per = f" ({s['seconds_per_trial']:.2f} s/trial)" if s["seconds_per_trial"] else ""
-    budget = f" of a {format_duration(time_budget_s)} budget" if time_budget_s else ""
+    budget = f" of a {format_duration(spec.time_budget_s)} budget" if spec.time_budget_s else ""
     log(
         f"tuning done: {s['trials']} trials ({s['trials_failed']} failed) in "
         f"{s['tuning_seconds']:.0f} s{budget}{per}; "

@@ -86,6 +86,7 @@ def test_harl_through_ms_tune_tasks(matmul, tmp_path):
 
 @pytest.mark.slow
 def test_harl_through_the_tuning_stage_saves_its_agent(tmp_path):
+    from harl.spec import TuningSpec
     from tasks.importing import import_model
     from tasks.tuning import tune_model
 
@@ -95,11 +96,7 @@ def test_harl_through_the_tuning_stage_saves_its_agent(tmp_path):
         m,
         resolve_target("cpu"),
         database_dir=tmp_path / "db",
-        trials=12,
-        strategy="harl",
-        seed=0,
-        min_trials_per_task=2,
-        agent_path=agent,
+        spec=TuningSpec(12, strategy="harl", min_trials_per_task=2, agent_path=agent),
         log=lambda *_: None,
     )
     assert res.strategy == "harl" and res.trials >= 8

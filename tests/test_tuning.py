@@ -138,6 +138,7 @@ def test_a_model_with_no_tuning_task_is_packaged_with_what_tvm_compiles(tmp_path
     import onnx
     from onnx import TensorProto, helper
 
+    from harl.spec import TuningSpec
     from tasks.importing import import_model
     from tasks.packaging import package
     from tasks.tuning import tune_model
@@ -156,10 +157,7 @@ def test_a_model_with_no_tuning_task_is_packaged_with_what_tvm_compiles(tmp_path
         m,
         target,
         database_dir=tmp_path / "db",
-        trials=8,
-        strategy="evolutionary",
-        seed=0,
-        min_trials_per_task=1,
+        spec=TuningSpec(8, min_trials_per_task=1),
         log=lambda *_: None,
     )
     assert result.tasks == [] and result.trials == 0
