@@ -7,7 +7,9 @@ takes about ten minutes on 2 cores.
 Before and after, the agent is scored on the held-out networks' tasks (never trained on) by its
 mean predicted gain per trajectory. The agent is saved where HARL runs start from
 (``$HARLFLOW_HOME/harl/agent.pt`` by default; ``--out harl/pretrained_agent.pt`` regenerates the
-one the package ships).
+one the package ships). Each run is one MLflow run (its settings, the per-epoch training gain,
+the held-out gain before and after, the agent file), and the agent is registered as a new
+version of ``harl-agent``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from typing import Any
 from harlflow.core import config
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import resolve_target, target_key
+
+REGISTERED_NAME = "harl-agent"
+ARTIFACT_PATH = "agent"
 
 
 def _tasks(names: Iterable[str] | None, target: dict[str, Any], work: Path, seen: set) -> list:
@@ -82,6 +87,9 @@ def train(
         train_tasks = _tasks(units, target, Path(tmp), seen)
     if not train_tasks:
         raise BadInputError("no tasks to train on: every unit's tasks are in the held-out set")
+    from tasks import tracking
+
+    tracking.experiment_id(tracking.client())  # MLflow answers before the training, not after
     log(
         f"harl-train: {len(train_tasks)} tasks to train on, {len(test)} held out, "
         f"target {target_key(target)}, cost model {cost_model}"
@@ -120,7 +128,7 @@ def train(
     after = score("held-out tasks, after")
     agent.save(out)
     log(f"harl-train: saved the agent ({agent.updates} updates) to {out}")
-    return {
+    summary = {
         "path": str(out),
         "tasks": len(train_tasks),
         "held_out_tasks": len(test),
@@ -130,3 +138,42 @@ def train(
         "updates": agent.updates,
         "seconds": round(time.monotonic() - t0, 1),
     }
+    params = {
+        "units": ",".join(units) if units else "suite",
+        "held_out": ",".join(held_out),
+        "target": target_key(target),
+        "cost_model": str(cost_model),
+        "start": str(start or "fresh"),
+        "epochs": epochs,
+        "rounds": rounds,
+        "seed": seed,
+    }
+    summary["run_id"], summary["version"] = _register(out, summary, params)
+    log(f"harl-train: registered {REGISTERED_NAME} version {summary['version']} "
+        f"(run {summary['run_id']})")  # fmt: skip
+    return summary
+
+
+def _register(out: Path, summary: dict[str, Any], params: dict[str, Any]) -> tuple[str, str]:
+    """One MLflow run for the training (settings, curve, gains, the agent file) and the agent
+    registered as a new version of :data:`REGISTERED_NAME`; returns (run id, version)."""
+    from tasks import tracking
+
+    c = tracking.client()
+    with tracking.run(c, "harl-train", tags={"harlflow.kind": "harl-agent"}) as run_id:
+        tracking.log_params(c, run_id, params)
+        for step, gain in enumerate(summary["train_curve"]):
+            tracking.log_metrics(c, run_id, {"train_gain": gain}, step=step)
+        metrics = {k: summary[k] for k in ("tasks", "held_out_tasks", "updates", "seconds")}
+        metrics |= {
+            f"held_out_gain_{k}": summary[k] for k in ("before", "after") if summary[k] is not None
+        }
+        tracking.log_metrics(c, run_id, metrics)
+        c.log_artifact(run_id, str(out), ARTIFACT_PATH)
+        tags = {"updates": str(summary["updates"]), "target": params["target"]}
+        version = tracking.register_version(
+            c, REGISTERED_NAME, run_id, ARTIFACT_PATH,
+            description="HARL's parameter-level agent, pre-trained in imagination (harl-train).",
+            tags=tags,
+        )  # fmt: skip
+    return run_id, version

@@ -76,6 +76,17 @@ def test_harl_train_end_to_end(tmp_path):
     agent = EditAgent.load(out)
     assert agent.updates > 0
     assert f"saved the agent ({agent.updates} updates) to {out}" in p.stdout
+    # one MLflow run: settings, the per-epoch gain, the agent file, registered as a version
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    (mv,) = c.search_model_versions("name='harl-agent'")
+    assert "registered harl-agent version 1" in p.stdout
+    run = c.get_run(mv.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "1"
+    assert len(c.get_metric_history(mv.run_id, "train_gain")) == 1
+    assert run.data.metrics["updates"] == agent.updates
+    assert [a.path for a in c.list_artifacts(mv.run_id, "agent")] == ["agent/agent.pt"]
 
 
 @pytest.mark.parametrize(
