@@ -69,10 +69,28 @@ def _shaped(sch) -> bool:
         kinds = _kinds(sch, b)
         if kinds.count(REDUCE) != 1 or kinds[-1] != REDUCE or set(kinds) - {SPATIAL, REDUCE}:
             return False
+        if _reduced_inputs(sch, b) != 1:
+            return False  # a contraction (a matmul reads two inputs along k): the GEMM schedule
         extent = int(sch.get(b).iter_vars[-1].dom.extent)
         if extent < MIN_REDUCTION or extent % VECTOR:
             return False
     return True
+
+
+def _reduced_inputs(sch, block) -> int:
+    """How many buffers ``block`` reads along its reduction axis: one for a row reduction (a
+    sum, max, mean of one tensor's row), two for a contraction (``A[i, k] * B[k, j]``)."""
+    from tvm.tirx.analysis import undefined_vars
+
+    blk = sch.get(block)
+    k = blk.iter_vars[-1].var
+    return len(
+        {
+            str(r.source)
+            for r in blk.reads
+            if any(v.same_as(k) for rng in r.region for v in undefined_vars(rng.min))
+        }
+    )
 
 
 def _apply(sch) -> None:

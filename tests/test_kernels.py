@@ -85,6 +85,10 @@ def test_row_reductions_get_vectorised_partial_sums(tmp_path):
     tasks = compilation.extract_tasks(compilation.prepare(to_relax(m.onnx_path, m.inputs)), target)
     rows = [t for t in tasks if "softmax" in t.task_name or "layer_norm" in t.task_name]
     assert len(rows) == 2, [t.task_name for t in tasks]
+    (mm,) = [t for t in tasks if "matmul" in t.task_name]  # a contraction: never a row reduction
+    sch = s_tir.Schedule(mm.dispatched[0])
+    fallback_trace(mm, target, 0).apply_to_schedule(sch, remove_postproc=False)
+    assert "_rf" not in sch.mod.script() and "_global = T.sblock_alloc_buffer" in sch.mod.script()
     for task in rows:
         sch = s_tir.Schedule(task.dispatched[0])
         fallback_trace(task, target, 0).apply_to_schedule(sch, remove_postproc=False)
