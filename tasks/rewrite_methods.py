@@ -110,24 +110,21 @@ def backtracking(job: RewriteJob):
 
 @method("xrlflow", "the X-RLflow policy (GNN + PPO), greedily then sampled rollouts")
 def xrlflow(job: RewriteJob):
-    from xrlflow import search
-
     agent = _load_or_train(job, "X-RLflow agent", job.agent_path, _xrlflow_load, _xrlflow_train)
-    job.log(f"rewrite: X-RLflow policy, greedy + {job.rollouts} sampled rollouts on "
-            f"{job.judge.name}")  # fmt: skip
-    return search.policy(
-        job.graph, agent, job.judge, rollouts=job.rollouts, max_steps=job.max_steps,
-        seed=job.seed, deadline=job.deadline,
-    )  # fmt: skip
+    return _rollouts(job, agent, "X-RLflow policy")
 
 
 @method("rlflow", "the RLFlow controller, trained in a learned world model of the rewrites")
 def rlflow(job: RewriteJob):
+    agent = _load_or_train(job, "RLFlow agent", job.rlflow_agent_path, _rlflow_load, _rlflow_train)
+    return _rollouts(job, agent, "RLFlow controller")
+
+
+def _rollouts(job: RewriteJob, agent, policy: str):
+    """``agent``'s policy greedily, then ``job.rollouts`` sampled episodes (``search.policy``)."""
     from xrlflow import search
 
-    agent = _load_or_train(job, "RLFlow agent", job.rlflow_agent_path, _rlflow_load, _rlflow_train)
-    job.log(f"rewrite: RLFlow controller, greedy + {job.rollouts} sampled rollouts on "
-            f"{job.judge.name}")  # fmt: skip
+    job.log(f"rewrite: {policy}, greedy + {job.rollouts} sampled rollouts on {job.judge.name}")
     return search.policy(
         job.graph, agent, job.judge, rollouts=job.rollouts, max_steps=job.max_steps,
         seed=job.seed, deadline=job.deadline,
