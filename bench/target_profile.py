@@ -8,10 +8,13 @@
 2. Runs the greedy rewrite of ``--model`` judged by the TVM oracle twice: with the flat profile
    (one FLOP rate, one bandwidth: the oracle before the profile) and with the measured one; prints
    the substitutions each took and their estimates.
-3. For each ``--trials`` budget: the original model and the graph the measured profile chose are
-   each tuned from an empty database with that many trials and packaged, then timed side by side
-   with onnxruntime by harlflow's protocol (fresh processes, alternating rounds, 95 % intervals
-   over blocks): whether the substitutions it took pay on this machine.
+3. Applies ``--force`` (default: the Q/K/V merge) wherever it matches and prices that graph with
+   both profiles: what each predicts the substitution is worth.
+4. For each ``--trials`` budget: the original model, the graph the measured profile chose and the
+   forced graph are each tuned from an empty database with that many trials and packaged, then
+   timed side by side with onnxruntime by harlflow's protocol (fresh processes, alternating
+   rounds, 95 % intervals over blocks): whether the substitutions pay on this machine, and
+   whether the oracle's decision on the forced one was right.
 
 One process compiles; every timing runs in the protocol's worker processes. The JSON is rewritten
 after every row.
@@ -39,6 +42,19 @@ def profile_table(p) -> list[str]:
     return rows
 
 
+def _forced(g, rule: str):
+    """``g`` with ``rule`` applied wherever it matches (first candidate first, until none)."""
+    from xrlflow import rules as R
+
+    chosen = [r for r in R.RULES if r.name == rule]
+    if not chosen:
+        raise SystemExit(f"no rewrite rule {rule!r}")
+    taken = 0
+    while cands := R.candidates(g, chosen):
+        g, taken = cands[0].graph, taken + 1
+    return g, taken
+
+
 def main() -> None:
     from families import source
 
@@ -54,6 +70,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="family:gpt_decoder")
     p.add_argument("--trials", default="0,64", help="comma list of trial budgets")
+    p.add_argument(
+        "--force",
+        default="merge_qkv_projections",
+        help="a rule applied wherever it matches, priced and timed as a third graph",
+    )
     p.add_argument("--max-seconds", type=float, default=20.0, help="per side-by-side timing")
     p.add_argument("--out", default="bench/results/target_profile.json")
     a = p.parse_args()
@@ -97,11 +118,21 @@ def main() -> None:
             m, "greedy", work_dir=work / "rw", target=target, database_dir=store,
             log=lambda *_: None,
         ).model  # fmt: skip
+        forced, taken = _forced(g, a.force)
+        result["forced"] = {"rule": a.force, "applied": taken}
+        for name, oracle in (("flat", TvmOracle(target)), ("measured", TvmOracle(target, store))):
+            before, after = oracle.estimate(g), oracle.estimate(forced)
+            result["forced"][f"{name}_estimate_ratio"] = after / before
+            print(f"{a.force} x{taken}, {name:8s} profile: {before * 1e3:.3f} -> "
+                  f"{after * 1e3:.3f} ms estimated ({after / before:.3f})", flush=True)  # fmt: skip
+        forced_path = work / "forced.onnx"
+        forced_path.write_bytes(ir.to_onnx(forced).SerializeToString())
+        merged = import_model(str(forced_path), cache_dir=work / "cache")
         ort = Runtime("onnxruntime", "ort", str(m.onnx_path))
         result["rows"] = []
         for trials in [int(x) for x in a.trials.split(",") if x]:
             arts = {}
-            for label, model in (("original", m), ("rewritten", rewritten)):
+            for label, model in (("original", m), ("rewritten", rewritten), ("forced", merged)):
                 db = work / f"db-{label}-{trials}"
                 mod = compilation.prepare(to_relax(model.onnx_path, model.inputs))
                 res = tuning.tune(mod, target, db, strategy="evolutionary", seed=0, trials=trials)
@@ -111,13 +142,13 @@ def main() -> None:
                 )  # fmt: skip
                 arts[label] = Runtime(f"{label} ({trials} trials)", "tvm", art.directory)
             s = side_by_side(
-                [arts["rewritten"], arts["original"], ort],
+                [arts["rewritten"], arts["forced"], arts["original"], ort],
                 m.reference_path,
                 threads=measure_threads(target),
                 max_seconds=a.max_seconds,
             )
             row = {"trials": trials, "measurement": s.session()}
-            for label in ("rewritten", "original"):
+            for label in ("rewritten", "forced", "original"):
                 rt = arts[label].label
                 r = s.ratio(rt, "onnxruntime")
                 row[label] = {
@@ -125,6 +156,8 @@ def main() -> None:
                     "ratio_to_onnxruntime": r.value,
                     "ratio_ci": list(r.ci),
                 }
+            f = s.ratio(arts["forced"].label, arts["original"].label)
+            row["forced_over_original"] = {"value": f.value, "ci": list(f.ci)}
             r = s.ratio(arts["rewritten"].label, arts["original"].label)
             row["rewritten_over_original"] = {"value": r.value, "ci": list(r.ci)}
             result["rows"].append(row)
@@ -132,7 +165,8 @@ def main() -> None:
                 f"{trials:4d} trials: rewritten {row['rewritten']['median_ms']:.3f} ms, original "
                 f"{row['original']['median_ms']:.3f} ms, onnxruntime "
                 f"{s.estimate('onnxruntime').median_ms:.3f} ms; rewritten / original "
-                f"{r.value:.3f} ({r.ci[0]:.3f}-{r.ci[1]:.3f})",
+                f"{r.value:.3f} ({r.ci[0]:.3f}-{r.ci[1]:.3f}); {a.force} / original "
+                f"{f.value:.3f} ({f.ci[0]:.3f}-{f.ci[1]:.3f})",
                 flush=True,
             )
             save()
