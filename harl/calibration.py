@@ -44,7 +44,7 @@ from harlflow.core.targets import target_key
 
 log = logging.getLogger("harl.calibration")
 
-VERSION = 1
+VERSION = 2
 """bumped when what a profile measures changes: an older profile is measured again"""
 GEMM_GRID = {"m": (1, 32, 512), "n": (32, 128, 512, 2048), "k": (64, 512)}
 """the matrix products measured (every combination): rows, output columns, reduction length"""
