@@ -54,7 +54,7 @@ from typing import Any
 from harl.calibration import TargetProfile, load_or_measure
 from harlflow.core import signals
 from harlflow.core.config import machine_cache_dir
-from harlflow.core.errors import first_line
+from harlflow.core.errors import HarlflowError, first_line
 from xrlflow.cost import FlopsOracle
 from xrlflow.ir import Graph, Node, Value, attr_key
 
@@ -96,7 +96,13 @@ class TvmOracle:
             else None
         )
         if profile is None and database_dir is not None:
-            profile = load_or_measure(database_dir, target, machine_cache_dir())
+            try:
+                profile = load_or_measure(database_dir, target, machine_cache_dir())
+            except HarlflowError:
+                raise  # an unwritable store, a bad input: the run's own error
+            except Exception as e:  # noqa: BLE001 - TVM could not build a calibration kernel
+                signals.check()
+                log.warning("the target could not be profiled (%s): flat pricing", first_line(e))
         self.profile = profile or TargetProfile.flat(
             target, DEFAULT_PEAK, DEFAULT_BANDWIDTH, KERNEL_OVERHEAD
         )
