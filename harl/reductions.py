@@ -21,11 +21,12 @@ nothing measured beats it.
 
 from __future__ import annotations
 
+from harl.schedules import REDUCE, SPATIAL, postprocess, root_blocks
+
 VECTOR = 16
 """fp32 lanes of an AVX-512 register: the split of every reduction and of the output's last axis"""
 MIN_REDUCTION = 4 * VECTOR
 """shorter reductions are left to the search: their partial vectors cost more than they save"""
-SPATIAL, REDUCE = 0, 2  # IterVar.iter_type of a data-parallel and of a reduction axis
 
 
 def row_reduction(task, postprocs: list):
@@ -36,8 +37,6 @@ def row_reduction(task, postprocs: list):
     postprocessors for the task (``harl.sampling.postprocessors``)."""
     from tvm.s_tir import Schedule
     from tvm.s_tir.schedule import ScheduleError
-
-    from harl.schedules import postprocess
 
     mod = task.dispatched[0]
     sch = Schedule(mod)
@@ -54,12 +53,8 @@ def _kinds(sch, block) -> list[int]:
     return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
 
 
-def _blocks(sch) -> list:
-    return list(sch.get_child_blocks(sch.get_sblock("root")))
-
-
 def _shaped(sch) -> bool:
-    blocks = _blocks(sch)
+    blocks = root_blocks(sch)
     if not blocks or SPATIAL not in _kinds(sch, blocks[-1]):
         return False
     reductions = [b for b in blocks if REDUCE in _kinds(sch, b)]
@@ -94,17 +89,17 @@ def _reduced_inputs(sch, block) -> int:
 
 
 def _apply(sch) -> None:
-    blocks = _blocks(sch)
+    blocks = root_blocks(sch)
     for b in blocks[:-1]:
         if REDUCE not in _kinds(sch, b):
             sch.compute_inline(b)
     partials = []
-    for b in _blocks(sch):
+    for b in root_blocks(sch):
         if REDUCE not in _kinds(sch, b):
             continue  # the output, when it is not a reduction itself
         _, lanes = sch.split(sch.get_loops(b)[-1], [None, VECTOR])
         partials.append(sch.rfactor(lanes, factor_axis=len(sch.get(b).iter_vars) - 1))
-    blocks = _blocks(sch)
+    blocks = root_blocks(sch)
     out = blocks[-1]  # element-wise, or the sum (max, ...) of a reduction's partial vectors
     loops = sch.get_loops(out)
     row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+SPATIAL, REDUCE = 0, 2
+"""``IterVar.iter_type`` of a data-parallel and of a reduction axis (``kDataPar``,
+``kCommReduce``)"""
+
+
+def root_blocks(sch) -> list:
+    """The blocks directly under a schedule's root block: a fused kernel's stages, in order."""
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
 
 def postprocess(sch, postprocs) -> bool:
     """Mark the postprocessing phase, as MetaSchedule does, then run every postprocessor.

@@ -384,9 +384,11 @@ def _gemm_shape(mod) -> tuple[int, int, int] | None:
     spatial axes the rows; None when the kernel reduces nothing or its extents are dynamic."""
     from tvm import s_tir
 
+    from harl.schedules import REDUCE, root_blocks
+
     try:
         sch = s_tir.Schedule(mod)
-        blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        blocks = [sch.get(b) for b in root_blocks(sch)]
     except Exception:  # noqa: BLE001 - no root block: priced without a shape
         return None
     best, size = None, 0
@@ -403,10 +405,6 @@ def _gemm_shape(mod) -> tuple[int, int, int] | None:
         if m * n * k > size:
             best, size = (m, n, k), m * n * k
     return best
-
-
-REDUCE = 2
-"""``IterVar.iter_type`` of a reduction axis (``kCommReduce``)"""
 
 
 def _static(d) -> bool:
