@@ -14,7 +14,7 @@ from harl.spec import TuningSpec
 from harl.strategies import STRATEGIES
 from harlflow.core.errors import BadInputError
 from harlflow.core.targets import resolve_target
-from tasks.rewrite_methods import METHODS, ORACLES
+from tasks.rewrite_methods import METHODS, ORACLES, lookup
 from tasks.s3 import parse_s3_uri
 
 DEFAULT_TRIALS = 64
@@ -71,15 +71,8 @@ class RunSettings:
             raise BadInputError(
                 f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}"
             )
-        if self.rewrite not in METHODS:
-            raise BadInputError(
-                f"unknown rewrite method {self.rewrite!r}: choose one of {', '.join(METHODS)}"
-            )
-        if self.rewrite_oracle not in ORACLES:
-            raise BadInputError(
-                f"unknown rewrite oracle {self.rewrite_oracle!r}: choose one of "
-                f"{', '.join(ORACLES)}"
-            )
+        lookup(METHODS, self.rewrite, "rewrite method")
+        lookup(ORACLES, self.rewrite_oracle, "rewrite oracle")
         if self.max_regression < 0 or self.measure_seconds <= 0:
             raise BadInputError("--max-regression must be >= 0 and --measure-seconds > 0")
         if self.promote and not self.measure:

@@ -21,8 +21,7 @@ from harlflow.core import signals
 from harlflow.core.errors import BadInputError, HarlflowError
 from tasks.rewrite_methods import METHODS, ORACLES
 
-EXAMPLE_NAMES = examples.NAMES  # the bundled models (their names import without PyTorch)
-EXAMPLES = "harlflow.examples:{" + ",".join(EXAMPLE_NAMES) + "}"
+EXAMPLES = "harlflow.examples:{" + ",".join(examples.NAMES) + "}"
 
 
 def _prefect_env() -> None:
@@ -927,7 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("export-example", help="write a bundled example model as ONNX")
-    e.add_argument("example", choices=EXAMPLE_NAMES, help="one of the bundled example models")
+    e.add_argument("example", choices=examples.NAMES, help="one of the bundled example models")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export_example)
     return p

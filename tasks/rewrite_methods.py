@@ -82,7 +82,7 @@ def oracle(name: str, doc: str):
 def lookup(registry: dict[str, Registered], name: str, what: str) -> Registered:
     """``registry[name]``, or a BadInputError that lists the choices."""
     if name not in registry:
-        raise BadInputError(f"unknown {what} {name!r}; choose one of {', '.join(registry)}")
+        raise BadInputError(f"unknown {what} {name!r}: choose one of {', '.join(registry)}")
     return registry[name]
 
 
