@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -188,13 +187,12 @@ def measure(target: dict[str, Any]) -> TargetProfile:
     gemm = []
     for m, n, k in shapes:
         w = rng.standard_normal((k, n)).astype("float32")
-        gemm.append((m, n, k, _time(_module("matmul", (m, k), w), target, [(m, k)])))
+        gemm.append((m, n, k, _time(target, "matmul", (m, k), w)))
     copy = []
     for b in copy_bytes:
-        shape = (b // 4,)
-        copy.append((2 * b, _time(_module("add", shape), target, [shape])))
-    one = _time(_module("chain", (1, 16), links=1), target, [(1, 16)])
-    many = _time(_module("chain", (1, 16), links=CHAIN), target, [(1, 16)])
+        copy.append((2 * b, _time(target, "add", (b // 4,))))
+    one = _time(target, "chain", (1, 16), links=1)
+    many = _time(target, "chain", (1, 16), links=CHAIN)
     launch = max((many - one) / (CHAIN - 1), 1e-8)
     log.info("target measured in %.1f s", time.perf_counter() - started)
     return TargetProfile(target_key(target), launch, tuple(gemm), tuple(copy))
@@ -224,24 +222,24 @@ def _module(kind: str, shape: tuple[int, ...], weight=None, links: int = 1):
     return bb.get()
 
 
-def _time(mod, target: dict[str, Any], shapes: list[tuple[int, ...]]) -> float:
-    """Seconds per call of ``mod``'s ``main`` (the fastest repeat), compiled as the pipeline
-    compiles it with every kernel given its fallback schedule."""
+def _time(target: dict[str, Any], kind: str, shape: tuple[int, ...], weight=None,
+          links: int = 1) -> float:  # fmt: skip
+    """Seconds per call of :func:`_module`'s ``main`` on ``shape`` (the fastest repeat),
+    compiled as the pipeline compiles it with every kernel given its fallback schedule."""
     import numpy as np
     import tvm
     from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
 
     from harl import compilation
-    from harl.database import open_database
 
-    prepared = compilation.prepare(mod)
-    with tempfile.TemporaryDirectory(prefix="harl-calibration-") as tmp:
-        db = open_database(tmp)
-        tasks = compilation.extract_tasks(prepared, target)
-        mem, _ = compilation.compile_database(db, tasks, target, seed=0)
-        ex = compilation.compile_module(prepared, target, mem)
+    prepared = compilation.prepare(_module(kind, shape, weight, links))
+    tasks = compilation.extract_tasks(prepared, target)
+    none = ms.database.MemoryDatabase(module_equality="structural")  # every kernel: fallback
+    mem, _ = compilation.compile_database(none, tasks, target, seed=0)
+    ex = compilation.compile_module(prepared, target, mem)
     dev = tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
-    args = [tvm.runtime.tensor(np.ones(s, dtype="float32")) for s in shapes]
+    args = [tvm.runtime.tensor(np.ones(shape, dtype="float32"))]
     timer = vm.time_evaluator("main", dev, number=1, repeat=7, min_repeat_ms=20)
     return float(np.min(timer(*args).results))  # the machine's noise only ever slows a repeat
