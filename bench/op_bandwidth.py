@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 ROWS = [256, 1024]
 
@@ -102,11 +102,12 @@ def _bytes(path: Path) -> int:
 
 
 def main() -> None:
-    from harl import compilation, tuning
+    from common import tuned_artifact
+
     from harlflow.core.targets import resolve_target
     from harlflow.measure import Runtime, side_by_side
-    from tasks.importing import import_model, to_relax
-    from tasks.packaging import measure_threads, package
+    from tasks.importing import import_model
+    from tasks.packaging import measure_threads
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(_ops()))
@@ -126,14 +127,8 @@ def main() -> None:
             path = _onnx(name, ops[name], work)
             moved = _bytes(path)
             m = import_model(str(path), cache_dir=work / "cache")
-            db = work / f"db-{name}"
-            mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
-            res = tuning.tune(mod, target, db, strategy="evolutionary", seed=0, trials=a.trials)
-            art = package(
-                m, target, database_dir=db, home=work / "art", tune_summary=res.summary(),
-                measure=False, log=lambda *_: None,
-            )  # fmt: skip
-            tvm = Runtime("tvm", "tvm", art.directory)
+            directory, res = tuned_artifact(m, target, work, name, a.trials)
+            tvm = Runtime("tvm", "tvm", directory)
             ort = Runtime("onnxruntime", "ort", str(m.onnx_path))
             s = side_by_side(
                 [tvm, ort], m.reference_path, threads=measure_threads(target),

@@ -56,13 +56,14 @@ def _forced(g, rule: str):
 
 
 def main() -> None:
+    from common import tuned_artifact
     from families import source
 
-    from harl import calibration, compilation, tuning
+    from harl import calibration
     from harlflow.core.targets import resolve_target
     from harlflow.measure import Runtime, side_by_side
-    from tasks.importing import import_model, to_relax
-    from tasks.packaging import measure_threads, package
+    from tasks.importing import import_model
+    from tasks.packaging import measure_threads
     from tasks.rewrite_oracle import TvmOracle
     from tasks.rewriting import rewrite_model
     from xrlflow import ir, search
@@ -133,14 +134,8 @@ def main() -> None:
         for trials in [int(x) for x in a.trials.split(",") if x]:
             arts = {}
             for label, model in (("original", m), ("rewritten", rewritten), ("forced", merged)):
-                db = work / f"db-{label}-{trials}"
-                mod = compilation.prepare(to_relax(model.onnx_path, model.inputs))
-                res = tuning.tune(mod, target, db, strategy="evolutionary", seed=0, trials=trials)
-                art = package(
-                    model, target, database_dir=db, home=work / f"art-{label}",
-                    tune_summary=res.summary(), measure=False, log=lambda *_: None,
-                )  # fmt: skip
-                arts[label] = Runtime(f"{label} ({trials} trials)", "tvm", art.directory)
+                directory, _ = tuned_artifact(model, target, work, f"{label}-{trials}", trials)
+                arts[label] = Runtime(f"{label} ({trials} trials)", "tvm", directory)
             s = side_by_side(
                 [arts["rewritten"], arts["forced"], arts["original"], ort],
                 m.reference_path,
