@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harlflow.core.errors import loading
-from harlflow.rl import PPOConfig, Sample, advantages, load_checkpoint, ppo_update, save_checkpoint
+from harlflow.rl import PPOAgent, PPOConfig, Sample
 
 PRETRAINED = Path(__file__).with_name("pretrained_agent.pt")
 """the agent pre-trained offline against the shipped cost model (``harlflow harl-train``; the
@@ -69,17 +68,17 @@ class ActorCritic(nn.Module):
         return self.critic(self.state_enc(state)).squeeze(-1)
 
 
-class EditAgent:
-    """Policy + PPO update + persistence. Its own generator samples the edits: same seed and
-    weights, same edits. The network's initial weights come from torch's global RNG, which the
-    run seeds once (:func:`harlflow.rl.setup`)."""
+class EditAgent(PPOAgent):
+    """HARL's parameter-level agent (:class:`harlflow.rl.PPOAgent`): the actor-critic over
+    variable sets of edits; the search strategy collects its walks into a
+    :class:`~harlflow.rl.RolloutBuffer`."""
+
+    kind = KIND
+    name = "harl"
 
     def __init__(self, cfg: EditAgentConfig | None = None, *, seed: int = 0):
-        self.cfg = cfg or EditAgentConfig()
-        self.net = ActorCritic(self.cfg.hidden)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr, eps=1e-5)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.updates = 0
+        cfg = cfg or EditAgentConfig()
+        super().__init__(ActorCritic(cfg.hidden), cfg, seed=seed, adam_eps=1e-5)
 
     @torch.no_grad()
     def act(self, state: EditState, greedy: bool = False) -> tuple[int, float, float]:
@@ -106,39 +105,20 @@ class EditAgent:
         states = torch.as_tensor(np.stack([s.state.features for s in samples]), dtype=torch.float32)
         return torch.stack(logps), torch.stack(ents), self.net.value(states)
 
-    def update(
-        self, trajectories: list[list[Sample]], last_values: list[float]
-    ) -> dict[str, float]:
-        """One PPO update on whole or cut-off trajectories, as X-RLflow's agent takes them:
-        ``last_values[i]`` is the value of the state trajectory ``i`` was cut off in (the one
-        after its last edit; ignored when its last sample is ``done``). Returns the update's
-        metrics, empty when there was too little to learn."""
-        samples, adv, ret = advantages(trajectories, last_values, self.cfg)
-        if len(samples) < 2:
-            return {}
-        metrics = ppo_update(
-            self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.cfg
-        )
-        self.updates += 1
-        return metrics
-
-    def save(self, path: str | Path) -> None:
-        """Weights, optimiser state and config (:func:`harlflow.rl.save_checkpoint`)."""
-        state = {
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict:
+        """Weights, optimiser state, config and update count."""
+        return {
             "net": self.net.state_dict(),
             "opt": self.opt.state_dict(),
             "config": asdict(self.cfg),
             "updates": self.updates,
         }
-        save_checkpoint(path, KIND, state)
 
     @classmethod
-    def load(cls, path: str | Path, *, seed: int = 0) -> EditAgent:
-        """A saved agent; a corrupt or mismatched file is a :class:`BadInputError` naming it."""
-        state = load_checkpoint(path, KIND)
-        with loading(path, KIND):
-            agent = cls(EditAgentConfig(**state["config"]), seed=seed)
-            agent.net.load_state_dict(state["net"])
-            agent.opt.load_state_dict(state["opt"])
-            agent.updates = int(state["updates"])
+    def restore(cls, blob: dict, *, seed: int = 0) -> EditAgent:
+        agent = cls(EditAgentConfig(**blob["config"]), seed=seed)
+        agent.net.load_state_dict(blob["net"])
+        agent.opt.load_state_dict(blob["opt"])
+        agent.updates = int(blob["updates"])
         return agent

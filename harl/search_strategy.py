@@ -42,7 +42,7 @@ from harl import edits as E
 from harl.agent import STATE_DIM, EditAgent, EditState
 from harl.database import FAILED_RUN_SECS, mean_run_secs
 from harl.schedules import replay
-from harlflow.rl import Sample
+from harlflow.rl import RolloutBuffer, Sample
 
 
 @dataclass
@@ -230,16 +230,16 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         updates the agent when ``learn``, and takes the picks as measured, ranked by
         predicted score (kept in ``imagined``, apart from measured seconds). Returns the
         round's mean trajectory return (predicted gain) and trajectory count."""
-        pool, trajectories = self._explore_and_learn(learn=learn)
+        pool, buffer = self._explore_and_learn(learn=learn)
         for h, _, sch in self._select(pool, self.per_iter):
             self.measured.add(h)
             score = pool[h][0] if h in pool else 0.0
             self.imagined.append((score, sch.trace))
         self._trim_best()
-        returns = [sum(s.reward for s in t) for t in trajectories]
+        returns = buffer.returns()
         return {
             "return": float(np.mean(returns)) if returns else 0.0,
-            "trajectories": float(len(trajectories)),
+            "trajectories": float(len(returns)),
         }
 
     def clone(self):
@@ -248,13 +248,13 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
     # ------------------------------------------------------------ search
     def _explore_and_learn(self, learn: bool = True):
         """This round's trajectories (:meth:`_explore`), then, with ``learn``, one PPO
-        update of the shared agent on them; returns (candidate pool, trajectories)."""
-        pool, trajectories, last_values = self._explore()
-        if trajectories and learn:
-            m = self.shared.agent.update(trajectories, last_values)
+        update of the shared agent on them; returns (candidate pool, buffer)."""
+        pool, buffer = self._explore()
+        if buffer.trajectories and learn:
+            m = self.shared.agent.update(buffer)
             if m:
                 self.shared.metrics.append(m)
-        return pool, trajectories
+        return pool, buffer
 
     def _trim_best(self) -> None:
         """Keep the 32 best schedules, best first (the trajectories' starts): the fastest
@@ -265,13 +265,14 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         del self.imagined[32:]
 
     def _explore(self):
-        """Run this round's trajectories; returns (candidate pool, trajectories, the value each
-        would bootstrap from: 0, since every walk ends, by its own rule or its step limit)."""
+        """Run this round's trajectories (HARL's ``collect``); returns the candidate pool and
+        the rollout buffer of the walks, each bootstrapping from 0: every walk ends, by its own
+        rule or its step limit."""
         cfg, agent = self.cfg, self.shared.agent
         pool: dict[int, tuple[float, int, Any]] = {}  # hash → (score, sketch, schedule)
         starts = self._starts(pool)
         if not starts:
-            return pool, [], []
+            return pool, RolloutBuffer()
         live = [Trajectory(sch, k, score, score) for sch, k, score in starts]
         still_improving = 0
         for step in range(cfg.steps):
@@ -310,13 +311,12 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
                 # step / steps, so the step limit is part of the task (time-aware, not a cut)
                 done = t.idle >= cfg.patience or step == cfg.steps - 1
                 t.samples.append(Sample(p.state, p.action, p.logprob, p.value, reward, done))
-        walked = [t for t in live if t.samples]
-        last_values = [0.0] * len(walked)  # every walk has ended: nothing to bootstrap
+        buffer = RolloutBuffer([t.samples for t in live if t.samples])  # all ended: values 0
         for t in live:
             if t.idle == 0 and t.samples:
                 still_improving += 1
         self._adapt_episode(still_improving, live)
-        return pool, [t.samples for t in walked], last_values
+        return pool, buffer
 
     def _select(self, pool: dict, want: int) -> list[tuple[int, int, Any]]:
         """Best-predicted unmeasured candidates; ε of the picks at random from the pool."""

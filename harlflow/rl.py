@@ -1,16 +1,25 @@
-"""The reinforcement-learning pieces HARL and X-RLflow share: rollout samples, generalised
-advantage estimation, the PPO update with its metric names, and seeding.
+"""The reinforcement-learning pieces HARL, X-RLflow and RLFlow share, in Stable-Baselines3's
+split:
 
-Each agent keeps its own network and its own state type; it hands :func:`ppo_update` a function
-that re-evaluates a batch of samples under the current weights (log-probabilities of the actions
-taken, policy entropies, state values). The update then reads as CleanRL's ``ppo.py``: clipped
-policy loss, value loss, entropy bonus, one gradient step per epoch, and metrics named by group
-(``losses/policy``, ``losses/value``, ``losses/entropy``, ``losses/approx_kl``,
-``losses/clipfrac``; agents add their own ``charts/...``).
+- **the policy network**: each agent's own ``nn.Module`` (actor and critic) and its own state
+  type; the agent's ``act(state)`` samples from it, ``evaluate(samples)`` re-scores samples under
+  the current weights;
+- **the rollout buffer** (:class:`RolloutBuffer`): whole or cut-off trajectories of named
+  :class:`Sample` tuples, each with the value it bootstraps from;
+- **the algorithm** (:class:`PPOAgent`): ``collect`` fills a buffer, ``update(buffer)`` is one
+  PPO update. Collecting is where the three differ: X-RLflow plays episodes on the real
+  environment (:func:`collect`, Gymnasium's loop), HARL walks edits of many schedules at once and
+  scores them with the cost model (``harl.search_strategy``), RLFlow rolls its controller out in
+  the world model (``xrlflow.rlflow``); all three hand the same buffer to the same update.
+
+The update reads as CleanRL's ``ppo.py`` (:func:`ppo_update`): GAE, clipped policy loss, value
+loss, entropy bonus, one gradient step per epoch, and metrics named by group (``losses/policy``,
+``losses/value``, ``losses/entropy``, ``losses/approx_kl``, ``losses/clipfrac``; agents add their
+own ``charts/...``).
 
 Every learned thing (the three agents, the cost model) saves and loads through
-:func:`save_checkpoint` / :func:`load_checkpoint`: weights-only, versioned, one error naming the
-file.
+:class:`Checkpointed` (:func:`save_checkpoint` / :func:`load_checkpoint`): weights-only,
+versioned, one error naming the file.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -129,6 +138,47 @@ def advantages(
     return samples, np.concatenate(advs), np.concatenate(rets)
 
 
+class RolloutBuffer:
+    """Trajectories of :class:`Sample` tuples, each with the value it bootstraps from: 0 for one
+    that ended (its last sample is ``done``), the critic's value of the state it stopped in for
+    one cut off. Trajectories vary in length (a walk ends when it stops improving, an episode when
+    the agent stops), so the buffer keeps one list per trajectory, not a fixed-size array."""
+
+    def __init__(
+        self,
+        trajectories: Sequence[Sequence[Sample]] = (),
+        last_values: Sequence[float] | None = None,
+    ) -> None:
+        self.trajectories: list[list[Sample]] = []
+        self.last_values: list[float] = []
+        lasts = [0.0] * len(trajectories) if last_values is None else last_values
+        for traj, last in zip(trajectories, lasts, strict=True):
+            self.add(traj, last)
+
+    def add(self, trajectory: Sequence[Sample], last_value: float = 0.0) -> None:
+        """One trajectory and the value it bootstraps from (ignored when it ended)."""
+        self.trajectories.append(list(trajectory))
+        self.last_values.append(float(last_value))
+
+    def __len__(self) -> int:
+        """Samples in the buffer."""
+        return sum(len(t) for t in self.trajectories)
+
+    def returns(self) -> list[float]:
+        """Each trajectory's undiscounted return."""
+        return [sum(s.reward for s in t) for t in self.trajectories]
+
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self.trajectories]
+
+    def compute(
+        self, cfg: PPOConfig, reward_scale: float = 1.0
+    ) -> tuple[list[Sample], np.ndarray, np.ndarray]:
+        """The samples flattened in order, their GAE advantages and their returns
+        (:func:`advantages`)."""
+        return advantages(self.trajectories, self.last_values, cfg, reward_scale)
+
+
 Evaluate = Callable[[list[Sample]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """samples → (log-probability of each sample's action, policy entropy, state value), each (n,),
 under the network's current weights"""
@@ -180,6 +230,135 @@ def ppo_update(
             "losses/clipfrac": clipfrac.item(),
         }
     return metrics
+
+
+# ---------------------------------------------------------------------------------- the agents
+class Checkpointed:
+    """Something learned that saves and loads through one helper (:func:`save_checkpoint`):
+    a subclass names its ``kind``, says what it saves (:meth:`checkpoint`) and how to rebuild
+    itself from that (:meth:`restore`); ``save`` and ``load`` are the same for all."""
+
+    kind: ClassVar[str]
+    """what its checkpoints say they hold ("HARL agent", "harlflow cost model", ...)"""
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The state to save: tensors, numbers, strings, lists and dicts of them."""
+        raise NotImplementedError
+
+    @classmethod
+    def restore(cls, blob: dict[str, Any], **kwargs: Any) -> Any:
+        """Rebuild from what :meth:`checkpoint` saved; ``ValueError`` (or a ``KeyError``) when
+        it does not fit, which :meth:`load` reports as a ``BadInputError`` naming the file."""
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> None:
+        """Write a checkpoint in one rename (:func:`save_checkpoint`)."""
+        save_checkpoint(path, self.kind, self.checkpoint())
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> Any:
+        """A saved one; a missing, corrupt or mismatched file is a ``BadInputError`` naming it
+        (``kwargs`` go to :meth:`restore`: a seed, a rule library)."""
+        blob = load_checkpoint(path, cls.kind)
+        with loading(path, cls.kind):
+            return cls.restore(blob, **kwargs)
+
+
+class PPOAgent(Checkpointed):
+    """The shape of every agent (HARL's ``EditAgent``, X-RLflow's, RLFlow's controller).
+
+    - ``net``: the policy network, actor and critic;
+    - :meth:`act`: an action for a state, sampled with the agent's own generator (same seed and
+      weights, same actions), with its log-probability and the state's value;
+    - :meth:`evaluate`: log-probabilities, entropies and values of samples under the current
+      weights, which PPO's update needs;
+    - :meth:`update`: one PPO update on a :class:`RolloutBuffer`;
+    - ``save`` / ``load`` (:class:`Checkpointed`).
+
+    The network's initial weights come from torch's global RNG, which the run seeds once
+    (:func:`setup`)."""
+
+    name: ClassVar[str]
+    """the agent's name where users choose it (``--rewrite xrlflow``, ``--strategy harl``)"""
+
+    def __init__(self, net: nn.Module, cfg: PPOConfig, *, seed: int, adam_eps: float = 1e-8):
+        self.net, self.cfg = net, cfg
+        self.opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=adam_eps)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.updates = 0
+        """PPO updates this agent has had, over its saved lives"""
+
+    @property
+    def reward_scale(self) -> float:
+        """Rewards are multiplied by this before GAE (the critic learns scaled returns)."""
+        return 1.0
+
+    def act(self, state: Any, greedy: bool = False) -> tuple[Any, Any, Any]:
+        """(action, its log-probability, the state's value); ``greedy`` takes the likeliest."""
+        raise NotImplementedError
+
+    def evaluate(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:data:`Evaluate`: the samples re-scored under the current weights."""
+        raise NotImplementedError
+
+    def update(self, buffer: RolloutBuffer) -> dict[str, float]:
+        """One PPO update on ``buffer``; its ``losses/...`` metrics, empty when there was too
+        little to learn from (fewer than two samples)."""
+        samples, adv, ret = buffer.compute(self.cfg, self.reward_scale)
+        if len(samples) < 2:
+            return {}
+        metrics = ppo_update(
+            self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.cfg
+        )
+        self.updates += 1
+        return metrics
+
+
+class EnvAgent(PPOAgent):
+    """An agent that plays a Gymnasium environment (:func:`rollout`): it also says how it
+    sees the environment's observations."""
+
+    def observer(self, env: Any, info: dict[str, Any]) -> Callable[[Any], Any]:
+        """For the episode that ``env.reset`` just began (its ``info``): observation → state."""
+        raise NotImplementedError
+
+
+def rollout(
+    env: Any,
+    agent: EnvAgent,
+    *,
+    options: dict[str, Any] | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+) -> tuple[list[Sample], float, dict[str, Any]]:
+    """One episode of ``agent`` on ``env`` (Gymnasium's reset/step loop): its samples, the value
+    it bootstraps from (0 when it terminated, the critic's value when it was truncated) and the
+    environment's last info."""
+    obs, info = env.reset(seed=seed, options=options)
+    observe = agent.observer(env, info)
+    trajectory: list[Sample] = []
+    while True:
+        state = observe(obs)
+        action, logprob, value = agent.act(state, greedy=greedy)
+        obs, reward, terminated, truncated, info = env.step(action)
+        trajectory.append(Sample(state, action, logprob, value, float(reward), bool(terminated)))
+        if terminated or truncated:
+            last = 0.0 if terminated else float(agent.act(observe(obs))[2])
+            return trajectory, last, info
+
+
+def collect(
+    env: Any, agent: EnvAgent, episodes: int, rng: np.random.Generator
+) -> tuple[RolloutBuffer, list[dict[str, Any]]]:
+    """``episodes`` episodes of ``agent`` on ``env``, each reset with a seed drawn from ``rng``:
+    the filled buffer and each episode's last info."""
+    buffer, infos = RolloutBuffer(), []
+    for _ in range(episodes):
+        trajectory, last, info = rollout(env, agent, seed=int(rng.integers(2**31)))
+        buffer.add(trajectory, last)
+        infos.append(info)
+    return buffer, infos
+
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from harl.agent import ACTION_DIM, STATE_DIM, EditAgent, EditAgentConfig, EditState
-from harlflow.rl import Sample, compute_gae, setup
+from harlflow.rl import RolloutBuffer, Sample, compute_gae, setup
 
 
 def test_gae_known_answer():
@@ -45,7 +45,7 @@ def test_ppo_reaches_the_best_of_a_known_task():
     rng = np.random.default_rng(0)
     before = np.mean([_bandit_episode(agent, rng, greedy=True).reward for _ in range(200)])
     for _ in range(60):
-        agent.update([[_bandit_episode(agent, rng)] for _ in range(32)], [0.0] * 32)
+        agent.update(RolloutBuffer([[_bandit_episode(agent, rng)] for _ in range(32)]))
     after = np.mean([_bandit_episode(agent, rng, greedy=True).reward for _ in range(200)])
     assert before < 0.5 and after > 0.95, (before, after)
 
@@ -53,7 +53,7 @@ def test_ppo_reaches_the_best_of_a_known_task():
 def test_save_load_round_trip_and_seeding(tmp_path):
     a = EditAgent(seed=3)
     rng = np.random.default_rng(1)
-    a.update([[_bandit_episode(a, rng)] for _ in range(8)], [0.0] * 8)
+    a.update(RolloutBuffer([[_bandit_episode(a, rng)] for _ in range(8)]))
     a.save(tmp_path / "agent.pt")
     b = EditAgent.load(tmp_path / "agent.pt", seed=3)
     assert b.updates == 1
@@ -97,3 +97,21 @@ def test_checkpoints_are_versioned_and_every_failure_names_the_file(tmp_path):
         EditAgent.load(tmp_path / "list.pt")
     with pytest.raises(BadInputError, match=r"HARL agent file not found: .*none\.pt"):
         EditAgent.load(tmp_path / "none.pt")
+
+
+def test_rollout_buffer_bootstraps_only_cut_off_trajectories():
+    """The buffer hands each trajectory's own bootstrap value to GAE: an ended one's is
+    ignored (its last sample is done), a cut-off one's continues its return."""
+    from harlflow.rl import PPOConfig
+
+    def traj(done: bool) -> list[Sample]:
+        return [Sample(None, 0, 0.0, 0.5, 1.0, False), Sample(None, 0, 0.0, 0.5, 1.0, done)]
+
+    buffer = RolloutBuffer([traj(True), traj(False)], [99.0, 2.0])
+    assert len(buffer) == 4 and buffer.returns() == [2.0, 2.0] and buffer.lengths() == [2, 2]
+    cfg = PPOConfig(gamma=0.9, gae_lambda=1.0)
+    samples, adv, ret = buffer.compute(cfg)
+    assert len(samples) == 4
+    # ended: returns 1 + 0.9·1 and 1; cut off: 1 + 0.9·(1 + 0.9·2) and 1 + 0.9·2
+    np.testing.assert_allclose(ret, [1.9, 1.0, 1 + 0.9 * 2.8, 2.8])
+    np.testing.assert_allclose(adv, ret - 0.5)

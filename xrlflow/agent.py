@@ -22,15 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from harlflow.core.errors import loading
-from harlflow.rl import PPOConfig, Sample, advantages, load_checkpoint, ppo_update, save_checkpoint
+from harlflow.rl import EnvAgent, PPOConfig, Sample, collect, rollout
 from xrlflow import rules as R
 from xrlflow.cost import CostOracle
 from xrlflow.ir import Graph
@@ -221,26 +219,25 @@ class State(NamedTuple):
     rule_ids: tuple[int, ...]
 
 
-class XRLflowAgent:
-    """Policy + PPO. ``act`` picks an action for an env observation; ``update`` trains.
+class XRLflowAgent(EnvAgent):
+    """X-RLflow's agent (:class:`harlflow.rl.PPOAgent`): the graph policy, played on the real
+    rewrite environment (:func:`harlflow.rl.collect`)."""
 
-    Its own generator samples the actions; the network's initial weights come from torch's
-    global RNG, which the run seeds once, with torch's thread count
-    (:func:`harlflow.rl.setup`).
-    """
-
+    kind = KIND
     name = "xrlflow"
 
     def __init__(
         self, cfg: AgentConfig | None = None, rules: list[R.Rule] | None = None, seed: int = 0
     ):
-        self.cfg = cfg or AgentConfig()
+        cfg = cfg or AgentConfig()
         self.rule_names = [r.name for r in (rules or R.RULES)]
         self._rule_index = {n: i for i, n in enumerate(self.rule_names)}
-        self.net = GraphPolicy(self.cfg, len(self.rule_names))
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
-        self.gen = torch.Generator().manual_seed(seed)
+        super().__init__(GraphPolicy(cfg, len(self.rule_names)), cfg, seed=seed)
         self._feat_cache: dict[str, GraphTensors] = {}
+
+    @property
+    def reward_scale(self) -> float:
+        return self.cfg.reward_scale
 
     def state(self, obs: dict, oracle: CostOracle, base_cost: float) -> State:
         def feat(g: Graph) -> GraphTensors:
@@ -257,6 +254,12 @@ class XRLflowAgent:
             tuple(feat(c.graph) for c in cands),
             tuple(self._rule_id(c.rule) for c in cands),
         )
+
+    def observer(self, env, info: dict) -> Callable[[dict], State]:
+        """Observations of the episode ``env`` began on ``info["model"]`` as states, costs
+        relative to that model's."""
+        base = env.oracle.estimate(env.graphs[info["model"]])
+        return lambda obs: self.state(obs, env.oracle, base)
 
     def _rule_id(self, rule: str) -> int:
         if rule not in self._rule_index:
@@ -286,70 +289,37 @@ class XRLflowAgent:
         ent = torch.stack([torch.distributions.Categorical(logits=lg).entropy() for lg in logits])
         return logp, ent, values
 
-    def update(self, episodes: list[list[Sample]], last_values: list[float]) -> dict[str, float]:
-        """One PPO update on whole or cut-off episodes (``last_values`` bootstrap the latter)."""
-        samples, adv, ret = advantages(episodes, last_values, self.cfg, self.cfg.reward_scale)
-        if not samples:
-            return {}
-        return ppo_update(
-            self.evaluate, self.opt, list(self.net.parameters()), samples, adv, ret, self.cfg
-        )
-
     def episode(self, env, *, model=None, greedy: bool = False, seed=None) -> dict:
-        """One episode on ``env`` (:func:`run_episode`); its last info (``search.policy``)."""
-        return run_episode(env, self, model, greedy, seed)[2]
+        """One episode on ``env``; its last info (``search.policy``)."""
+        options = {"model": model} if model else None
+        return rollout(env, self, options=options, greedy=greedy, seed=seed)[2]
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | Path) -> None:
-        state = {
+    def checkpoint(self) -> dict:
+        return {
             "config": asdict(self.cfg),
             "rules": self.rule_names,
             "ops": OPS,
             "weights": self.net.state_dict(),
         }
-        save_checkpoint(path, KIND, state)
 
     @classmethod
-    def load(
-        cls, path: str | Path, rules: list[R.Rule] | None = None, seed: int = 0
+    def restore(
+        cls, blob: dict, *, rules: list[R.Rule] | None = None, seed: int = 0
     ) -> XRLflowAgent:
-        """A saved agent; a missing, corrupt or mismatched file is a ``BadInputError`` naming
-        it (one trained with another rule library says to retrain)."""
-        blob = load_checkpoint(path, KIND)
+        """One trained with another rule library says to retrain."""
         rules = rules or R.RULES
-        with loading(path, KIND):
-            if blob["rules"] != [r.name for r in rules] or blob["ops"] != OPS:
-                raise ValueError(
-                    "it was trained with a different rule library or op vocabulary; retrain "
-                    "it (harlflow rewrite-train)"
-                )
-            agent = cls(AgentConfig(**blob["config"]), rules, seed)
-            agent.net.load_state_dict(blob["weights"])
+        if blob["rules"] != [r.name for r in rules] or blob["ops"] != OPS:
+            raise ValueError(
+                "it was trained with a different rule library or op vocabulary; retrain "
+                "it (harlflow rewrite-train)"
+            )
+        agent = cls(AgentConfig(**blob["config"]), rules, seed)
+        agent.net.load_state_dict(blob["weights"])
         return agent
 
 
 # ---------------------------------------------------------------------------- training / inference
-
-
-def run_episode(
-    env,
-    agent: XRLflowAgent,
-    model: str | None = None,
-    greedy: bool = False,
-    seed: int | None = None,
-) -> tuple[list[Sample], float, dict]:
-    """One episode; returns (transitions, bootstrap value of the last state, last info)."""
-    obs, info = env.reset(seed=seed, options={"model": model} if model else None)
-    base = env.oracle.estimate(env.graphs[info["model"]])
-    traj: list[Sample] = []
-    while True:
-        s = agent.state(obs, env.oracle, base)
-        a, logp, v = agent.act(s, greedy=greedy)
-        obs, r, term, trunc, info = env.step(a)
-        traj.append(Sample(s, a, logp, v, r, term))
-        if term or trunc:
-            last = 0.0 if term else agent.act(agent.state(obs, env.oracle, base))[2]
-            return traj, last, info
 
 
 def train(
@@ -364,17 +334,13 @@ def train(
     history = []
     rng = np.random.default_rng(seed)
     for it in range(iterations):
-        eps, lasts, returns, gains = [], [], [], []
-        for _ in range(episodes_per_iter):
-            traj, last, info = run_episode(env, agent, seed=int(rng.integers(2**31)))
-            eps.append(traj)
-            lasts.append(last)
-            returns.append(sum(t.reward for t in traj))
-            gains.append(1 - info["best"][0] / info["start_latency"])
-        metrics = agent.update(eps, lasts) | {
-            "charts/mean_return": float(np.mean(returns)),
-            "charts/mean_best_gain": float(np.mean(gains)),
-            "charts/mean_steps": float(np.mean([len(e) for e in eps])),
+        buffer, infos = collect(env, agent, episodes_per_iter, rng)
+        metrics = agent.update(buffer) | {
+            "charts/mean_return": float(np.mean(buffer.returns())),
+            "charts/mean_best_gain": float(
+                np.mean([1 - i["best"][0] / i["start_latency"] for i in infos])
+            ),
+            "charts/mean_steps": float(np.mean(buffer.lengths())),
         }
         history.append(metrics)
         if callback:

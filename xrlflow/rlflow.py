@@ -25,15 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from harlflow.core.errors import loading
-from harlflow.rl import PPOConfig, Sample, advantages, load_checkpoint, ppo_update, save_checkpoint
+from harlflow.rl import PPOAgent, PPOConfig, RolloutBuffer, Sample
 from xrlflow import rules as R
 from xrlflow.agent import OPS
 from xrlflow.world import Episode, WorldConfig, WorldModel, collect, real_episode
@@ -75,9 +73,12 @@ class Controller(nn.Module):
         return logits, self.v(x).squeeze(1)
 
 
-class RLFlowAgent:
-    """The world model and the controller, trained together by :func:`train`."""
+class RLFlowAgent(PPOAgent):
+    """The world model and the controller (:class:`harlflow.rl.PPOAgent`: the controller is
+    the policy network), trained together by :func:`train`. Its ``collect`` is
+    :meth:`imagine`: rollouts in the world model."""
 
+    kind = KIND
     name = "rlflow"
 
     def __init__(
@@ -96,19 +97,25 @@ class RLFlowAgent:
                 "the world model's actions index another rule library; retrain it "
                 "(harlflow rewrite-train --agent rlflow)"
             )
-        self.cfg = cfg or ControllerConfig()
+        cfg = cfg or ControllerConfig()
         self.world = WorldModel(world)
         self.actions = self.world.actions
-        self.ctrl = Controller(world.latent, world.rnn, self.actions.n, self.cfg.hidden)
-        self.opt = torch.optim.Adam(self.ctrl.parameters(), lr=self.cfg.lr)
-        self.gen = torch.Generator().manual_seed(seed)
+        controller = Controller(world.latent, world.rnn, self.actions.n, cfg.hidden)
+        super().__init__(controller, cfg, seed=seed)
+
+    @property
+    def reward_scale(self) -> float:
+        """Imagined rewards are the world model's predictions divided by its scale: scaled
+        back for the critic."""
+        return self.world.cfg.reward_scale
 
     # ------------------------------------------------------------------ acting
     def act(
-        self, z, h, mask, greedy: bool = False
+        self, state: ImaginedState, greedy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Actions for a batch of states; their log-probabilities and the states' values."""
-        logits, values = self.ctrl(z, h, mask)
+        """Actions for a batch of states (``z``, ``h``, ``mask`` each with a batch dimension
+        first); their log-probabilities and the states' values."""
+        logits, values = self.net(*state)
         dist = torch.distributions.Categorical(logits=logits)
         if greedy:
             a = logits.argmax(1)
@@ -120,18 +127,17 @@ class RLFlowAgent:
         z = torch.stack([s.state.z for s in samples])
         h = torch.stack([s.state.h for s in samples])
         mask = torch.stack([s.state.mask for s in samples])
-        logits, values = self.ctrl(z, h, mask)
+        logits, values = self.net(z, h, mask)
         dist = torch.distributions.Categorical(logits=logits)
         a = torch.tensor([s.action for s in samples])
         return dist.log_prob(a), dist.entropy(), values
 
     # ------------------------------------------------------------------ imagination
     @torch.no_grad()
-    def imagine(
-        self, starts: list[Episode], horizon: int
-    ) -> tuple[list[list[Sample]], list[float]]:
+    def imagine(self, starts: list[Episode], horizon: int) -> RolloutBuffer:
         """``len(starts)`` episodes rolled out in the world model from the episodes' first
-        states (real masks at the first step); returns the trajectories and bootstrap values."""
+        states (real masks at the first step); the buffer of their trajectories, the ones
+        still going at ``horizon`` bootstrapped from the controller's value."""
         wm = self.world
         wm.eval()
         b = len(starts)
@@ -142,7 +148,7 @@ class RLFlowAgent:
         trajs: list[list[Sample]] = [[] for _ in range(b)]
         for _ in range(horizon):
             h = hc[0]
-            a, logp, v = self.act(z, h, mask)
+            a, logp, v = self.act(ImaginedState(z, h, mask))
             hc = wm.step(z, a, hc)
             done = (a == 0) | (wm.done(hc[0]).squeeze(1) > 0)
             reward = wm.reward(hc[0]).squeeze(1) / wm.cfg.reward_scale
@@ -162,43 +168,38 @@ class RLFlowAgent:
                 break
             z = wm.sample_next(hc[0], self.gen, self.cfg.temperature)
             mask = wm.legal(hc[0])
-        last = self.act(z, hc[0], mask)[2]
-        return trajs, [0.0 if not alive[i] else float(last[i]) for i in range(b)]
+        last = self.act(ImaginedState(z, hc[0], mask))[2]
+        return RolloutBuffer(trajs, [0.0 if not alive[i] else float(last[i]) for i in range(b)])
 
-    # ------------------------------------------------------------------ checkpoints
     def episode(self, env, *, model=None, greedy: bool = False, seed=None) -> dict:
         """One real episode on ``env`` (:func:`run_episode`); its last info
         (``search.policy``)."""
         return run_episode(env, self, model, greedy, seed)[1]
 
-    def save(self, path: str | Path) -> None:
-        state = {
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict:
+        return {
             "world_config": asdict(self.world.cfg),
             "config": asdict(self.cfg),
             "ops": OPS,
             "world": self.world.state_dict(),
-            "controller": self.ctrl.state_dict(),
+            "controller": self.net.state_dict(),
         }
-        save_checkpoint(path, KIND, state)
 
     @classmethod
-    def load(
-        cls, path: str | Path, rules: list[R.Rule] | None = None, seed: int = 0
+    def restore(
+        cls, blob: dict, *, rules: list[R.Rule] | None = None, seed: int = 0
     ) -> RLFlowAgent:
-        """A saved agent; a missing, corrupt or mismatched file is a ``BadInputError`` naming
-        it."""
-        blob = load_checkpoint(path, KIND)
-        with loading(path, KIND):
-            if blob.get("ops") != OPS:
-                raise ValueError(
-                    "it was trained with another operator vocabulary; retrain it "
-                    "(harlflow rewrite-train --agent rlflow)"
-                )
-            agent = cls(
-                WorldConfig(**blob["world_config"]), ControllerConfig(**blob["config"]), rules, seed
+        if blob.get("ops") != OPS:
+            raise ValueError(
+                "it was trained with another operator vocabulary; retrain it "
+                "(harlflow rewrite-train --agent rlflow)"
             )
-            agent.world.load_state_dict(blob["world"])
-            agent.ctrl.load_state_dict(blob["controller"])
+        agent = cls(
+            WorldConfig(**blob["world_config"]), ControllerConfig(**blob["config"]), rules, seed
+        )
+        agent.world.load_state_dict(blob["world"])
+        agent.net.load_state_dict(blob["controller"])
         return agent
 
 
@@ -215,7 +216,8 @@ def controller_chooser(agent: RLFlowAgent, greedy: bool):
         if t > 0:  # the previous step's (z, action) moves the memory on
             memory["hc"] = agent.world.step(memory["z"], memory["a"], memory["hc"])
         z = agent.world.encode([state])
-        a, _, _ = agent.act(z, memory["hc"][0], torch.as_tensor(mask)[None], greedy=greedy)
+        state = ImaginedState(z, memory["hc"][0], torch.as_tensor(mask)[None])
+        a, _, _ = agent.act(state, greedy=greedy)
         memory["z"], memory["a"] = z, a
         return int(a[0])
 
@@ -262,15 +264,10 @@ def train(
     for it in range(iterations):
         # ---- 2. PPO on a batch of imagined episodes
         picks = [starts[k] for k in rng.integers(len(starts), size=batch)]
-        trajs, lasts = agent.imagine(picks, horizon)
-        samples, adv, ret = advantages(trajs, lasts, agent.cfg, agent.world.cfg.reward_scale)
-        metrics = ppo_update(
-            agent.evaluate, agent.opt, list(agent.ctrl.parameters()), samples, adv, ret, agent.cfg
-        )
-        metrics["charts/imagined_return"] = float(
-            np.mean([sum(s.reward for s in t) for t in trajs])
-        )
-        metrics["charts/imagined_steps"] = float(np.mean([len(t) for t in trajs]))
+        buffer = agent.imagine(picks, horizon)
+        metrics = agent.update(buffer)
+        metrics["charts/imagined_return"] = float(np.mean(buffer.returns()))
+        metrics["charts/imagined_steps"] = float(np.mean(buffer.lengths()))
 
         # ---- 3. re-grounding: real episodes with the controller, the world model refitted
         if (it + 1) % ground_every == 0 or it == iterations - 1:

@@ -12,15 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from harl.cost_model.dataset import FEATURES
-from harlflow.core.errors import loading
-from harlflow.rl import load_checkpoint, save_checkpoint
+from harlflow.rl import Checkpointed
 
 KIND = "harlflow cost model"
 """what its checkpoints say they hold (``harlflow.rl.save_checkpoint``)"""
@@ -128,8 +126,10 @@ def evaluate(predict: Callable[[list[dict]], np.ndarray], rows: list[dict]) -> d
     }
 
 
-class CostModel:
+class CostModel(Checkpointed):
     """The network, its target vocabulary, training and persistence."""
+
+    kind = KIND
 
     def __init__(self, cfg: ModelConfig | None = None, targets: Sequence[str] = ()):
         self.cfg = cfg or ModelConfig()
@@ -206,26 +206,23 @@ class CostModel:
         """:func:`evaluate` with this model's scores."""
         return evaluate(self.predict, rows)
 
-    def save(self, path: str | Path) -> None:
-        """Weights, config and target vocabulary (:func:`harlflow.rl.save_checkpoint`)."""
-        state = {
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict:
+        """Weights, config and target vocabulary."""
+        return {
             "config": asdict(self.cfg),
             "targets": self.targets,
             "features": FEATURES,
             "weights": self.net.state_dict(),
         }
-        save_checkpoint(path, KIND, state)
 
     @classmethod
-    def load(cls, path: str | Path) -> CostModel:
-        """A saved model; a corrupt or mismatched file is a :class:`BadInputError` naming it."""
-        blob = load_checkpoint(path, KIND)
-        with loading(path, KIND):
-            if blob.get("features") != FEATURES:
-                raise ValueError(
-                    f"it has {blob.get('features')} features per statement, not {FEATURES}: "
-                    "retrain it (harlflow cost-model train)"
-                )
-            model = cls(ModelConfig(**blob["config"]), blob["targets"])
-            model.net.load_state_dict(blob["weights"])
+    def restore(cls, blob: dict) -> CostModel:
+        if blob.get("features") != FEATURES:
+            raise ValueError(
+                f"it has {blob.get('features')} features per statement, not {FEATURES}: "
+                "retrain it (harlflow cost-model train)"
+            )
+        model = cls(ModelConfig(**blob["config"]), blob["targets"])
+        model.net.load_state_dict(blob["weights"])
         return model
