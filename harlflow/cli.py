@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from flows.jobs import JOBS
 from harl.strategies import STRATEGIES
 from harlflow import examples
 from harlflow.core import signals
@@ -207,10 +208,11 @@ FIRST_RUN_S = 30
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    """Register ``retune`` with a schedule (``--cron`` or ``--interval``) on the Prefect server
-    and run its flow runs."""
+    """Register a job's flow (``retune`` by default, or a training job: ``--job``) with a
+    schedule (``--cron`` or ``--interval``) on the Prefect server and run its flow runs."""
     from prefect.client.schemas.schedules import CronSchedule
 
+    from flows import jobs
     from harlflow.core.durations import format_duration, parse_duration
     from harlflow.core.errors import StoreError
 
@@ -223,6 +225,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
             CronSchedule(cron=cron)
         except Exception:
             raise BadInputError(f"invalid --cron {cron!r}: expected e.g. '0 3 * * *'") from None
+    if a.job == "retune":
+        if a.source is None:
+            raise BadInputError("serve: give the SOURCE of the models to retune")
+        if a.param:
+            raise BadInputError("--param is for a training job's flow (--job); retune takes "
+                                "the run options")  # fmt: skip
+    elif a.source is not None:
+        raise BadInputError(f"serve --job {a.job} takes --param KEY=VALUE, not a SOURCE")
+    params = jobs.parse_params(a.param)
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         raise BadInputError(
@@ -230,34 +241,34 @@ def cmd_serve(a: argparse.Namespace) -> int:
             "'prefect server start --host 127.0.0.1 --port 4200' and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    settings = _settings(a)
+    if a.job == "retune":
+        settings = _settings(a)
     import httpx
 
     try:
         httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
     except Exception as e:
         raise StoreError(f"Prefect server {api} is unreachable: {type(e).__name__}: {e}") from None
-    from tasks.sources import check_source
+    if a.job == "retune":
+        from tasks.sources import check_source
 
-    check_source(a.source)
+        check_source(a.source)
+        source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
+        # the deployment's parameters are JSON: the settings as a dict, checked at each run
+        params = {"source": source, "settings": dataclasses.asdict(settings)}
     _check_home()
     _check_mlflow()
     _start_prefect()
-    from flows.retune import retune
-
-    source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
+    flow = jobs.load(a.job)
+    jobs.bind(flow, a.job, params)
+    deployment = a.deployment or f"harlflow-{a.job}"
     when = f"cron {cron!r}" if cron is not None else f"every {format_duration(interval)}"
     print(
-        f"serving deployment 'retune/{a.deployment}' ({when}) on {api}; "
-        f"trigger a run now with: prefect deployment run 'retune/{a.deployment}'",
+        f"serving deployment '{flow.name}/{deployment}' ({when}) on {api}; "
+        f"trigger a run now with: prefect deployment run '{flow.name}/{deployment}'",
         flush=True,
     )
-    # the deployment's parameters are JSON: the settings as a dict, checked again at each run
-    retune.serve(
-        name=a.deployment,
-        schedule=_schedule(cron, interval),
-        parameters={"source": source, "settings": dataclasses.asdict(settings)},
-    )
+    flow.serve(name=deployment, schedule=_schedule(cron, interval), parameters=params)
     return 0
 
 
@@ -278,36 +289,34 @@ def _schedule(cron: str | None, interval: float | None):
     return Interval(every, anchor_date=now - every + datetime.timedelta(seconds=FIRST_RUN_S))
 
 
-def cmd_rewrite_train(a: argparse.Namespace) -> int:
-    from harlflow.core.config import (
-        import_cache_dir,
-        rlflow_agent_path,
-        tuning_db_dir,
-        xrlflow_agent_path,
-    )
-    from tasks.importing import default_name, import_model
-    from tasks.rewrite_methods import make_oracle
-    from tasks.rewrite_training import train_agent
-    from xrlflow import ir
+def _run_job(name: str, *, mlflow: bool = True, **params) -> dict:
+    """Run the training job ``name``'s flow (:mod:`flows.training`) with ``params``, its input
+    already checked: the home and MLflow answer first, then Prefect starts."""
+    from flows import jobs
 
-    if a.iterations < 1 or a.episodes < 1 or a.max_steps < 1:
-        raise BadInputError("--iterations, --episodes and --max-steps must be >= 1")
-    graphs = {}
-    for m in a.models:
-        imported = import_model(m, cache_dir=import_cache_dir(), seed=a.seed)
-        graphs[default_name(m)] = ir.normalize(ir.check(ir.load(imported.onnx_path)))
-    default = rlflow_agent_path() if a.agent == "rlflow" else xrlflow_agent_path()
-    train_agent(
-        graphs,
-        a.agent,
-        make_oracle(a.oracle, a.target, tuning_db_dir() if a.oracle == "tvm" else None),
-        out=Path(a.out) if a.out else default,
-        iterations=a.iterations,
-        episodes=a.episodes,
-        max_steps=a.max_steps,
+    _check_home()
+    if mlflow:
+        _check_mlflow()
+    _start_prefect()
+    flow = jobs.load(name)
+    _quiet_prefect_tracebacks()
+    return flow(**params)
+
+
+def cmd_rewrite_train(a: argparse.Namespace) -> int:
+    """Train a rewrite agent on models (flows.training.rewrite_train)."""
+    from tasks.rewrite_training import check, load_graphs, registered_name
+
+    check(a.agent, iterations=a.iterations, episodes=a.episodes, max_steps=a.max_steps)
+    _check_home()
+    load_graphs(a.models, seed=a.seed)  # a bad model fails here; the flow finds it imported
+    r = _run_job(
+        "rewrite-train", models=a.models, agent=a.agent, oracle=a.oracle, target=a.target,
+        out=a.out, iterations=a.iterations, episodes=a.episodes, max_steps=a.max_steps,
         seed=a.seed,
-        log=lambda s: print(s, flush=True),
-    )
+    )  # fmt: skip
+    print(f"saved {r['path']}; registered {registered_name(a.agent)} version {r['version']} "
+          f"(run {r['run_id']})")  # fmt: skip
     return 0
 
 
@@ -528,21 +537,23 @@ def cmd_dataset_collect(a: argparse.Namespace) -> int:
 
 
 def cmd_dataset_generate(a: argparse.Namespace) -> int:
-    """Measure the workload suite on each target, collected into a dataset (tasks.datasets)."""
+    """Measure the workload suite on each target, collected into a dataset (flows.training)."""
     from tasks import datasets
 
-    summary = datasets.generate(
-        a.out,
-        a.work,
-        a.target or datasets.DEFAULT_TARGETS,
-        units=a.units.split(",") if a.units else None,
-        trials_per_task=a.trials_per_task,
-        warm_up=a.warm_up,
-        seed=a.seed,
-        on_progress=lambda line: print(line, flush=True),
+    units = a.units.split(",") if a.units else None
+    targets = a.target or list(datasets.DEFAULT_TARGETS)
+    datasets.check_generate(
+        targets, units=units, trials_per_task=a.trials_per_task, warm_up=a.warm_up
     )
+    summary = _run_job(
+        "dataset-generate", out=a.out, work=a.work, targets=targets, units=units,
+        trials_per_task=a.trials_per_task, warm_up=a.warm_up, seed=a.seed,
+    )  # fmt: skip
     for key, counts in summary["targets"].items():
-        print(f"{key}: {counts['trials']} trials measured now, {counts['rows']} rows in {a.out}")
+        print(f"{key}: {counts['trials']} trials measured now, {counts['rows']} rows in "
+              f"{summary['path']}")  # fmt: skip
+    print(f"registered {datasets.REGISTERED_NAME} version {summary['version']} "
+          f"(run {summary['run_id']})")  # fmt: skip
     return 0
 
 
@@ -550,16 +561,18 @@ def cmd_cost_model_train(a: argparse.Namespace) -> int:
     """Fine-tune (or train) the learned cost model; save it and register it in MLflow."""
     from tasks import cost_model
 
-    cost_model.train(
-        a.dataset or (),
-        start="scratch" if a.scratch else (a.start or "transfer"),
-        out=a.out,
-        epochs=a.epochs,
-        holdout=a.holdout,
-        seed=a.seed,
-        register=not a.no_register,
-        log=lambda line: print(line, flush=True),
-    )
+    start = "scratch" if a.scratch else (a.start or "transfer")
+    cost_model.check_train(a.dataset or (), start=start, epochs=a.epochs, holdout=a.holdout)
+    r = _run_job(
+        "cost-model-train", mlflow=not a.no_register, datasets=a.dataset, start=start,
+        out=a.out, epochs=a.epochs, holdout=a.holdout, seed=a.seed, to_registry=not a.no_register,
+    )  # fmt: skip
+    if r["after"]:
+        print(f"held-out workloads after: {cost_model.fmt(r['after'])}")
+    if r["version"]:
+        print(f"registered {cost_model.REGISTERED_NAME} version {r['version']} "
+              f"(run {r['run_id']})")  # fmt: skip
+    print(f"saved {r['path']}")
     return 0
 
 
@@ -567,18 +580,20 @@ def cmd_harl_train(a: argparse.Namespace) -> int:
     """Pre-train HARL's parameter-level agent offline against the learned cost model."""
     from tasks import harl_training
 
-    harl_training.train(
-        a.out,
+    options = dict(
         units=a.units.split(",") if a.units else None,
         held_out=None if a.held_out is None else [n for n in a.held_out.split(",") if n],
-        target=a.target,
-        cost_model=a.cost_model,
-        start=a.start,
-        epochs=a.epochs,
+        target=a.target, cost_model=a.cost_model, start=a.start, epochs=a.epochs,
         rounds=a.rounds,
-        seed=a.seed,
-        log=lambda line: print(line, flush=True),
-    )
+    )  # fmt: skip
+    harl_training.check_train(**options)
+    r = _run_job("harl-train", out=a.out, **options, seed=a.seed)
+    for when in ("before", "after"):
+        if r[when] is not None:
+            print(f"held-out tasks, {when}: mean predicted gain per trajectory {r[when]:+.4f}")
+    print(f"saved the agent ({r['updates']} updates) to {r['path']}")
+    print(f"registered {harl_training.REGISTERED_NAME} version {r['version']} "
+          f"(run {r['run_id']})")  # fmt: skip
     return 0
 
 
@@ -727,10 +742,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser(
         "serve",
-        help="register 'retune' with a cron schedule on a Prefect server "
+        help="register 'retune' (or a training job: --job) with a schedule on a Prefect server "
         "(PREFECT_API_URL) and run it when the schedule fires",
     )
-    sv.add_argument("source", help="directory or s3://bucket/prefix of .onnx / .pt2 files")
+    sv.add_argument(
+        "source", nargs="?", help="directory or s3://bucket/prefix of .onnx / .pt2 files (retune)"
+    )
+    sv.add_argument(
+        "--job",
+        choices=list(JOBS),
+        default="retune",
+        help="the flow to schedule (default retune): "
+        + "; ".join(f"{k}: {j.help}" for k, j in JOBS.items()),
+    )
+    sv.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a parameter of a training job's flow, repeatable (VALUE as JSON if it parses, "
+        "e.g. epochs=3, datasets='[\"a.parquet\"]'; else a string)",
+    )
     sv.add_argument("--cron", help=f"schedule (default {CRON_DEFAULT!r}: every night at 03:00)")
     sv.add_argument(
         "--interval",
@@ -738,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the start",
     )
     sv.add_argument(
-        "--deployment", default="harlflow-retune", help="deployment name (default harlflow-retune)"
+        "--deployment", help="deployment name (default harlflow-JOB, e.g. harlflow-retune)"
     )
     _add_run_options(sv)
     sv.set_defaults(func=cmd_serve)
@@ -756,9 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the workload suite (bundled networks, operator shapes) on each target "
         "and collect it; run again to resume",
     )
-    dg.add_argument("--out", required=True, help="dataset file (.parquet), created or merged into")
     dg.add_argument(
-        "--work", required=True, help="directory of the per-target tuning databases (kept)"
+        "--out",
+        help="dataset file (.parquet), created or merged into (default: "
+        "$HARLFLOW_HOME/datasets/suite.parquet)",
+    )
+    dg.add_argument(
+        "--work",
+        help="directory of the per-target tuning databases, kept so that a rerun resumes "
+        "(default: $HARLFLOW_HOME/datasets/work)",
     )
     dg.add_argument(
         "--target",

@@ -360,7 +360,6 @@ def collect(
     return buffer, infos
 
 
-
 # ---------------------------------------------------------------------------------- checkpoints
 CHECKPOINT_VERSION = 1
 """the format :func:`save_checkpoint` writes; files without a header are format 0 (before it)"""

@@ -41,16 +41,42 @@ class TrainResult:
     version: str | None = None
 
 
+def check_train(
+    datasets: Iterable[str | Path] = (),
+    *,
+    start: str = "transfer",
+    epochs: int | None = None,
+    holdout: float = 0.2,
+) -> None:
+    """What :func:`train` would refuse, refused before any work (the CLI calls it before
+    Prefect starts, the flow again when it runs): a ``BadInputError`` naming the value."""
+    from harl.cost_model import dataset
+
+    if not 0 <= holdout < 1:
+        raise BadInputError(f"--holdout must be in [0, 1), got {holdout}")
+    if epochs is not None and epochs < 1:
+        raise BadInputError(f"--epochs must be >= 1, got {epochs}")
+    if start not in ("transfer", "scratch") and not Path(start).is_file():
+        raise BadInputError(f"--from: no cost model file at {start}")
+    for p in map(Path, datasets):
+        if not p.is_file():
+            raise BadInputError(f"dataset not found: {p}")
+        with loading(p, "harlflow dataset"):
+            dataset.schema(p)
+    db = config.tuning_db_dir()
+    if not datasets and not (db / "database_tuning_record.json").is_file():
+        raise BadInputError(
+            f"no tuning records in {db}: run 'harlflow optimize' first, or give --dataset"
+        )
+
+
 def store_records(log: Callable[[str], None] = print) -> Path:
     """The store's tuning database collected into the store's dataset file."""
     from harl.cost_model import dataset
 
+    check_train()
     db = config.tuning_db_dir()
     out = config.cost_model_records()
-    if not (db / "database_tuning_record.json").is_file():
-        raise BadInputError(
-            f"no tuning records in {db}: run 'harlflow optimize' first, or give --dataset"
-        )
     counts = dataset.collect([db], out)
     log(f"collected {db}: {counts['rows']} programs ({counts['new_rows']} new) in {out}")
     return out
@@ -75,15 +101,10 @@ def train(
     from harl.cost_model.online import transfer_model_path
     from harlflow import rl
 
-    if not 0 <= holdout < 1:
-        raise BadInputError(f"--holdout must be in [0, 1), got {holdout}")
-    if epochs is not None and epochs < 1:
-        raise BadInputError(f"--epochs must be >= 1, got {epochs}")
+    check_train(datasets, start=start, epochs=epochs, holdout=holdout)
     paths = [Path(p) for p in datasets] or [store_records(log)]
     rows: list[dict] = []
     for p in paths:
-        if not p.is_file():
-            raise BadInputError(f"dataset not found: {p}")
         with loading(p, "harlflow dataset"):
             rows += dataset.load(p)
     targets = sorted({r["target"] for r in rows})
@@ -105,7 +126,7 @@ def train(
     )
     if test_rows:
         result.before = model.evaluate(test_rows)
-        log(f"held-out workloads before: {_fmt(result.before)}")
+        log(f"held-out workloads before: {fmt(result.before)}")
     t0 = time.monotonic()
     n_epochs = epochs or model.cfg.epochs
 
@@ -116,7 +137,7 @@ def train(
     result.seconds = time.monotonic() - t0
     if test_rows:
         result.after = model.evaluate(test_rows)
-        log(f"held-out workloads after:  {_fmt(result.after)}")
+        log(f"held-out workloads after:  {fmt(result.after)}")
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.pt"
         model.save(staged)
@@ -129,7 +150,8 @@ def train(
     return result
 
 
-def _fmt(m: dict[str, float]) -> str:
+def fmt(m: dict[str, float]) -> str:
+    """Held-out accuracy (:meth:`CostModel.evaluate`'s metrics) in one line."""
     return (
         f"pairwise accuracy {m['pairwise_accuracy']:.3f}, top-1 {m['top1']:.3f}, "
         f"top-5 {m['top5']:.3f} ({m['groups']} groups)"

@@ -194,6 +194,58 @@ def target_slug(target: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-")
 
 
+def check_generate(
+    targets: Iterable[str | dict[str, Any]] = DEFAULT_TARGETS,
+    *,
+    units: Iterable[str] | None = None,
+    trials_per_task: int = 32,
+    warm_up: int = 8,
+) -> list[dict[str, Any]]:
+    """What :func:`generate` would refuse, refused before any work (the CLI calls it before
+    Prefect starts): a ``BadInputError`` naming the value. Returns the targets resolved."""
+    if trials_per_task < 1:
+        raise BadInputError(f"--trials-per-task must be >= 1, got {trials_per_task}")
+    if not 0 <= warm_up <= trials_per_task:
+        raise BadInputError(f"--warm-up must be within 0..{trials_per_task}, got {warm_up}")
+    resolved = [resolve_target(t) for t in targets]
+    if not resolved:
+        raise BadInputError("give at least one --target")
+    suite(units)
+    return resolved
+
+
+REGISTERED_NAME = "harlflow-dataset"
+ARTIFACT_PATH = "dataset"
+
+
+def log_dataset(out: str | Path, summary: dict[str, Any], params: dict[str, Any]) -> str:
+    """One MLflow run for a generation (its settings, what each target measured, the dataset
+    file) with the file registered as a new version of :data:`REGISTERED_NAME`; the version.
+    Sets ``summary["run_id"]``."""
+    from tasks import tracking
+
+    c = tracking.client()
+    with tracking.run(c, "dataset-generate", tags={"harlflow.kind": "dataset"}) as run_id:
+        tracking.log_params(c, run_id, params)
+        per_target = list(summary["targets"].values())
+        for step, counts in enumerate(per_target):  # one step per target, in order
+            metrics = {"dataset/trials": counts["trials"], "dataset/rows": counts["rows"]}
+            tracking.log_metrics(c, run_id, metrics, step=step)
+        rows = per_target[-1]["rows"] if per_target else 0  # the file after the last target
+        trials = sum(t["trials"] for t in per_target)
+        tracking.log_metrics(c, run_id, {"dataset/trials_now": trials, "dataset/rows_now": rows})
+        c.log_dict(run_id, summary, "generation.json")
+        c.log_artifact(run_id, str(out), ARTIFACT_PATH)
+        version = tracking.register_version(
+            c, REGISTERED_NAME, run_id, ARTIFACT_PATH,
+            description="Measured programs of the workload suite: the learned cost model's data "
+            "(harlflow dataset generate).",
+            tags={"rows": str(rows), "targets": ",".join(summary["targets"])},
+        )  # fmt: skip
+    summary["run_id"] = run_id
+    return version
+
+
 def generate(
     out: str | Path,
     work: str | Path,
@@ -214,14 +266,9 @@ def generate(
     from harl import compilation, tuning
     from harl.cost_model import dataset
 
-    if trials_per_task < 1:
-        raise BadInputError(f"--trials-per-task must be >= 1, got {trials_per_task}")
-    if not 0 <= warm_up <= trials_per_task:
-        raise BadInputError(f"--warm-up must be within 0..{trials_per_task}, got {warm_up}")
-    resolved = [resolve_target(t) for t in targets]
+    resolved = check_generate(targets, units=units, trials_per_task=trials_per_task,
+                              warm_up=warm_up)  # fmt: skip
     chosen = suite(units)
-    if not resolved:
-        raise BadInputError("give at least one --target")
     say = on_progress or (lambda line: None)
     work = Path(work)
     (work / "onnx").mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,39 @@ def _tasks(names: Iterable[str] | None, target: dict[str, Any], work: Path, seen
     return out
 
 
+def check_train(
+    *,
+    units: Iterable[str] | None = None,
+    held_out: Iterable[str] | None = None,
+    target: str | dict[str, Any] | None = None,
+    cost_model: str = "transfer",
+    start: str | Path | None = None,
+    epochs: int = 2,
+    rounds: int = 6,
+) -> None:
+    """What :func:`train` would refuse, refused before any work (the CLI calls it before
+    Prefect starts): a ``BadInputError`` naming the value. A ``start`` agent is loaded."""
+    from harl.agent import EditAgent
+    from tasks.datasets import HELD_OUT_NETWORKS, suite
+
+    held_out = HELD_OUT_NETWORKS if held_out is None else list(held_out)
+    for names in (units, held_out):
+        suite(names)  # unknown names fail here, before any import or extraction
+    if units is not None and set(units) <= set(held_out):
+        raise BadInputError("no tasks to train on: every unit is in the held-out set")
+    if epochs < 1 or rounds < 1:
+        raise BadInputError(f"--epochs and --rounds must be >= 1, got {epochs} and {rounds}")
+    if cost_model == "xgb":
+        raise BadInputError("harl-train needs a learned cost model: 'transfer' or a model file")
+    if cost_model != "transfer" and not Path(cost_model).is_file():
+        raise BadInputError(f"--cost-model: no cost model file at {cost_model}")
+    if start is not None:
+        if not Path(start).is_file():
+            raise BadInputError(f"--from: no agent file at {start}")
+        EditAgent.load(start)  # a corrupt or foreign file: one line naming it
+    resolve_target(target)
+
+
 def train(
     out: str | Path | None = None,
     *,
@@ -65,17 +98,13 @@ def train(
     from harl.agent import EditAgent
     from harl.pretraining import imagine
     from harlflow import rl
-    from tasks.datasets import HELD_OUT_NETWORKS, suite
+    from tasks.datasets import HELD_OUT_NETWORKS
 
     held_out = HELD_OUT_NETWORKS if held_out is None else held_out
-    for names in (units, held_out):
-        suite(names)  # unknown names fail here, before any import or extraction
-    if epochs < 1 or rounds < 1:
-        raise BadInputError(f"--epochs and --rounds must be >= 1, got {epochs} and {rounds}")
-    if cost_model == "xgb":
-        raise BadInputError("harl-train needs a learned cost model: 'transfer' or a model file")
-    if start is not None and not Path(start).is_file():
-        raise BadInputError(f"--from: no agent file at {start}")
+    check_train(
+        units=units, held_out=held_out, cost_model=cost_model, start=start, epochs=epochs,
+        rounds=rounds,
+    )  # fmt: skip
     target = resolve_target(target)
     out = Path(out) if out else config.harl_agent_path()
     t0 = time.monotonic()

@@ -4,7 +4,8 @@ with its learning curve, its world model's losses (RLFlow) and the saved file in
 One MLflow run, ``rewrite-train``, tagged ``harlflow.kind=rewrite-agent``: the settings as
 params, one step per iteration of ``charts/...`` (returns, real-environment steps),
 ``losses/...`` (PPO) and ``world/...`` (the world model, fitted and held-out), and the agent
-file as an artifact. The agent file is written only after the run has logged everything.
+file as an artifact, registered as a version of ``xrlflow-agent`` or ``rlflow-agent``. The
+agent file is written only after the run has logged and registered everything.
 """
 
 from __future__ import annotations
@@ -19,6 +20,37 @@ from harlflow.core.files import replacing
 from tasks import tracking
 
 AGENTS = ("xrlflow", "rlflow")
+ARTIFACT_PATH = "agent"
+
+
+def registered_name(agent_kind: str) -> str:
+    """The registered model whose versions are the ``agent_kind`` agents trained here."""
+    return f"{agent_kind}-agent"
+
+
+def check(agent_kind: str, *, iterations: int, episodes: int, max_steps: int) -> None:
+    """What :func:`train_agent` would refuse, refused before any work (the CLI calls it before
+    Prefect starts): a ``BadInputError`` naming the value."""
+    if agent_kind not in AGENTS:
+        raise BadInputError(f"unknown agent {agent_kind!r}: choose one of {', '.join(AGENTS)}")
+    if iterations < 1 or episodes < 1 or max_steps < 1:
+        raise BadInputError("--iterations, --episodes and --max-steps must be >= 1")
+
+
+def load_graphs(models: list[str], *, seed: int = 0) -> dict:
+    """The models to train on (as ``optimize`` takes them), imported under the home and
+    normalised: name → graph."""
+    from harlflow.core.config import import_cache_dir
+    from tasks.importing import default_name, import_model
+    from xrlflow import ir
+
+    if not models:
+        raise BadInputError("rewrite-train needs at least one model")
+    graphs = {}
+    for m in models:
+        imported = import_model(m, cache_dir=import_cache_dir(), seed=seed)
+        graphs[default_name(m)] = ir.normalize(ir.check(ir.load(imported.onnx_path)))
+    return graphs
 
 
 def train_agent(
@@ -32,16 +64,13 @@ def train_agent(
     max_steps: int,
     seed: int = 0,
     log: Callable[[str], None] = print,
-) -> list[dict]:
+) -> dict:
     """Train ``agent_kind`` on ``graphs`` (name → normalised graph) judged by ``oracle``, log
     the run to MLflow and save the agent to ``out``; returns the learning curve."""
     from harlflow import rl
     from xrlflow.env import RewriteEnv
 
-    if agent_kind not in AGENTS:
-        raise BadInputError(f"unknown agent {agent_kind!r}; choose one of {', '.join(AGENTS)}")
-    if iterations < 1 or episodes < 1 or max_steps < 1:
-        raise BadInputError("--iterations, --episodes and --max-steps must be >= 1")
+    check(agent_kind, iterations=iterations, episodes=episodes, max_steps=max_steps)
     rl.setup(seed)
     env = RewriteEnv(graphs, oracle, max_steps=max_steps)
     curve: list[dict] = []
@@ -98,10 +127,15 @@ def train_agent(
             staged = Path(tmp) / Path(out).name
             agent.save(staged)
             try:
-                c.log_artifact(run_id, str(staged), "agent")
+                c.log_artifact(run_id, str(staged), ARTIFACT_PATH)
             except Exception as e:  # the agent file is not written: one line, no partial state
                 raise StoreError(f"logging the agent to MLflow failed: {first_line(e)}") from None
+            version = tracking.register_version(
+                c, registered_name(agent_kind), run_id, ARTIFACT_PATH,
+                description=f"harlflow's {agent_kind} rewrite agent (harlflow rewrite-train).",
+                tags={"oracle": oracle.name, "models": ",".join(sorted(graphs))},
+            )  # fmt: skip
             with replacing(out) as partial:
                 shutil.copyfile(staged, partial)
-    log(f"saved {out} (MLflow run {run_id})")
-    return curve
+    log(f"saved {out}; registered {registered_name(agent_kind)} version {version} (run {run_id})")
+    return {"path": str(out), "run_id": run_id, "version": version, "curve": curve}

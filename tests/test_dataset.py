@@ -15,13 +15,26 @@ import pytest
 from services import BIN, embedded_env, harlflow, kill_tree
 
 from harlflow.core.targets import target_key
+from tasks.datasets import target_slug
 
-TARGET = '{"kind": "llvm", "mcpu": "znver5", "num-cores": 1}'
+
+def _host_target() -> str:
+    """This host's CPU on one core: code for another CPU (znver5's AVX-512 on a znver3 host)
+    kills the measuring worker, and every trial would fail."""
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return json.dumps({"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": 1})
+
+
+TARGET = _host_target()
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    return embedded_env(tmp_path_factory.mktemp("dataset-home"))
+def env(prefect_api, tmp_path_factory) -> dict:
+    """The embedded stores of a fresh home; the flows run on the session's Prefect server (each
+    command on a temporary one would start it: ~9 s, tests/test_signals.py covers that)."""
+    home = tmp_path_factory.mktemp("dataset-home")
+    return {**embedded_env(home), "PREFECT_API_URL": prefect_api}
 
 
 def _lines(path: Path) -> list[str]:
@@ -39,7 +52,7 @@ def generated(env, tmp_path_factory) -> dict:
     cmd = [str(BIN / "harlflow"), "dataset", "generate", "--out", str(out), "--work", str(work),
            "--units", "tiny_mlp", "--trials-per-task", "6", "--warm-up", "2",
            "--target", TARGET]  # fmt: skip
-    records = work / "kind-llvm-mcpu-znver5-num-cores-1" / "database_tuning_record.json"
+    records = work / target_slug(json.loads(TARGET)) / "database_tuning_record.json"
     with open(tmp / "killed.log", "wb") as log:
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
         try:
@@ -121,3 +134,39 @@ def test_cost_model_train_on_the_store_registers_it_and_transfer_uses_it(env, ge
     r = harlflow(env, "cost-model", "train", "--dataset", str(bad))
     assert r.returncode != 0 and "is not a harlflow dataset" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_serve_schedules_the_nightly_cost_model_refresh(env, generated, tmp_path):
+    """`harlflow serve --job cost-model-train` puts the training flow on the Prefect server with
+    a nightly schedule; a run of the deployment (triggered by hand, as the schedule would) trains
+    on its parameters' dataset, writes the model and registers it in MLflow as a version of its
+    own run."""
+    out = tmp_path / "nightly.pt"
+    cmd = [str(BIN / "harlflow"), "serve", "--job", "cost-model-train", "--cron", "0 2 * * *",
+           "--deployment", "nightly", "--param", f"datasets={json.dumps([str(generated['out'])])}",
+           "--param", "epochs=1", "--param", "holdout=0", "--param", f"out={out}"]  # fmt: skip
+    serve_env = {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as f:
+        serve = subprocess.Popen(cmd, env=serve_env, stdout=f, stderr=f, start_new_session=True)
+    try:
+        run = [str(BIN / "prefect"), "deployment", "run", "cost-model-train/nightly", "--watch"]
+        deadline = time.monotonic() + 240
+        while True:  # until the deployment is registered and its run has finished
+            r = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+            if r.returncode == 0 or "not found" not in (r.stdout + r.stderr).lower():
+                break
+            assert time.monotonic() < deadline and serve.poll() is None, log.read_text()[-3000:]
+            time.sleep(2)
+        assert r.returncode == 0, r.stdout[-2000:] + log.read_text()[-3000:]
+    finally:
+        kill_tree(serve.pid)
+    assert out.is_file()
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{Path(env['HARLFLOW_HOME']) / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("harlflow")
+    (ran,) = c.search_runs([exp.experiment_id], "params.epochs = '1'")
+    assert ran.info.run_name == "cost-model-train" and ran.info.status == "FINISHED"
+    versions = c.search_model_versions("name='harlflow-cost-model'")
+    assert ran.info.run_id in {v.run_id for v in versions}

@@ -406,8 +406,9 @@ def test_rlflow_rewrite_stage_in_the_flow(first_run, tmp_path, capsys):
 
 
 def test_rewrite_train_rlflow_logs_its_run(first_run, tmp_path, capsys):
-    """rewrite-train --agent rlflow: the curve, the world model's losses and the agent file go
-    to one MLflow run; the file loads; a bad option is one line."""
+    """rewrite-train --agent rlflow (a Prefect flow): the curve, the world model's losses and
+    the agent file go to one MLflow run, the file is registered as a version of rlflow-agent
+    and loads; a bad option is one line."""
     from xrlflow.rlflow import RLFlowAgent
 
     model = _redundant_model(tmp_path / "train.onnx")
@@ -423,6 +424,8 @@ def test_rewrite_train_rlflow_logs_its_run(first_run, tmp_path, capsys):
     assert len(c.get_metric_history(run.info.run_id, "charts/imagined_return")) == 2
     assert c.get_metric_history(run.info.run_id, "world/latent_nll_fit")
     assert [f.path for f in c.list_artifacts(run.info.run_id, "agent")] == ["agent/agent.pt"]
+    (version,) = c.search_model_versions("name = 'rlflow-agent'")
+    assert version.run_id == run.info.run_id  # the file registered as a model version
     assert main([*args, "--iterations", "0"]) == 2
     assert "--iterations" in capsys.readouterr().err
 

@@ -115,6 +115,8 @@ def _retune_runs(c) -> list:
         (["--interval", "6x"], "invalid --interval '6x': expected a number with s, m or h"),
         (["--cron", "every night"], "invalid --cron 'every night'"),
         (["--cron", "0 3 * * *", "--interval", "6h"], "either --cron or --interval, not both"),
+        (["--job", "cost-model-train"], "takes --param KEY=VALUE, not a SOURCE"),
+        (["--param", "epochs=2"], "--param is for a training job's flow"),
     ],
 )
 def test_serve_refuses_a_bad_schedule_before_contacting_anything(args, message, tmp_path, capsys):

@@ -65,8 +65,8 @@ def test_imagined_rounds_teach_edits_that_help_an_unseen_task(two_matmuls):
 
 
 @pytest.mark.slow
-def test_harl_train_end_to_end(tmp_path):
-    env = embedded_env(tmp_path / "home")
+def test_harl_train_end_to_end(tmp_path, prefect_api):
+    env = {**embedded_env(tmp_path / "home"), "PREFECT_API_URL": prefect_api}
     out = tmp_path / "agent.pt"
     cmd = [str(BIN / "harlflow"), "harl-train", "--units", "small_cnn", "--held-out", "tiny_mlp",
            "--epochs", "1", "--rounds", "2", "--out", str(out)]  # fmt: skip

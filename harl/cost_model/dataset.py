@@ -145,6 +145,18 @@ def collect(
     return {"records": seen, "rows": len(rows), "new_rows": len(rows) - before}
 
 
+def schema(path: str | Path):
+    """The file's parquet schema, read without its rows (a quick check before a long job);
+    ``ValueError`` when it lacks a dataset's columns."""
+    import pyarrow.parquet as pq
+
+    found = pq.read_schema(path)
+    missing = [n for n in _schema().names if n not in found.names]
+    if missing:
+        raise ValueError(f"it has no {', '.join(missing)} column")
+    return found
+
+
 def load(path: str | Path) -> list[dict]:
     """The rows of a dataset file, each with ``features`` as an ``(n_stores, 164)`` array."""
     import pyarrow.parquet as pq

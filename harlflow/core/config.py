@@ -47,6 +47,16 @@ def cost_model_records() -> Path:
     return home() / "cost_model" / "records.parquet"
 
 
+def dataset_path() -> Path:
+    """Where ``harlflow dataset generate`` collects the workload suite's measured programs."""
+    return home() / "datasets" / "suite.parquet"
+
+
+def dataset_work_dir() -> Path:
+    """``harlflow dataset generate``'s per-target tuning databases (kept: a rerun resumes)."""
+    return home() / "datasets" / "work"
+
+
 def xrlflow_agent_path() -> Path:
     """The X-RLflow agent used by ``--rewrite xrlflow`` (``harlflow rewrite-train`` writes it)."""
     return home() / "xrlflow" / "agent.pt"
