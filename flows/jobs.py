@@ -58,10 +58,10 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def bind(flow, name: str, params: dict[str, Any]) -> dict[str, Any]:
+def bind(flow, name: str, params: dict[str, Any]) -> None:
     """``params`` checked against the flow's signature: an unknown name or a missing required
-    one is a ``BadInputError`` naming it. Returns them as given (the flow checks the values
-    when it runs, as its command does)."""
+    one is a ``BadInputError`` naming it (the flow checks the values when it runs, as its
+    command does)."""
     signature = inspect.signature(flow.fn)
     unknown = [k for k in params if k not in signature.parameters]
     if unknown:
@@ -74,4 +74,3 @@ def bind(flow, name: str, params: dict[str, Any]) -> dict[str, Any]:
     ]
     if missing:
         raise BadInputError(f"job {name} needs --param {missing[0]}=...")
-    return params

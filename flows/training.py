@@ -7,8 +7,9 @@
 - ``harl-train``: pre-train HARL's parameter-level agent in imagination;
 - ``rewrite-train``: train a rewrite agent (X-RLflow or RLFlow) on a set of models.
 
-Each flow checks its parameters first (the check its command runs before Prefect starts), runs
-its stages as Prefect tasks (:mod:`tasks.stages`) and makes one MLflow run, with the file it
+Each flow runs its stages as Prefect tasks (:mod:`tasks.stages`); each stage checks its
+parameters before any work (the check its command runs before Prefect starts). A flow makes one
+MLflow run, with the file it
 produced registered as a new version of a registered model (``harlflow-dataset``,
 ``harlflow-cost-model``, ``harl-agent``, ``xrlflow-agent`` / ``rlflow-agent``). Parameters are
 plain JSON values, so that a deployment can hold them; paths left out default to the home's.
@@ -24,7 +25,7 @@ from prefect import flow, get_run_logger
 
 from harlflow.core import config
 from harlflow.core.targets import target_key
-from tasks import cost_model, harl_training, rewrite_training
+from tasks import cost_model, rewrite_training
 from tasks.datasets import DEFAULT_TARGETS, REGISTERED_NAME, check_generate
 from tasks.stages import (
     cost_model_task,
@@ -91,6 +92,7 @@ def cost_model_train(
     (default: the team's model, which ``--cost-model transfer`` then uses) and, with
     ``to_registry``, logged and registered in MLflow."""
     log = get_run_logger().info
+    # checked here, not only by the training stage: the store's records are collected before it
     cost_model.check_train(datasets or (), start=start, epochs=epochs, holdout=holdout)
     files = datasets or [str(store_records_task(log=log))]
     result = cost_model_task(
@@ -115,10 +117,10 @@ def harl_train(
     """Pre-train HARL's agent on the suite's ``units`` against ``cost_model``, scored on
     ``held_out`` networks before and after; saved to ``out`` (default: where HARL runs start
     from) and registered."""
-    options = dict(units=units, held_out=held_out, target=target, cost_model=cost_model,
-                   start=start, epochs=epochs, rounds=rounds)  # fmt: skip
-    harl_training.check_train(**options)
-    return harl_agent_task(out, **options, seed=seed, log=get_run_logger().info)
+    return harl_agent_task(
+        out, units=units, held_out=held_out, target=target, cost_model=cost_model, start=start,
+        epochs=epochs, rounds=rounds, seed=seed, log=get_run_logger().info,
+    )  # fmt: skip
 
 
 @flow(name="rewrite-train")
@@ -138,6 +140,7 @@ def rewrite_train(
     registered."""
     from tasks.rewrite_methods import make_oracle
 
+    # checked here, not only by the training stage: the models are imported before it
     rewrite_training.check(agent, iterations=iterations, episodes=episodes, max_steps=max_steps)
     graphs = load_graphs_task(models, seed=seed)
     judge = make_oracle(oracle, target, config.tuning_db_dir() if oracle == "tvm" else None)

@@ -49,7 +49,8 @@ def check_train(
     holdout: float = 0.2,
 ) -> None:
     """What :func:`train` would refuse, refused before any work (the CLI calls it before
-    Prefect starts, the flow again when it runs): a ``BadInputError`` naming the value."""
+    Prefect starts, the flow before collecting the store's records, :func:`train` when it
+    runs): a ``BadInputError`` naming the value."""
     from harl.cost_model import dataset
 
     if not 0 <= holdout < 1:
