@@ -16,7 +16,7 @@ from harlflow.core.config import (
     home,
     rewrite_dir,
     rlflow_agent_path,
-    tuning_db_dir,
+    tuning_db,
     validate_name,
     xrlflow_agent_path,
 )
@@ -86,7 +86,7 @@ def optimize(
                 rlflow_agent_path=rlflow_agent_path(),
                 oracle=s.rewrite_oracle,
                 target=s.target,
-                database_dir=tuning_db_dir(),
+                database_dir=tuning_db(),
                 seed=s.seed,
                 time_budget_s=clock.rewrite_s(),
                 log=logger.info,
@@ -102,7 +102,7 @@ def optimize(
             tuned = tune_task(
                 rewritten.model,
                 s.target,
-                database_dir=tuning_db_dir(),
+                database_dir=tuning_db(),
                 spec=spec,
                 rpc=s.rpc,
                 log=logger.info,
@@ -113,7 +113,7 @@ def optimize(
             artifact = package_task(
                 rewritten.model,
                 s.target,
-                database_dir=tuning_db_dir(),
+                database_dir=tuning_db(),
                 home=home(),
                 tune_summary=tuned.summary(),
                 seed=s.seed,

@@ -143,7 +143,7 @@ def rewrite_train(
     # checked here, not only by the training stage: the models are imported before it
     rewrite_training.check(agent, iterations=iterations, episodes=episodes, max_steps=max_steps)
     graphs = load_graphs_task(models, seed=seed)
-    judge = make_oracle(oracle, target, config.tuning_db_dir() if oracle == "tvm" else None)
+    judge = make_oracle(oracle, target, config.tuning_db() if oracle == "tvm" else None)
     default = config.rlflow_agent_path() if agent == "rlflow" else config.xrlflow_agent_path()
     return rewrite_agent_task(
         graphs, agent, judge, out=out or str(default), iterations=iterations, episodes=episodes,

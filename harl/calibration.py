@@ -129,8 +129,10 @@ def _bracket(axis: list, x: float) -> list[tuple[Any, float]]:
 
 
 def profile_path(store: str | Path, target: dict[str, Any]) -> Path:
+    from harl.database import local_dir  # a SQL store's profiles live on each machine
+
     digest = hashlib.sha256(target_key(target).encode()).hexdigest()[:12]
-    return Path(store) / f"target-profile-{digest}.json"
+    return local_dir(store) / f"target-profile-{digest}.json"
 
 
 def load_or_measure(store: str | Path, target: dict[str, Any],

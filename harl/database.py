@@ -1,5 +1,10 @@
-"""The tuning database: MetaSchedule's JSON records, shared by every run on a home, and the
-queries on it (a workload's records on one target, the best of them, how many there are).
+"""The tuning database, and the queries on it (a workload's records on one target, the best of
+them, how many there are).
+
+A store is a *location*: a directory holds MetaSchedule's JSON files (the embedded default,
+shared by every run on a home), a database URL (``postgresql://…``, ``sqlite:///…``) a SQL store
+that a whole team shares (:mod:`harl.sql_database`). :func:`open_database` opens either as a
+MetaSchedule database; nothing else here cares which.
 
 MetaSchedule appends one line per trial; a trial whose build or run failed is recorded with
 ``run_secs`` 1e10, which :data:`FAILED_RUN_SECS` separates from real measurements.
@@ -7,10 +12,12 @@ MetaSchedule appends one line per trial; a trial whose build or run failed is re
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
+from harlflow.core.config import machine_cache_dir
 from harlflow.core.locks import file_lock
 from harlflow.core.targets import target_key
 
@@ -20,13 +27,19 @@ FAILED_RUN_SECS = 1e9  # MetaSchedule records failed builds/runs with run_secs 1
 
 
 def open_database(database_dir: str | Path):
-    """The shared JSON tuning database (created if missing).
+    """The tuning store at this location (created if missing): a directory's JSON files, or
+    the SQL store of a database URL.
 
-    A record line cut short by a killed process is dropped first (MetaSchedule would refuse to
-    load the file); callers that share the directory with other processes hold :func:`locked`.
+    In a JSON store, a record line cut short by a killed process is dropped first
+    (MetaSchedule would refuse to load the file); callers that share the directory with other
+    processes hold :func:`locked`. A SQL store needs no such care: its writes are transactions.
     """
     from tvm.s_tir import meta_schedule as ms
 
+    from harl.sql_database import SQLDatabase, is_url
+
+    if is_url(database_dir):
+        return SQLDatabase(str(database_dir))
     Path(database_dir).mkdir(parents=True, exist_ok=True)
     for name in ("database_workload.json", "database_tuning_record.json"):
         _drop_partial_line(Path(database_dir) / name)
@@ -50,13 +63,44 @@ def _drop_partial_line(path: Path) -> None:
     )
 
 
-def locked(database_dir: str | Path):
-    """Exclusive use of a tuning database directory across processes, as a context manager.
+def has_records(database_dir: str | Path) -> bool:
+    """Whether a store exists there to read: a SQL store's URL, or a JSON store's directory
+    with its record file."""
+    from harl.sql_database import is_url
 
-    Two runs on one store take turns: one measuring at a time also keeps their timings honest
-    on a shared machine.
+    return is_url(database_dir) or (Path(database_dir) / "database_tuning_record.json").is_file()
+
+
+def describe(database_dir: str | Path) -> str:
+    """The store's location for messages (a URL's password masked)."""
+    from harl.sql_database import is_url, safe_url
+
+    return safe_url(str(database_dir)) if is_url(database_dir) else str(database_dir)
+
+
+def local_dir(database_dir: str | Path) -> Path:
+    """This machine's directory for a store: its lock and the journals of runs in progress.
+    A JSON store's own directory; for a SQL store, one under the machine's cache, named by the
+    store's URL (a run resumes on the machine it was interrupted on; on another machine the
+    records it measured are in the store all the same)."""
+    from harl.sql_database import is_url, safe_url
+
+    if not is_url(database_dir):
+        return Path(database_dir)
+    digest = hashlib.sha256(safe_url(str(database_dir)).encode()).hexdigest()[:16]
+    return machine_cache_dir() / "stores" / digest
+
+
+def locked(database_dir: str | Path):
+    """Exclusive use of a tuning store on this machine, as a context manager.
+
+    Two runs on one machine take turns: one measuring at a time keeps their timings honest on a
+    shared machine, and a JSON store's files are never read while another run writes them.
+    Runs on other machines sharing a SQL store do not wait for each other.
     """
-    return file_lock(Path(database_dir) / ".lock", f"the tuning database {database_dir}")
+    d = local_dir(database_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    return file_lock(d / ".lock", f"the tuning database {describe(database_dir)}")
 
 
 def mean_run_secs(run_secs) -> float:
@@ -72,6 +116,8 @@ def is_valid(record) -> bool:
 
 def records_on_target(db, mod, target: dict[str, Any]) -> list:
     """Every record of a workload on this target, fastest first (failed trials last)."""
+    if hasattr(db, "top_k_on_target"):  # a SQL store filters by target in its index
+        return db.top_k_on_target(mod, target, 1_000_000)
     if not db.has_workload(mod):
         return []
     key = target_key(target)

@@ -27,7 +27,14 @@ from harl.budget import Allowance, Deadline
 from harl.builders import default_builder
 from harl.compilation import extract_tasks, task_flop
 from harl.cost_model.online import create_cost_model
-from harl.database import best_records, count_records, locked, mean_run_secs, open_database
+from harl.database import (
+    best_records,
+    count_records,
+    local_dir,
+    locked,
+    mean_run_secs,
+    open_database,
+)
 from harl.journal import RunJournal
 from harl.spec import TuningSpec
 from harl.strategies import Strategy, create_strategy
@@ -319,7 +326,7 @@ def _tune(
         return result
     db = open_database(database_dir)
     journal = RunJournal(
-        database_dir,
+        local_dir(database_dir),
         tasks,
         target,
         strategy=strategy.name,

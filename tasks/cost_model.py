@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harl import database
 from harlflow.core import config
 from harlflow.core.errors import BadInputError, StoreError, loading
 from harlflow.core.files import replacing
@@ -64,8 +65,8 @@ def check_train(
             raise BadInputError(f"dataset not found: {p}")
         with loading(p, "harlflow dataset"):
             dataset.schema(p)
-    db = config.tuning_db_dir()
-    if not datasets and not (db / "database_tuning_record.json").is_file():
+    db = config.tuning_db()
+    if not datasets and not database.has_records(db):
         raise BadInputError(
             f"no tuning records in {db}: run 'harlflow optimize' first, or give --dataset"
         )
@@ -76,10 +77,13 @@ def store_records(log: Callable[[str], None] = print) -> Path:
     from harl.cost_model import dataset
 
     check_train()
-    db = config.tuning_db_dir()
+    db = config.tuning_db()
     out = config.cost_model_records()
     counts = dataset.collect([db], out)
-    log(f"collected {db}: {counts['rows']} programs ({counts['new_rows']} new) in {out}")
+    log(
+        f"collected {database.describe(db)}: {counts['rows']} programs "
+        f"({counts['new_rows']} new) in {out}"
+    )
     return out
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harl.database import FAILED_RUN_SECS, mean_run_secs, open_database
+from harl.database import FAILED_RUN_SECS, has_records, mean_run_secs, open_database
 from harlflow.core.errors import BadInputError, StoreError, first_line
 from harlflow.core.targets import target_key
 
@@ -63,7 +63,7 @@ def database_rows(database_dir: str | Path) -> Iterable[dict]:
     from tvm.s_tir.analysis import estimate_tir_flops
     from tvm_ffi import structural_hash
 
-    if not (Path(database_dir) / "database_tuning_record.json").is_file():
+    if not has_records(database_dir):
         raise BadInputError(
             f"{database_dir} is not a tuning database (no database_tuning_record.json)"
         )

@@ -17,8 +17,15 @@ def home() -> Path:
 
 
 def tuning_db_dir() -> Path:
-    """The shared MetaSchedule database every run on this home reuses."""
+    """The home's own MetaSchedule database (JSON files), every run on this home reuses."""
     return home() / "tuning_db"
+
+
+def tuning_db() -> str | Path:
+    """The tuning store runs read and write: ``$HARLFLOW_TUNING_DB`` (a database URL a team
+    shares: ``postgresql://user:pw@host/db``, or ``sqlite:///path``), else the home's JSON
+    database (:func:`tuning_db_dir`)."""
+    return os.environ.get("HARLFLOW_TUNING_DB") or tuning_db_dir()
 
 
 def machine_cache_dir() -> Path:
