@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from flows.budget import COMPILE_S_PER_TASK, RunClock
 from flows.settings import RunSettings
@@ -30,6 +31,9 @@ from tasks.rewriting import log_rewrite
 from tasks.stages import import_task, package_task, publish_task, rewrite_task, tune_task
 from tasks.tuning import log_tuning
 
+FLOW_RUN_TAG = "harlflow.flow_run_id"
+"""the optimize run's Prefect flow run, on its MLflow parent run: a pool's retune finds it"""
+
 
 @flow(name="optimize")
 def optimize(
@@ -45,7 +49,8 @@ def optimize(
     clock = RunClock(s.time_budget_s)  # --time-budget bounds import to package
     name = validate_name(name or default_name(model))
     c = tracking.client()
-    with tracking.run(c, f"optimize {name}", tags={"model": name}) as parent:
+    tags = {"model": name, FLOW_RUN_TAG: str(flow_run.id or "")}
+    with tracking.run(c, f"optimize {name}", tags=tags) as parent:
         tracking.log_params(
             c,
             parent,
@@ -148,4 +153,5 @@ def optimize(
             ", ".join(f"{k} {v:.0f} s" for k, v in clock.seconds.items()),
         )
         c.set_tag(parent, "artifact", artifact.directory)
+        c.log_dict(parent, summary, "summary.json")  # what a pool's retune reads back
         return summary

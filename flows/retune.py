@@ -6,6 +6,10 @@ What was last optimised is read from the MLflow registry (each published version
 unchanged model and survives restarts of whatever schedules it. Tuning records are shared through
 the home's tuning database: a changed model with the same operators is compiled from it without
 new measurements. ``harlflow serve`` registers this flow with a cron schedule on a Prefect server.
+
+With a ``pool`` (:mod:`flows.pool`), the changed models are optimised at once by that work
+pool's workers, one ``optimize`` flow run each, and the retune waits for them all; its summary
+and MLflow run list every model's decision, flow run and MLflow run the same way.
 """
 
 import json
@@ -13,7 +17,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.optimize import optimize
+from flows.optimize import FLOW_RUN_TAG, optimize
 from flows.settings import RunSettings
 from harlflow.core import config
 from harlflow.core.errors import HarlflowError
@@ -22,11 +26,15 @@ from tasks.sources import last_optimised, list_models
 
 
 @flow(name="retune")
-def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
-    """Optimise the changed models of ``source`` (directory or ``s3://`` prefix); returns, per
-    model, ``{"decision": "skipped" | "optimised" | "failed", ...}``."""
+def retune(
+    source: str, settings: RunSettings | None = None, pool: str | None = None
+) -> dict[str, Any]:
+    """Optimise the changed models of ``source`` (directory or ``s3://`` prefix), here one after
+    another or, with ``pool``, at once on that Prefect work pool's workers; returns, per model,
+    ``{"decision": "skipped" | "optimised" | "failed", ...}``."""
     logger = get_run_logger()
-    s = (settings or RunSettings()).checked()
+    given = settings or RunSettings()
+    s = given.checked()
     c = tracking.client()
     decisions: dict[str, dict[str, Any]] = {}
     with tracking.run(c, f"retune {source}", tags={"harlflow.flow": "retune"}) as run_id:
@@ -44,10 +52,12 @@ def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
                 "promote": s.promote,
                 "seed": s.seed,
                 "rpc": s.rpc,
+                "pool": pool,
             },
         )
         models = list_models(source, config.sources_cache_dir())
         logger.info("retune %s: %d models", source, len(models))
+        changed = []
         for m in models:
             last = last_optimised(c, m.name, s.target)
             entry: dict[str, Any] = {"origin": m.origin, "sha256": m.sha256}
@@ -62,6 +72,10 @@ def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
             else:
                 why = "new" if last is None else f"changed since v{last['version']}"
                 logger.info("%s: %s (sha256 %s…): optimising", m.name, why, m.sha256[:12])
+                if pool is not None:
+                    changed.append(m)
+                    decisions[m.name] = entry
+                    continue
                 try:
                     r = optimize(model=m.path, settings=s, name=m.name)
                     entry.update(
@@ -76,6 +90,10 @@ def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
                     logger.error("%s: failed: %s", m.name, e)
             decisions[m.name] = entry
             c.set_tag(run_id, f"decision.{m.name}", entry["decision"])
+        if changed:
+            _fan_out(c, pool, changed, given, decisions, logger)
+            for m in changed:
+                c.set_tag(run_id, f"decision.{m.name}", decisions[m.name]["decision"])
         counts = {
             d: sum(e["decision"] == d for e in decisions.values())
             for d in ("optimised", "skipped", "failed")
@@ -99,3 +117,28 @@ def retune(source: str, settings: RunSettings | None = None) -> dict[str, Any]:
                 + "; ".join(f"{k}: {e['error']}" for k, e in failed.items())
             )
     return decisions
+
+
+def _fan_out(c, pool: str, models: list, settings: RunSettings, decisions: dict, logger) -> None:
+    """Optimise ``models`` as flow runs on the work pool, wait for them, and fill in each one's
+    decision from its flow run's final state and its MLflow run's summary."""
+    from flows import pool as pools
+
+    runs = pools.submit(pool, models, settings, logger.info)
+    states = pools.wait(runs, logger.info)
+    for m in models:
+        entry, state = decisions[m.name], states[m.name]
+        entry["flow_run_id"] = str(runs[m.name])
+        found = tracking.find_run(c, FLOW_RUN_TAG, str(runs[m.name]))
+        if found is not None:
+            entry["mlflow_run_id"] = found
+        if state.is_completed() and found is not None:
+            r = tracking.load_dict(c, found, "summary.json")
+            entry.update(
+                decision="optimised", version=r["version"], trials=r["trials"],
+                published=r["published"],
+            )  # fmt: skip
+        else:
+            why = state.message or state.type.value.lower()
+            entry.update(decision="failed", error=f"flow run {state.type.value.lower()}: {why}")
+            logger.error("%s: failed: %s", m.name, entry["error"])

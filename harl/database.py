@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harlflow.core.config import machine_cache_dir
+from harlflow.core.errors import BadInputError
 from harlflow.core.locks import file_lock
 from harlflow.core.targets import target_key
 
@@ -136,3 +137,83 @@ def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
 def count_records(db, tasks, target: dict[str, Any]) -> int:
     """Records (valid or failed) of these tasks' workloads on this target: one per trial."""
     return sum(len(records_on_target(db, t.dispatched[0], target)) for t in tasks)
+
+
+def export_json(source: str | Path, dest: str | Path, log=None) -> dict[str, int]:
+    """Copy every workload and record of the store at ``source`` into a new directory ``dest``
+    in MetaSchedule's own JSON format (``ms.database.JSONDatabase`` reads it), written under a
+    temporary name and renamed into place. Returns counts."""
+    import os
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl.sql_database import SQLDatabase
+
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise BadInputError(f"db export: {dest} exists and is not empty; give a new directory")
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    out = ms.database.JSONDatabase(work_dir=str(tmp), module_equality="structural")
+    src = open_database(source)
+    n_workloads = n_records = 0
+    try:
+        if isinstance(src, SQLDatabase):
+            mapped = {}
+            for wid, wl in src.iter_workloads():
+                mapped[wid] = out.commit_workload(wl.mod)
+                n_workloads += 1
+            for wid, rec in src.iter_record_json():
+                out.commit_tuning_record(ms.database.TuningRecord.from_json(rec, mapped[wid]))
+                n_records += 1
+                if log and n_records % 10_000 == 0:
+                    log(f"{n_records} records exported")
+        else:
+            for r in src.get_all_tuning_records():
+                wl = out.commit_workload(r.workload.mod)
+                out.commit_tuning_record(
+                    ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info)
+                )
+                n_records += 1
+            n_workloads = sum(1 for _ in open(tmp / "database_workload.json"))
+        del out
+        if dest.exists():
+            dest.rmdir()
+        tmp.replace(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"workloads": n_workloads, "records": n_records}
+
+
+def import_json(source: str | Path, dest: str | Path, batch: int = 1000) -> dict[str, int]:
+    """Add every record of MetaSchedule JSON files (a directory) to the store at ``dest``.
+    Idempotent into a SQL store (a record already there keeps the better measurement); a JSON
+    store appends, under its lock. Returns counts."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not (Path(source) / "database_tuning_record.json").is_file():
+        raise BadInputError(
+            f"db import: {source} is not a MetaSchedule JSON database "
+            "(no database_tuning_record.json)"
+        )
+    with locked(dest):
+        src = open_database(source)
+        out = open_database(dest)
+        before = len(out)
+        records = src.get_all_tuning_records()
+        many = getattr(out, "commit_tuning_records", None)
+        for i in range(0, len(records), batch):
+            chunk = [
+                ms.database.TuningRecord(
+                    r.trace, out.commit_workload(r.workload.mod), r.run_secs, r.target, r.args_info
+                )
+                for r in records[i : i + batch]
+            ]
+            if many is not None:
+                many(chunk)
+            else:
+                for r in chunk:
+                    out.commit_tuning_record(r)
+        return {"records": len(records), "new": len(out) - before}

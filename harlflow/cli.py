@@ -185,6 +185,8 @@ def cmd_retune(a: argparse.Namespace) -> int:
     from tasks.sources import list_models
 
     settings = _settings(a)
+    if a.pool is not None:
+        _check_pool(a.pool)
     _check_home()
     models = list_models(a.source, sources_cache_dir())  # a bad source fails here
     if not models:
@@ -194,10 +196,54 @@ def cmd_retune(a: argparse.Namespace) -> int:
     from flows.retune import retune
 
     _quiet_prefect_tracebacks()
-    decisions = retune(source=a.source, settings=settings)
+    source = (
+        a.source
+        if a.pool is None or a.source.startswith("s3://")
+        else str(Path(a.source).resolve())
+    )  # workers run elsewhere: they need the absolute path
+    decisions = retune(source=source, settings=settings, pool=a.pool)
     for name, d in decisions.items():
         extra = f"v{d['version']}" if d.get("version") else d.get("error", "")
         print(f"{name:24s} {d['decision']:10s} {extra}")
+    return 0
+
+
+def _check_pool(pool: str) -> str:
+    """A work pool needs a Prefect server that workers on other machines reach: its API URL."""
+    from harlflow.core.config import validate_name
+    from harlflow.core.errors import StoreError
+
+    validate_name(pool, "work pool name")
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise BadInputError(
+            "a work pool needs a Prefect server its workers reach: start one with "
+            "'prefect server start --host 0.0.0.0 --port 4200' and set "
+            "PREFECT_API_URL=http://HOST:4200/api"
+        )
+    import httpx
+
+    try:
+        httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
+    except Exception as e:
+        raise StoreError(f"Prefect server {api} is unreachable: {type(e).__name__}: {e}") from None
+    return api
+
+
+def cmd_deploy(a: argparse.Namespace) -> int:
+    """Create the work pool if needed and deploy optimize and retune to it (flows.pool)."""
+    api = _check_pool(a.pool)
+    _prefect_env()
+    from flows import pool
+
+    names = pool.deploy(a.pool, log=lambda m: print(m, flush=True))
+    print(
+        f"on each machine: prefect worker start --pool {a.pool} --work-queue "
+        f"{pool.OPTIMIZE_QUEUE} --limit 1  (PREFECT_API_URL={api}, and the team's "
+        "HARLFLOW_TUNING_DB and MLFLOW_TRACKING_URI)\n"
+        f"then: harlflow retune SOURCE --pool {a.pool}, or prefect deployment run "
+        f"'{names[1]}' -p source=SOURCE (a worker on queue {pool.RETUNE_QUEUE!r} runs it)"
+    )
     return 0
 
 
@@ -536,6 +582,36 @@ def cmd_dataset_collect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_export(a: argparse.Namespace) -> int:
+    """The tuning store → MetaSchedule's JSON files in a new directory."""
+    from harl import database
+    from harlflow.core.config import tuning_db
+
+    source = a.source or tuning_db()
+    if not database.has_records(source):
+        raise BadInputError(f"db export: no tuning store at {source}")
+    counts = database.export_json(source, a.dest, log=lambda m: print(m, flush=True))
+    print(
+        f"exported {counts['records']} records of {counts['workloads']} workloads from "
+        f"{database.describe(source)} to {a.dest}"
+    )
+    return 0
+
+
+def cmd_db_import(a: argparse.Namespace) -> int:
+    """MetaSchedule's JSON files → the tuning store (idempotent into a SQL store)."""
+    from harl import database
+    from harlflow.core.config import tuning_db
+
+    dest = a.dest or tuning_db()
+    counts = database.import_json(a.source, dest)
+    print(
+        f"imported {counts['records']} records from {a.source} into "
+        f"{database.describe(dest)} ({counts['new']} new)"
+    )
+    return 0
+
+
 def cmd_dataset_generate(a: argparse.Namespace) -> int:
     """Measure the workload suite on each target, collected into a dataset (flows.training)."""
     from tasks import datasets
@@ -737,8 +813,21 @@ def build_parser() -> argparse.ArgumentParser:
         "changed since they were last optimised for this target (once)",
     )
     rt.add_argument("source", help="directory or s3://bucket/prefix of .onnx / .pt2 files")
+    rt.add_argument(
+        "--pool",
+        help="optimise the changed models at once on this Prefect work pool's workers "
+        "(set up by 'harlflow deploy --pool'; needs PREFECT_API_URL)",
+    )
     _add_run_options(rt)
     rt.set_defaults(func=cmd_retune)
+
+    dp = sub.add_parser(
+        "deploy",
+        help="create a Prefect process work pool (if needed) and deploy the optimize and "
+        "retune flows to it, for workers on several machines",
+    )
+    dp.add_argument("--pool", required=True, help="work pool name, e.g. tuning")
+    dp.set_defaults(func=cmd_deploy)
 
     sv = sub.add_parser(
         "serve",
@@ -774,6 +863,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(sv)
     sv.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser(
+        "db", help="the tuning store ($HARLFLOW_TUNING_DB, else $HARLFLOW_HOME/tuning_db)"
+    )
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    de = db_sub.add_parser("export", help="the store → MetaSchedule JSON files (a new directory)")
+    de.add_argument("dest", help="directory to create, as ms.database.JSONDatabase reads it")
+    de.add_argument("--from", dest="source", help="store to export (a URL or a directory)")
+    de.set_defaults(func=cmd_db_export)
+    di = db_sub.add_parser("import", help="MetaSchedule JSON files → the store (idempotent)")
+    di.add_argument("source", help="directory of database_workload.json + _tuning_record.json")
+    di.add_argument("--to", dest="dest", help="store to import into (a URL or a directory)")
+    di.set_defaults(func=cmd_db_import)
 
     ds = sub.add_parser("dataset", help="the learned cost model's dataset of measured programs")
     ds_sub = ds.add_subparsers(dest="dataset_command", required=True)

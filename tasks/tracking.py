@@ -229,3 +229,22 @@ def close_orphans(c) -> list[str]:
     if closed:
         print(f"closed {len(closed)} MLflow run(s) left RUNNING by killed harlflow processes")
     return closed
+
+
+def find_run(c, tag: str, value: str) -> str | None:
+    """The id of the newest run of the experiment with this tag value, or None."""
+    found = c.search_runs(
+        [experiment_id(c)], f"tags.`{tag}` = '{value}'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+    return found[0].info.run_id if found else None
+
+
+def load_dict(c, run_id: str, path: str) -> Any:
+    """A JSON artifact of a run (as ``log_dict`` wrote it), read back."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = c.download_artifacts(run_id, path, tmp)
+        return json.loads(Path(local).read_text())
