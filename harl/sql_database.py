@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
@@ -45,6 +46,9 @@ from harlflow.core.errors import BadInputError, StoreError, first_line
 from harlflow.core.targets import target_key
 
 log = logging.getLogger("harl.database")
+# MetaSchedule calls the store from C++: registered, a StoreError raised in a callback comes
+# back to Python as itself (exit code 5, its one line), not as a RuntimeError
+tvm_ffi.register_error("StoreError", StoreError)
 
 T = TypeVar("T")
 

@@ -40,7 +40,7 @@ from harl.spec import TuningSpec
 from harl.strategies import Strategy, create_strategy
 from harl.warmup import measure_random
 from harlflow import rl
-from harlflow.core.errors import TuningError, first_line
+from harlflow.core.errors import StoreError, TuningError, first_line
 from harlflow.core.targets import use_target_threads
 
 log = logging.getLogger("harl.tuning")
@@ -405,6 +405,8 @@ def _tune(
         result.phases["search_s"] = round(
             deadline.elapsed() - result.phases["extract_s"] - result.phases["warm_up_s"], 2
         )
+    except StoreError:
+        raise  # the tuning store went away (harl.sql_database retried): its own one line
     except Exception as e:
         log.debug("tuning failed", exc_info=True)  # the whole traceback, for whoever debugs
         raise TuningError(f"tuning failed: {first_line(e)}") from e

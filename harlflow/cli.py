@@ -145,6 +145,7 @@ def _check_home() -> None:
             pass
     except OSError as e:
         raise StoreError(f"artifact directory {home} is not writable: {e.strerror or e}") from None
+    config.tuning_db()  # a HARLFLOW_TUNING_DB that is no database URL: one line, now
 
 
 def _check_mlflow() -> None:

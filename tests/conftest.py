@@ -52,6 +52,25 @@ def prefect_api(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server for the session (tests/postgres.py)."""
+    import postgres as pg
+
+    server = pg.start(tmp_path_factory.mktemp("pgdata"))
+    yield server
+    if server.server is not None:
+        server.server.cleanup()
+
+
+@pytest.fixture
+def pg_store(postgres):
+    """A database of this test's own on that server, as a tuning-store URL; dropped after."""
+    url = postgres.create()
+    yield url
+    postgres.drop(url)
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server over real HTTP on loopback; boto3 finds it through AWS_ENDPOINT_URL."""
     import boto3

@@ -25,7 +25,16 @@ def tuning_db() -> str | Path:
     """The tuning store runs read and write: ``$HARLFLOW_TUNING_DB`` (a database URL a team
     shares: ``postgresql://user:pw@host/db``, or ``sqlite:///path``), else the home's JSON
     database (:func:`tuning_db_dir`)."""
-    return os.environ.get("HARLFLOW_TUNING_DB") or tuning_db_dir()
+    url = os.environ.get("HARLFLOW_TUNING_DB")
+    if not url:
+        return tuning_db_dir()
+    scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
+    if scheme not in ("postgresql", "sqlite"):
+        raise BadInputError(
+            f"HARLFLOW_TUNING_DB={url.split('@')[-1]!r}: expected postgresql://USER:PW@HOST/DB "
+            "or sqlite:///PATH"
+        )
+    return url
 
 
 def machine_cache_dir() -> Path:
