@@ -131,11 +131,15 @@ def records_on_target(db, mod, target: dict[str, Any]) -> list:
 
 def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
     """The ``k`` best valid records of a workload on this target (empty when none)."""
+    if hasattr(db, "top_k_on_target"):  # a SQL store: only those k rows are read
+        return db.top_k_on_target(mod, target, k, valid_only=True)
     return [r for r in records_on_target(db, mod, target) if is_valid(r)][:k]
 
 
 def count_records(db, tasks, target: dict[str, Any]) -> int:
     """Records (valid or failed) of these tasks' workloads on this target: one per trial."""
+    if hasattr(db, "count_on_target"):
+        return sum(db.count_on_target(t.dispatched[0], target) for t in tasks)
     return sum(len(records_on_target(db, t.dispatched[0], target)) for t in tasks)
 
 

@@ -42,6 +42,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from harl.database import FAILED_RUN_SECS
 from harlflow.core.errors import BadInputError, StoreError, first_line
 from harlflow.core.targets import target_key
 
@@ -55,6 +56,8 @@ T = TypeVar("T")
 RETRY_S_DEFAULT = 60.0
 """How long a lost connection is retried before the store is declared unreachable"""
 SCHEMES = ("postgresql", "sqlite")
+CACHE_RECORDS = 100_000
+"""parsed records a store keeps per process (a long tuning run's lookups hit them)"""
 
 _meta = sa.MetaData()
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # sqlite autoincrements INTEGER
@@ -175,6 +178,7 @@ class SQLDatabase(ms.database.PyDatabase):
         self.url = url
         self.engine = _engine(url)
         self._workloads: dict[str, list[tuple[Any, int]]] = {}  # shash -> (Workload, id), seen
+        self._cache: dict[int, tuple[float, Any]] = {}  # record row id -> (mean, TuningRecord)
 
     def __repr__(self) -> str:
         return f"SQLDatabase({safe_url(self.url)})"
@@ -300,21 +304,54 @@ class SQLDatabase(ms.database.PyDatabase):
             return []
         return self._select(found[1], None, top_k)
 
-    def top_k_on_target(self, mod, target: dict[str, Any], top_k: int) -> list:
-        """The ``top_k`` fastest records of a workload on this target (failed ones last)."""
+    def top_k_on_target(
+        self, mod, target: dict[str, Any], top_k: int, valid_only: bool = False
+    ) -> list:
+        """The ``top_k`` fastest records of a workload on this target (failed ones last, or
+        left out with ``valid_only``)."""
         found = self._find(mod)
         if found is None or top_k <= 0:
             return []
-        return self._select(found[1], _target_id(target), top_k)
+        return self._select(found[1], _target_id(target), top_k, valid_only)
 
-    def _select(self, wid: int, tid: str | None, top_k: int) -> list:
-        q = sa.select(RECORDS.c.workload_id, RECORDS.c.record_json).where(
-            RECORDS.c.workload_id == wid
+    def count_on_target(self, mod, target: dict[str, Any]) -> int:
+        """How many records (valid or failed) a workload has on this target."""
+        found = self._find(mod)
+        if found is None:
+            return 0
+        q = sa.select(sa.func.count()).where(
+            RECORDS.c.workload_id == found[1], RECORDS.c.target == _target_id(target)
         )
+        return self._run(lambda c: c.execute(q).scalar_one())
+
+    def _select(self, wid: int, tid: str | None, top_k: int, valid_only: bool = False) -> list:
+        cols = (RECORDS.c.id, RECORDS.c.workload_id, RECORDS.c.mean_secs)
+        q = sa.select(*cols).where(RECORDS.c.workload_id == wid)
         if tid is not None:
             q = q.where(RECORDS.c.target == tid)
+        if valid_only:
+            q = q.where(RECORDS.c.mean_secs < FAILED_RUN_SECS)
         q = q.order_by(RECORDS.c.mean_secs, RECORDS.c.id).limit(top_k)
-        return self._records(self._run(lambda c: c.execute(q).all()))
+        return self._parsed(self._run(lambda c: c.execute(q).all()))
+
+    def _parsed(self, rows) -> list:
+        """The records of these (id, workload id, mean) rows: parsed once per process (parsing
+        a trace costs ~2 ms), fetched only for rows not parsed yet or measured better since."""
+        missing = [rid for rid, _, mean in rows if self._cache.get(rid, (None,))[0] != mean]
+        for start in range(0, len(missing), 500):
+            chunk = missing[start : start + 500]
+            q = sa.select(
+                RECORDS.c.id, RECORDS.c.workload_id, RECORDS.c.mean_secs, RECORDS.c.record_json
+            ).where(RECORDS.c.id.in_(chunk))
+            for rid, wid, mean, text in self._run(lambda c, q=q: c.execute(q).all()):
+                record = ms.database.TuningRecord.from_json(
+                    json.loads(text), self._workload_by_id(wid)
+                )
+                self._cache[rid] = (mean, record)
+        if len(self._cache) > CACHE_RECORDS:
+            keep = {rid for rid, _, _ in rows}
+            self._cache = {k: v for k, v in self._cache.items() if k in keep}
+        return [self._cache[rid][1] for rid, _, _ in rows]
 
     def get_all_tuning_records(self) -> list:
         q = sa.select(RECORDS.c.workload_id, RECORDS.c.record_json).order_by(RECORDS.c.id)
