@@ -280,6 +280,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                 "the run options")  # fmt: skip
     elif a.source is not None:
         raise BadInputError(f"serve --job {a.job} takes --param KEY=VALUE, not a SOURCE")
+    elif a.pool is not None:
+        raise BadInputError(f"--pool is for retune: serve --job {a.job} runs in this process")
     params = jobs.parse_params(a.param)
     api = os.environ.get("PREFECT_API_URL")
     if not api:
@@ -302,7 +304,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         check_source(a.source)
         source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
         # the deployment's parameters are JSON: the settings as a dict, checked at each run
-        params = {"source": source, "settings": dataclasses.asdict(settings)}
+        params = {"source": source, "settings": dataclasses.asdict(settings), "pool": a.pool}
+        if a.pool is not None:
+            _check_pool(a.pool)
     _check_home()
     _check_mlflow()
     _start_prefect()
@@ -861,6 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--deployment", help="deployment name (default harlflow-JOB, e.g. harlflow-retune)"
+    )
+    sv.add_argument(
+        "--pool", help="retune: optimise the changed models on this work pool's workers"
     )
     _add_run_options(sv)
     sv.set_defaults(func=cmd_serve)

@@ -98,6 +98,19 @@ def test_two_workers_on_one_pool_retune_two_models_and_a_killed_run_resumes(
         assert rows[redo] == "optimised" and rows[done] == "skipped"
         # nothing measured was lost: the killed run's records are all still there
         assert _count(pg_store, "select count(*) from ms_records") >= killed_records
+        # the retune's MLflow run lists each model's decision, flow run and MLflow run
+        from mlflow import MlflowClient
+
+        c = MlflowClient(tracking_uri=mlflow_url)
+        exp = c.get_experiment_by_name("harlflow")
+        last = c.search_runs([exp.experiment_id], "tags.`harlflow.flow` = 'retune'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]  # fmt: skip
+        assert last.data.tags[f"decision.{redo}"] == "optimised"
+        listed = json.loads(Path(c.download_artifacts(last.info.run_id, "retune.json",
+                                                      str(tmp_path))).read_text())  # fmt: skip
+        assert listed[redo]["flow_run_id"] and listed[redo]["version"] == "1"
+        optimise_run = c.get_run(listed[redo]["mlflow_run_id"])
+        assert optimise_run.data.tags["harlflow.flow_run_id"] == listed[redo]["flow_run_id"]
 
         for name in ("alpha", "beta"):
             dest = tmp_path / "deploy" / name
@@ -112,3 +125,21 @@ def test_two_workers_on_one_pool_retune_two_models_and_a_killed_run_resumes(
         mlflow.stop()
     worker_logs = [Path(w.log).read_text(errors="replace") for w in workers]
     assert all("Worker 'ProcessWorker" in log for log in worker_logs)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["deploy", "--pool", "tuning"], "a work pool needs a Prefect server its workers reach"),
+        (["retune", ".", "--pool", "tuning"], "a work pool needs a Prefect server"),
+        (["deploy", "--pool", "no/slash"], "invalid work pool name 'no/slash'"),
+        (["serve", "--job", "cost-model-train", "--pool", "tuning"], "--pool is for retune"),
+    ],
+)
+def test_pool_commands_refuse_bad_input_in_one_line(args, message, monkeypatch, capsys):
+    from harlflow.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harlflow: error:") and message in err and len(err.splitlines()) == 1
