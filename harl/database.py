@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,13 @@ def _drop_partial_line(path: Path) -> None:
     log.warning(
         "%s: dropped a partial last record (%d bytes) left by an interrupted run", path, dropped
     )
+
+
+def all_records(db) -> Iterable:
+    """Every record of a store, streamed from a SQL store, else MetaSchedule's list."""
+    if hasattr(db, "iter_tuning_records"):
+        return db.iter_tuning_records()
+    return db.get_all_tuning_records()
 
 
 def has_records(database_dir: str | Path) -> bool:
@@ -206,7 +214,7 @@ def import_json(source: str | Path, dest: str | Path, batch: int = 1000) -> dict
         src = open_database(source)
         out = open_database(dest)
         before = len(out)
-        records = src.get_all_tuning_records()
+        records = src.get_all_tuning_records()  # MetaSchedule's JSON store holds them all
         many = getattr(out, "commit_tuning_records", None)
         for i in range(0, len(records), batch):
             chunk = [

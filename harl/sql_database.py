@@ -373,6 +373,12 @@ class SQLDatabase(ms.database.PyDatabase):
         for wid, text in rows:
             yield wid, ms.database.Workload.from_json(json.loads(text))
 
+    def iter_tuning_records(self, batch: int = 5000) -> Iterable[Any]:
+        """Every record as a ``TuningRecord``, oldest first, read in batches (a team's store
+        need not fit in memory, as ``get_all_tuning_records`` would need)."""
+        for wid, rec in self.iter_record_json(batch):
+            yield ms.database.TuningRecord.from_json(rec, self._workload_by_id(wid))
+
     def iter_record_json(self, batch: int = 5000) -> Iterable[tuple[int, Any]]:
         """Every record as (workload row id, TuningRecord.as_json()), oldest first."""
         last = 0

@@ -117,6 +117,11 @@ def test_export_import_round_trip_through_metaschedule_json(mm, pg_store, tmp_pa
         database.open_database(pg_store), database.open_database(lite), plain
     )]  # fmt: skip
     assert times[0] == times[1] == times[2] == pytest.approx([(s + 1) * 1e-5 for s in range(6)])
+    # the cost model's dataset reads the store as it reads JSON files
+    from harl.cost_model import dataset
+
+    counts = dataset.collect([pg_store], tmp_path / "ds.parquet")
+    assert counts["records"] == 6 and 1 <= counts["rows"] <= 6
     # bad input: one line, exit 2, nothing written
     assert main(["db", "export", str(tmp_path / "out"), "--from", pg_store]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
@@ -185,3 +190,29 @@ def test_database_restarted_under_a_run_is_retried_then_named(mm, tmp_path, monk
     assert str(e.value).startswith(f"tuning store {safe_url(pg_store)} is unreachable")
     assert len(db) == 0
     postgres.server.cleanup()
+
+
+def test_two_tunings_of_one_workload_at_once_keep_the_store_consistent(mm, pg_store, tmp_path):
+    """Two tuning processes on what would be two machines (machine caches of their own, so no
+    lock makes them take turns) tune the same matmul into one store at the same time: both
+    finish, and every stored record is distinct and loads."""
+    cmd = [*WORKER, "tune", pg_store, "8"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**os.environ, "HARLFLOW_MACHINE_CACHE": str(tmp_path / f"m{i}")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    trials = [json.loads(out.splitlines()[-1])["trials"] for out, _ in outs]
+    _, target, tasks = mm
+    db = database.open_database(pg_store)
+    stored = database.records_on_target(db, tasks[0].dispatched[0], target)
+    keys = {json.dumps(_trace(r), sort_keys=True) for r in stored}
+    assert len(stored) == len(keys) == _rows(pg_store) == len(db)
+    assert 0 < len(stored) <= sum(trials)

@@ -31,7 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from harl.database import FAILED_RUN_SECS, has_records, mean_run_secs, open_database
+from harl.database import (
+    FAILED_RUN_SECS,
+    all_records,
+    has_records,
+    mean_run_secs,
+    open_database,
+)
 from harlflow.core.errors import BadInputError, StoreError, first_line
 from harlflow.core.targets import target_key
 
@@ -70,7 +76,7 @@ def database_rows(database_dir: str | Path) -> Iterable[dict]:
     db = open_database(database_dir)
     extractor = ms.feature_extractor.PerStoreFeature()
     workloads: dict[int, tuple[str, float]] = {}
-    for rec in db.get_all_tuning_records():
+    for rec in all_records(db):
         mod = rec.workload.mod
         wid = int(structural_hash(mod))  # not id(): each access makes a new, short-lived wrapper
         if wid not in workloads:
