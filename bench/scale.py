@@ -297,37 +297,82 @@ def bench_retune(budget: str, workers_list: list[int]) -> None:
             wall = time.perf_counter() - t
             for w in workers:
                 w.stop()
-            mlflow.stop()
             ok = r.returncode == 0
+            per_model = _per_model(mlflow_url, api) if ok else {}
+            mlflow.stop()
+            flow_s = sum(m["flow_run_s"] for m in per_model.values())
             row = {
                 "workers": n,
                 "wall_s": round(wall, 1),
                 "ok": ok,
-                "tuning_budget_s": budget_s * len(MODELS),
-                "overhead_per_model_s": round((wall * n - budget_s * len(MODELS)) / len(MODELS), 1),
+                "time_budget_s": budget_s,
                 "records": _records(store),
+                "trials": sum(m["trials"] for m in per_model.values()),
+                "models": per_model,
+                # worker time outside the flow runs, per model: the worker's polling, the flow
+                # run's process start and imports, the retune listing and submitting
+                "overhead_per_model_s": round((wall * n - flow_s) / len(MODELS), 1),
+                # the retune's time outside its flow runs (listing, submitting, waiting)
+                "coordinator_s": round(wall - flow_s / n, 1),
                 "output": r.stdout.strip().splitlines()[-len(MODELS) :],
             }
             if not ok:
                 row["error"] = r.stderr[-1500:]
             out["runs"].append(row)
-            print(f"{n} worker(s): {wall:.0f} s for {len(MODELS)} models ({budget} each); "
-                  f"{row['records']} records in the store; ok={ok}", flush=True)  # fmt: skip
+            print(f"{n} worker(s): {wall:.0f} s for {len(MODELS)} models ({budget} each), "
+                  f"{row['trials']} trials, {row['records']} records in the store; overhead "
+                  f"{row['overhead_per_model_s']} s per model; ok={ok}", flush=True)  # fmt: skip
+            for name, m in per_model.items():
+                print(f"    {name:18s} flow run {m['flow_run_s']:6.1f} s, optimize "
+                      f"{m['optimize_s']:6.1f} s, {m['trials']} trials")  # fmt: skip
             _write("scale_retune.json", out)
     finally:
         prefect.stop()
     one = next((r for r in out["runs"] if r["workers"] == 1 and r["ok"]), None)
     if one is not None:
-        per_model = one["wall_s"] / len(MODELS)
-        out["projection"] = {
-            str(n): round(per_model * -(-len(MODELS) // n), 1) for n in (1, 2, 4)
-        }  # ceil(models / machines) models in a row on each machine, one at a time
-        out["per_model_s"] = round(per_model, 1)
+        # N machines, one worker each: the uncontended flow runs of the 1-worker run packed
+        # longest first onto the least loaded machine, plus the retune's own time
+        times = sorted((m["flow_run_s"] for m in one["models"].values()), reverse=True)
+        out["projection"] = {}
+        for n in (1, 2, 4):
+            load = [0.0] * n
+            for t in times:
+                load[load.index(min(load))] += t
+            out["projection"][str(n)] = round(max(load) + one["coordinator_s"], 1)
         print("projected wall time with N machines (one worker each): "
               + ", ".join(f"{n}: {s:.0f} s" for n, s in out["projection"].items()))  # fmt: skip
         _write("scale_retune.json", out)
     if pg.server is not None:
         pg.server.cleanup()
+
+
+def _per_model(mlflow_url: str, api: str) -> dict:
+    """Each model of the last retune: its flow run's wall time (Prefect), its optimize flow's
+    own time and trials (its MLflow summary)."""
+    os.environ["PREFECT_API_URL"] = api  # before Prefect reads its settings
+    os.environ.setdefault("PREFECT_HOME", str(WORK / "prefect-client"))
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    c = MlflowClient(tracking_uri=mlflow_url)
+    exp = c.get_experiment_by_name("harlflow")
+    run = c.search_runs([exp.experiment_id], "tags.`harlflow.flow` = 'retune'",
+                        order_by=["attributes.start_time DESC"], max_results=1)[0]  # fmt: skip
+    tmp = WORK / f"dl-{run.info.run_id}"
+    decisions = json.loads(Path(c.download_artifacts(run.info.run_id, "retune.json", str(tmp)))
+                           .read_text())  # fmt: skip
+    out = {}
+    with get_client(sync_client=True) as client:
+        for name, d in decisions.items():
+            s = json.loads(Path(c.download_artifacts(d["mlflow_run_id"], "summary.json",
+                                                     str(tmp / name))).read_text())  # fmt: skip
+            fr = client.read_flow_run(d["flow_run_id"])
+            out[name] = {
+                "flow_run_s": round((fr.end_time - fr.start_time).total_seconds(), 1),
+                "optimize_s": round(s["total_seconds"], 1),
+                "trials": s["trials"],
+            }
+    return out
 
 
 def _records(url: str) -> int:

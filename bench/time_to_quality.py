@@ -1,0 +1,217 @@
+"""Time to quality: the latency each search strategy × cost model reaches on held-out networks
+after 1, 2, 5, 10 and 20 minutes of tuning, against onnxruntime and against the 20-minute
+``evolutionary`` + ``xgb`` baseline.
+
+    python bench/time_to_quality.py [--networks inception_ish,gpt_decoder,mobilenet_ish]
+        [--combos evolutionary:xgb:20,harl:transfer:10] [--seeds 0,1]
+        [--checkpoints 1,2,5,10,20] [--warm-store sqlite:///other-models.db]
+        [--out bench/results/time_to_quality.json]
+
+One tuning run per (network, combination, seed) yields every checkpoint: it tunes into a
+sqlite store of its own (``harl.sql_database`` keeps when each trial was measured), and each
+checkpoint is the artifact compiled from the records measured up to that minute. Only the
+combination that is the baseline needs the full 20 minutes (``NAME:COSTMODEL:MINUTES``).
+With ``--warm-store``, each run starts from a copy of that store (say, the other bundled
+models' records): those records count at every checkpoint.
+
+Every latency is measured side by side with onnxruntime (``harlflow.measure``: fresh
+processes, alternated, 95 % intervals). The networks come from ``bench/families.py``: none is
+in the dataset suite (``tasks.datasets.SUITE_NETWORKS``) any learned part was trained on. The
+JSON is rewritten after every row; a plot per network is written beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from harl import compilation, tuning  # noqa: E402
+from harl.budget import UNLIMITED_TRIALS  # noqa: E402
+from harlflow.core.targets import resolve_target  # noqa: E402
+from harlflow.measure import Runtime, side_by_side  # noqa: E402
+from tasks.importing import import_model, to_relax  # noqa: E402
+from tasks.packaging import measure_threads, package  # noqa: E402
+
+BASELINE = ("evolutionary", "xgb")
+
+
+def _copy_until(src: Path, dest: Path, cutoff: float) -> None:
+    """A copy of the sqlite store ``src`` without the records measured after ``cutoff`` (Unix
+    seconds): the store as it was at that moment of the run."""
+    dest.unlink(missing_ok=True)
+    with sqlite3.connect(src) as a, sqlite3.connect(dest) as b:
+        a.backup(b)  # consistent, WAL included
+        b.execute("DELETE FROM ms_records WHERE measured_at > ?", (cutoff,))
+        b.commit()
+
+
+def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, emit) -> None:
+    """Tune ``m`` with ``combo`` for its minutes, then compile and time each checkpoint."""
+    strategy, cost_model, minutes = combo
+    label = f"{strategy}+{cost_model}"
+    db = work / f"{network}-{label}-s{seed}.db"
+    db.unlink(missing_ok=True)
+    if warm is not None:
+        shutil.copy(warm, db)
+    mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
+    t0 = time.time()
+    res = tuning.tune(
+        mod,
+        target,
+        f"sqlite:///{db}",
+        strategy=strategy,
+        cost_model=cost_model,
+        seed=seed,
+        trials=UNLIMITED_TRIALS,
+        time_budget_s=minutes * 60,
+    )
+    tuned_s = time.time() - t0
+    ort = Runtime("onnxruntime", "ort", str(m.onnx_path))
+    for minute in [c for c in checkpoints if c <= minutes]:
+        snap = work / f"{db.stem}-at{minute:g}m.db"
+        _copy_until(db, snap, t0 + minute * 60)
+        art = package(
+            m, target, database_dir=f"sqlite:///{snap}", home=work / f"art-{db.stem}-{minute:g}",
+            tune_summary=res.summary(), measure=False, log=lambda *_: None,
+        )  # fmt: skip
+        tvm = Runtime(f"tvm {label} {minute:g}m", "tvm", art.directory)
+        s = side_by_side(
+            [tvm, ort], m.reference_path, threads=measure_threads(target), max_seconds=seconds
+        )
+        r = s.ratio(tvm.label, "onnxruntime")
+        emit(
+            {
+                "network": network,
+                "strategy": strategy,
+                "cost_model": cost_model,
+                "store": "warm" if warm is not None else "empty",
+                "seed": seed,
+                "minute": minute,
+                "run_minutes": minutes,
+                "trials_total": res.trials,
+                "tuned_s": round(tuned_s, 1),
+                "tvm_ms": s.estimate(tvm.label).median_ms,
+                "onnxruntime_ms": s.estimate("onnxruntime").median_ms,
+                "ratio_to_onnxruntime": r.value,
+                "ratio_ci": list(r.ci),
+            }
+        )
+        snap.unlink()
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per network and combination: the ratio at each minute (median and range over seeds),
+    the first minute at or under onnxruntime, and the first minute at or under the baseline's
+    latency at its last checkpoint (both as ratios to onnxruntime, measured beside it)."""
+    out: dict = {}
+    for net in sorted({r["network"] for r in rows}):
+        mine = [r for r in rows if r["network"] == net]
+        base = [r for r in mine if (r["strategy"], r["cost_model"]) == BASELINE]
+        goal = None
+        if base:
+            last = max(r["minute"] for r in base)
+            goal = sorted(r["ratio_to_onnxruntime"] for r in base if r["minute"] == last)
+            goal = goal[len(goal) // 2]
+        out[net] = {"baseline_ratio": goal, "combos": {}}
+        for key in sorted({(r["strategy"], r["cost_model"], r["store"]) for r in mine}):
+            rs = [r for r in mine if (r["strategy"], r["cost_model"], r["store"]) == key]
+            by_min: dict = {}
+            for r in rs:
+                by_min.setdefault(r["minute"], []).append(r["ratio_to_onnxruntime"])
+            curve = {
+                str(k): {"median": sorted(v)[len(v) // 2], "min": min(v), "max": max(v)}
+                for k, v in sorted(by_min.items())
+            }
+            out[net]["combos"]["+".join(key)] = {
+                "curve": curve,
+                "minutes_to_onnxruntime": _first_minute(curve, 1.0),
+                "minutes_to_baseline": _first_minute(curve, goal) if goal is not None else None,
+            }
+    return out
+
+
+def _first_minute(curve: dict, bar: float) -> float | None:
+    """The first checkpoint whose median ratio is at or under ``bar`` (None: never)."""
+    return next((float(k) for k, v in curve.items() if v["median"] <= bar), None)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for net in sorted({r["network"] for r in rows}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        mine = [r for r in rows if r["network"] == net]
+        for key in sorted({(r["strategy"], r["cost_model"], r["store"], r["seed"]) for r in mine}):
+            rs = sorted(
+                (r for r in mine if (r["strategy"], r["cost_model"], r["store"], r["seed"]) == key),
+                key=lambda r: r["minute"],
+            )
+            ax.plot([r["minute"] for r in rs], [r["ratio_to_onnxruntime"] for r in rs],
+                    marker="o", label=f"{key[0]}+{key[1]} ({key[2]}, seed {key[3]})")  # fmt: skip
+        ax.axhline(1.0, color="grey", linestyle="--", label="onnxruntime")
+        ax.set(xscale="log", yscale="log", xlabel="minutes of tuning",
+               ylabel="latency / onnxruntime", title=net)  # fmt: skip
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path.with_name(f"{path.stem}_{net}.png"), dpi=100)
+        plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--networks", default="inception_ish,gpt_decoder,mobilenet_ish")
+    p.add_argument("--combos", default="evolutionary:xgb:20,harl:transfer:10")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--checkpoints", default="1,2,5,10,20")
+    p.add_argument("--warm-store", type=Path, help="a sqlite store every run starts from")
+    p.add_argument("--seconds", type=float, default=10.0, help="per side-by-side measurement")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/time_to_quality.json")
+    a = p.parse_args()
+    from families import export
+
+    target = resolve_target("cpu")
+    combos = [
+        (c.split(":")[0], c.split(":")[1], float(c.split(":")[2])) for c in a.combos.split(",")
+    ]
+    checkpoints = [float(c) for c in a.checkpoints.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="ttq-"))
+    rows: list[dict] = []
+    result = {"target": target, "host": platform.node(), "combos": a.combos, "rows": rows}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        result["summary"] = summarise(rows)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1))
+        print(f"{row['network']:14s} {row['strategy']}+{row['cost_model']:9s} {row['store']:5s} "
+              f"seed {row['seed']} {row['minute']:4g} min: {row['tvm_ms']:.3f} ms = "
+              f"{row['ratio_to_onnxruntime']:.2f}x onnxruntime "
+              f"[{row['ratio_ci'][0]:.2f}, {row['ratio_ci'][1]:.2f}]", flush=True)  # fmt: skip
+
+    for network in a.networks.split(","):
+        onnx_path = export(network, work)
+        m = import_model(str(onnx_path), cache_dir=work / "cache")
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            for combo in combos:
+                run_one(network, m, combo, seed, checkpoints, target, a.seconds, work,
+                        a.warm_store, emit)  # fmt: skip
+    if rows:
+        plot(rows, a.out)
+    print(json.dumps(result.get("summary", {}), indent=1))
+
+
+if __name__ == "__main__":
+    main()
