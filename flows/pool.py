@@ -46,9 +46,6 @@ def deploy(pool: str, log=print) -> list[str]:
     from prefect.flows import Flow
     from prefect.workers.process import ProcessWorker
 
-    from flows.optimize import optimize
-    from flows.retune import retune
-
     with get_client(sync_client=True) as client:
         try:
             found = client.read_work_pool(pool)
@@ -69,12 +66,14 @@ def deploy(pool: str, log=print) -> list[str]:
             )
             log(f"created work pool {pool!r} (process)")
     names = []
-    for fl, entry, queue, params in (
-        (optimize, "flows/optimize.py:optimize", OPTIMIZE_QUEUE, {}),
-        (retune, "flows/retune.py:retune", RETUNE_QUEUE, {"pool": pool}),
+    for entry, queue, params in (
+        ("flows/optimize.py:optimize", OPTIMIZE_QUEUE, {}),
+        ("flows/retune.py:retune", RETUNE_QUEUE, {"pool": pool}),
     ):
-        assert isinstance(fl, Flow)
-        fl.from_source(source=str(ROOT), entrypoint=entry).deploy(
+        # loaded from the entry point, as the workers will load it (and no import cycle
+        # with flows.retune, which imports this module)
+        fl = Flow.from_source(source=str(ROOT), entrypoint=entry)
+        fl.deploy(
             name=deployment_name(pool),
             work_pool_name=pool,
             work_queue_name=queue,

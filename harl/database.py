@@ -140,7 +140,7 @@ def records_on_target(db, mod, target: dict[str, Any]) -> list:
 def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
     """The ``k`` best valid records of a workload on this target (empty when none)."""
     if hasattr(db, "top_k_on_target"):  # a SQL store: only those k rows are read
-        return db.top_k_on_target(mod, target, k, valid_only=True)
+        return db.top_k_on_target(mod, target, k, below=FAILED_RUN_SECS)
     return [r for r in records_on_target(db, mod, target) if is_valid(r)][:k]
 
 

@@ -42,7 +42,6 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from harl.database import FAILED_RUN_SECS
 from harlflow.core.errors import BadInputError, StoreError, first_line
 from harlflow.core.targets import target_key
 
@@ -141,9 +140,27 @@ def _engine(url: str) -> sa.engine.Engine:
 
         else:
             engine = sa.create_engine(u, pool_pre_ping=True, pool_size=2, max_overflow=2)
-        _retry(url, lambda: _meta.create_all(engine, checkfirst=True))
+        _retry(url, lambda: _create_tables(engine))
         _engines[url] = engine
     return _engines[url]
+
+
+SCHEMA_LOCK = 0x6861726C  # "harl": the advisory lock taken while creating the tables
+
+
+def _create_tables(engine: sa.engine.Engine) -> None:
+    """The tables, if missing. Several workers starting on an empty database at once would
+    race on ``CREATE TABLE`` (PostgreSQL: a unique violation on its catalog): they take turns
+    on an advisory lock; sqlite's writer lock serialises them, and a table another process
+    created between the check and the create is taken as it is."""
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
+            _meta.create_all(conn, checkfirst=True)
+    except sa.exc.OperationalError as e:
+        if "already exists" not in str(e):
+            raise
 
 
 def _retry(url: str, op: Callable[[], T]) -> T:
@@ -305,14 +322,14 @@ class SQLDatabase(ms.database.PyDatabase):
         return self._select(found[1], None, top_k)
 
     def top_k_on_target(
-        self, mod, target: dict[str, Any], top_k: int, valid_only: bool = False
+        self, mod, target: dict[str, Any], top_k: int, below: float | None = None
     ) -> list:
-        """The ``top_k`` fastest records of a workload on this target (failed ones last, or
-        left out with ``valid_only``)."""
+        """The ``top_k`` fastest records of a workload on this target, failed ones last (or,
+        with ``below``, only those whose mean run time is under it)."""
         found = self._find(mod)
         if found is None or top_k <= 0:
             return []
-        return self._select(found[1], _target_id(target), top_k, valid_only)
+        return self._select(found[1], _target_id(target), top_k, below)
 
     def count_on_target(self, mod, target: dict[str, Any]) -> int:
         """How many records (valid or failed) a workload has on this target."""
@@ -324,13 +341,13 @@ class SQLDatabase(ms.database.PyDatabase):
         )
         return self._run(lambda c: c.execute(q).scalar_one())
 
-    def _select(self, wid: int, tid: str | None, top_k: int, valid_only: bool = False) -> list:
+    def _select(self, wid: int, tid: str | None, top_k: int, below: float | None = None) -> list:
         cols = (RECORDS.c.id, RECORDS.c.workload_id, RECORDS.c.mean_secs)
         q = sa.select(*cols).where(RECORDS.c.workload_id == wid)
         if tid is not None:
             q = q.where(RECORDS.c.target == tid)
-        if valid_only:
-            q = q.where(RECORDS.c.mean_secs < FAILED_RUN_SECS)
+        if below is not None:
+            q = q.where(RECORDS.c.mean_secs < below)
         q = q.order_by(RECORDS.c.mean_secs, RECORDS.c.id).limit(top_k)
         return self._parsed(self._run(lambda c: c.execute(q).all()))
 
