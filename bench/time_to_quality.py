@@ -2,7 +2,7 @@
 after 1, 2, 5, 10 and 20 minutes of tuning, against onnxruntime and against the 20-minute
 ``evolutionary`` + ``xgb`` baseline.
 
-    python bench/time_to_quality.py [--networks inception_ish,gpt_decoder,mobilenet_ish]
+    python bench/time_to_quality.py [--networks inception,gpt_decoder,mobilenet]
         [--combos evolutionary:xgb:20,harl:transfer:10] [--seeds 0,1]
         [--checkpoints 1,2,5,10,20] [--warm-store sqlite:///other-models.db]
         [--out bench/results/time_to_quality.json]
@@ -172,7 +172,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--networks", default="inception_ish,gpt_decoder,mobilenet_ish")
+    p.add_argument("--networks", default="inception,gpt_decoder,mobilenet")
     p.add_argument("--combos", default="evolutionary:xgb:20,harl:transfer:10")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--checkpoints", default="1,2,5,10,20")
