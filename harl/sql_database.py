@@ -104,7 +104,7 @@ def _engine_url(url: str) -> sa.engine.URL:
     try:
         u = sa.engine.make_url(url)
     except Exception:
-        raise BadInputError(f"HARLFLOW_TUNING_DB {url!r} is not a database URL") from None
+        raise BadInputError(f"tuning store {safe_url(url)!r} is not a database URL") from None
     if u.drivername == "postgresql":
         u = u.set(drivername="postgresql+psycopg")
     if u.get_backend_name() not in SCHEMES:
