@@ -314,23 +314,38 @@ def extract_tasks(mod, target: dict[str, Any], *, prepack: bool = True) -> list:
 
 
 def compile_database(db, tasks, target: dict[str, Any], seed: int):
-    """An in-memory database with the best record per task for this target, or a fallback.
+    """An in-memory database with the best record per task for this target, or else the
+    schedule of the nearest workload the store measured (:mod:`harl.transfer`), or else a
+    fallback.
 
-    Returns ``(database, sources)`` where ``sources[task_name]`` is ``"database"`` or
-    ``"fallback"`` (or ``"default"`` when even the fallback could not be produced).
+    Returns ``(database, sources)`` where ``sources[task_name]`` is ``"database"``,
+    ``"transferred"`` or ``"fallback"`` (or ``"default"`` when even the fallback could not be
+    produced).
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    from harl.transfer import Sources, transferred
+
     mem = ms.database.MemoryDatabase(module_equality="structural")
     tgt = tvm.target.Target(target)
     sources: dict[str, str] = {}
+    offered = None  # what the store can transfer, read when the first task needs it
     for task in tasks:
         mod = task.dispatched[0]
         best = _applicable(best_records(db, mod, target, k=8), mod, task.task_name)
+        moved = []
+        if best is None:
+            offered = offered or Sources(db, target)
+            moved = transferred(offered, task, seed)
         if best is not None:
             trace, run_secs, args = best.trace, best.run_secs, best.args_info
             sources[task.task_name] = "database"
+        elif moved:  # the nearest measured workload's schedule, re-fitted (harl.transfer)
+            trace = moved[0].trace
+            run_secs = [FAILED_RUN_SECS / 10]
+            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+            sources[task.task_name] = "transferred"
         else:
             try:
                 trace = fallback_trace(task, target, seed)

@@ -144,6 +144,24 @@ def best_records(db, mod, target: dict[str, Any], k: int = 1) -> list:
     return [r for r in records_on_target(db, mod, target) if is_valid(r)][:k]
 
 
+def best_per_workload(db, target: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """``(workload module, its best valid record on this target)`` for every workload of the
+    store that has one (what schedule transfer searches, :mod:`harl.transfer`)."""
+    if hasattr(db, "best_per_workload"):
+        return [(r.workload.mod, r) for r in db.best_per_workload(target, FAILED_RUN_SECS)]
+    from tvm_ffi import structural_hash
+
+    key = target_key(target)
+    best: dict[int, Any] = {}
+    for r in db.get_all_tuning_records():
+        if r.target is None or not is_valid(r) or target_key(dict(r.target.export())) != key:
+            continue
+        h = int(structural_hash(r.workload.mod))
+        if h not in best or mean_run_secs(r.run_secs) < mean_run_secs(best[h].run_secs):
+            best[h] = r
+    return [(r.workload.mod, r) for r in best.values()]
+
+
 def count_records(db, tasks, target: dict[str, Any]) -> int:
     """Records (valid or failed) of these tasks' workloads on this target: one per trial."""
     if hasattr(db, "count_on_target"):

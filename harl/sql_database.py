@@ -331,6 +331,33 @@ class SQLDatabase(ms.database.PyDatabase):
             return []
         return self._select(found[1], _target_id(target), top_k, below)
 
+    def best_per_workload(self, target: dict[str, Any], below: float) -> list:
+        """The fastest record on this target of every workload that has one under ``below``."""
+        tid = _target_id(target)
+        best = (
+            sa.select(RECORDS.c.workload_id, sa.func.min(RECORDS.c.mean_secs).label("m"))
+            .where(RECORDS.c.target == tid, RECORDS.c.mean_secs < below)
+            .group_by(RECORDS.c.workload_id)
+            .subquery()
+        )
+        q = (
+            sa.select(RECORDS.c.id, RECORDS.c.workload_id, RECORDS.c.mean_secs)
+            .join(
+                best,
+                sa.and_(
+                    RECORDS.c.workload_id == best.c.workload_id, RECORDS.c.mean_secs == best.c.m
+                ),
+            )
+            .where(RECORDS.c.target == tid)
+            .order_by(RECORDS.c.workload_id, RECORDS.c.id)
+        )
+        rows, seen = [], set()
+        for row in self._run(lambda c: c.execute(q).all()):
+            if row[1] not in seen:  # one per workload (ties: the first measured)
+                seen.add(row[1])
+                rows.append(row)
+        return self._parsed(rows)
+
     def count_on_target(self, mod, target: dict[str, Any]) -> int:
         """How many records (valid or failed) a workload has on this target."""
         found = self._find(mod)

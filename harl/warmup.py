@@ -34,7 +34,9 @@ def measure_random(
     ``jobs`` is ``[(task, summary, count)]``, most important first; samples are interleaved
     across tasks (every task's first sample, then every task's second, ...) and measured in
     chunks of ``chunk``, so a ``deadline`` that cuts the warm-up short still leaves every big
-    task measured. Most samples have register-blocked tiles (:mod:`harl.sampling`); each
+    task measured. A task's first sample is the schedule of the nearest workload the store
+    measured, re-fitted (:mod:`harl.transfer`), where it has one; most others have
+    register-blocked tiles (:mod:`harl.sampling`); each
     result is committed to ``db`` as it arrives (a killed run keeps every finished trial) and
     reported (``report(summary, run_secs)`` per trial, ``run_secs`` None for a failure).
     Failed builds and runs are recorded as MetaSchedule records
@@ -45,16 +47,23 @@ def measure_random(
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    from harl.transfer import Sources, transferred
+
     deadline = deadline or Deadline(None)
     tgt = tvm.target.Target(target)
+    offered = Sources(db, target)  # the store's measured workloads, for schedule transfer
     per_task = []
     for task, summary, count in jobs:
         if deadline.expired():
             break
-        # the run's seed for every task: the first sample is the fallback schedule the task
-        # compiles with when unmeasured (harl.sampling.fallback_trace), so a measured task is
-        # never slower than it would be at --trials 0
-        samples = first_samples(task, target, count, seed, micro_kernel=MICRO_KERNEL_SHARE)
+        # the run's seed for every task: the first sample is the schedule the task compiles
+        # with when unmeasured (the nearest stored workload's, re-fitted: harl.transfer; else
+        # harl.sampling.fallback_trace), so a measured task is never slower than it would be
+        # at --trials 0
+        moved = transferred(offered, task, seed) if count > 0 else []
+        samples = moved + first_samples(
+            task, target, count - len(moved), seed, micro_kernel=MICRO_KERNEL_SHARE
+        )
         if tiny is not None and summary.name in tiny:
             samples.insert(0, unscheduled(task))
         per_task.append([(task, summary, sch) for sch in samples])

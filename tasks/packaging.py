@@ -150,8 +150,9 @@ def package(
     scratch = Path(tempfile.mkdtemp(prefix="harlflow-untuned-"))
     try:
         log(
-            f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned and "
-            f"{sum(v != 'database' for v in sources.values())} fallback kernels"
+            f"compiling {name} with {sum(v == 'database' for v in sources.values())} tuned, "
+            f"{sum(v == 'transferred' for v in sources.values())} transferred and "
+            f"{sum(v in ('fallback', 'default') for v in sources.values())} fallback kernels"
         )
         export_library(compilation.compile_module(mod, target, compile_db), tmp / "model.so")
         shutil.copy(imported.reference_path, tmp / "reference.npz")
