@@ -188,6 +188,8 @@ def cmd_retune(a: argparse.Namespace) -> int:
     settings = _settings(a)
     if a.pool is not None:
         _check_pool(a.pool)
+        # checked here, but the target as given: each worker resolves "cpu" to its own host
+        settings = dataclasses.replace(settings, target=a.target)
     _check_home()
     models = list_models(a.source, sources_cache_dir())  # a bad source fails here
     if not models:
@@ -304,9 +306,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         check_source(a.source)
         source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
         # the deployment's parameters are JSON: the settings as a dict, checked at each run
-        params = {"source": source, "settings": dataclasses.asdict(settings), "pool": a.pool}
         if a.pool is not None:
             _check_pool(a.pool)
+            settings = dataclasses.replace(settings, target=a.target)  # as in cmd_retune
+        params = {"source": source, "settings": dataclasses.asdict(settings), "pool": a.pool}
     _check_home()
     _check_mlflow()
     _start_prefect()
