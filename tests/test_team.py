@@ -68,11 +68,12 @@ def test_two_workers_on_one_pool_retune_two_models_and_a_killed_run_resumes(
         retune = [str(BIN / "harlflow"), "retune", str(models), "--pool", pool, *QUICK]
         first = subprocess.Popen(retune, env=me, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)  # fmt: skip
-        # both models tune at once; when the store has records, kill worker 0's flow run
+        # both models tune at once; once both have measured trials, kill worker 0's flow run
         deadline, victim = time.monotonic() + 400, None
+        both = "select count(distinct workload_id) from ms_records"
         while time.monotonic() < deadline and first.poll() is None:
             victim = _flow_run_process(workers[0])
-            if victim is not None and _count(pg_store, "select count(*) from ms_records") >= 2:
+            if victim is not None and _count(pg_store, both) >= 2:
                 break
             time.sleep(0.3)
         assert victim is not None, "worker 0 never ran a flow run"
