@@ -47,6 +47,20 @@ def _tiles(trace) -> list[list[int]]:
     ]
 
 
+def _commit(db, task, trace, target) -> None:
+    """``trace`` as a measured record of ``task``'s workload (10 µs) on ``target``."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = task.dispatched[0]
+    db.commit_tuning_record(
+        ms.database.TuningRecord(
+            trace, db.commit_workload(mod), [1e-5], tvm.target.Target(target),
+            ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
+        )
+    )  # fmt: skip
+
+
 def test_refit_keeps_the_innermost_factor_and_the_extent():
     assert transfer.refit_tile([2, 4, 2, 16], 128) == [1, 4, 2, 16]  # the outermost absorbs it
     assert transfer.refit_tile([1, 7, 1, 8], 56) == [1, 7, 1, 8]
@@ -60,20 +74,12 @@ def test_a_schedule_moves_to_another_convolution_and_verifies(tmp_path):
     """Measured at 16→32 channels on 14², the schedule goes to 24→64 channels on 10²: the
     store's nearest compatible workload is found, the transferred schedule keeps its
     register block, and the model compiled with it (``--trials 0``) verifies."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
 
     target, small = conv(tmp_path / "a.onnx", 16, 32, 14)
     _, other = conv(tmp_path / "b.onnx", 24, 64, 10)
     source = sampling.sample_schedules(small, target, 1, seed=3, micro_kernel=1.0)[0]
     db = database.open_database(tmp_path / "db")
-    mod = small.dispatched[0]
-    db.commit_tuning_record(
-        ms.database.TuningRecord(
-            source.trace, db.commit_workload(mod), [1e-5], tvm.target.Target(target),
-            ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
-        )
-    )  # fmt: skip
+    _commit(db, small, source.trace, target)
 
     offered = transfer.Sources(db, target)
     found = offered.nearest(other)
@@ -100,22 +106,14 @@ def test_a_schedule_moves_to_another_convolution_and_verifies(tmp_path):
 
 def test_incompatible_structures_are_not_transferred(tmp_path):
     """A matmul's record offers nothing to a convolution: their tilings differ."""
-    import tvm
     from store_worker import matmul
-    from tvm.s_tir import meta_schedule as ms
 
     target, task = conv(tmp_path / "a.onnx", 16, 32, 14)
     _, _, mm_tasks = matmul(32)
     mm = mm_tasks[0]
     sch = sampling.sample_schedules(mm, target, 1, seed=0)[0]
     db = database.open_database(tmp_path / "db")
-    mod = mm.dispatched[0]
-    db.commit_tuning_record(
-        ms.database.TuningRecord(
-            sch.trace, db.commit_workload(mod), [1e-5], tvm.target.Target(target),
-            ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
-        )
-    )  # fmt: skip
+    _commit(db, mm, sch.trace, target)
     assert transfer.Sources(db, target).nearest(task) == []
     _, sources = compilation.compile_database(db, [task], target, seed=0)
     assert sources == {task.task_name: "fallback"}
