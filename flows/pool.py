@@ -97,12 +97,13 @@ def submit(pool: str, models: list, settings: RunSettings, log) -> dict[str, Any
 
     name = f"optimize/{deployment_name(pool)}"
     params = dataclasses.asdict(settings)
-    runs = {}
-    for m in models:
+    for m in models:  # all checked before any flow run is submitted
         if str(m.path).startswith("s3://") or m.origin.startswith("s3://"):
             raise BadInputError(
                 f"retune --pool: {m.origin} is in S3; give workers a directory they all see"
             )
+    runs = {}
+    for m in models:
         try:
             fr = run_deployment(
                 name,
