@@ -148,7 +148,11 @@ def register_version(
         try:
             c.get_registered_model(name)
         except Exception:
-            c.create_registered_model(name, description=description)
+            try:
+                c.create_registered_model(name, description=description)
+            except Exception as e:  # another run (a pool's other worker) created it just now
+                if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
         mv = c.create_model_version(
             name,
             source=f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}",
