@@ -109,16 +109,11 @@ def _fill_sql(url: str, mod, target, recs, size: int) -> None:
 
 def _fill_json(directory: Path, recs, size: int) -> None:
     """A JSON store of ``size`` record lines: the real records, then copies of them."""
-    from tvm.s_tir import meta_schedule as ms
-
     from harl import database
 
     db = database.open_database(directory)
     for r in recs:
-        wl = db.commit_workload(r.workload.mod)
-        db.commit_tuning_record(
-            ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info)
-        )
+        db.commit_tuning_record(database.with_workload(r, db.commit_workload(r.workload.mod)))
     del db
     lines = (directory / "database_tuning_record.json").read_bytes().splitlines()
     with open(directory / "database_tuning_record.json", "ab") as f:

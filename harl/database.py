@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harlflow.core.config import machine_cache_dir
+from harlflow.core.config import is_database_url, machine_cache_dir
 from harlflow.core.errors import BadInputError
 from harlflow.core.locks import file_lock
 from harlflow.core.targets import target_key
@@ -38,9 +38,9 @@ def open_database(database_dir: str | Path):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from harl.sql_database import SQLDatabase, is_url
+    if is_database_url(database_dir):
+        from harl.sql_database import SQLDatabase
 
-    if is_url(database_dir):
         return SQLDatabase(str(database_dir))
     Path(database_dir).mkdir(parents=True, exist_ok=True)
     for name in ("database_workload.json", "database_tuning_record.json"):
@@ -75,16 +75,19 @@ def all_records(db) -> Iterable:
 def has_records(database_dir: str | Path) -> bool:
     """Whether a store exists there to read: a SQL store's URL, or a JSON store's directory
     with its record file."""
-    from harl.sql_database import is_url
-
-    return is_url(database_dir) or (Path(database_dir) / "database_tuning_record.json").is_file()
+    return (
+        is_database_url(database_dir)
+        or (Path(database_dir) / "database_tuning_record.json").is_file()
+    )
 
 
 def describe(database_dir: str | Path) -> str:
     """The store's location for messages (a URL's password masked)."""
-    from harl.sql_database import is_url, safe_url
+    if not is_database_url(database_dir):
+        return str(database_dir)
+    from harl.sql_database import safe_url
 
-    return safe_url(str(database_dir)) if is_url(database_dir) else str(database_dir)
+    return safe_url(str(database_dir))
 
 
 def local_dir(database_dir: str | Path) -> Path:
@@ -92,11 +95,9 @@ def local_dir(database_dir: str | Path) -> Path:
     A JSON store's own directory; for a SQL store, one under the machine's cache, named by the
     store's URL (a run resumes on the machine it was interrupted on; on another machine the
     records it measured are in the store all the same)."""
-    from harl.sql_database import is_url, safe_url
-
-    if not is_url(database_dir):
+    if not is_database_url(database_dir):
         return Path(database_dir)
-    digest = hashlib.sha256(safe_url(str(database_dir)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(describe(database_dir).encode()).hexdigest()[:16]
     return machine_cache_dir() / "stores" / digest
 
 
@@ -169,6 +170,16 @@ def count_records(db, tasks, target: dict[str, Any]) -> int:
     return sum(len(records_on_target(db, t.dispatched[0], target)) for t in tasks)
 
 
+def with_workload(record, workload):
+    """``record`` as a record of ``workload`` (the same workload, committed to another store:
+    a record refers to its store's own workload entry)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.TuningRecord(
+        record.trace, workload, record.run_secs, record.target, record.args_info
+    )
+
+
 def export_json(source: str | Path, dest: str | Path, log=None) -> dict[str, int]:
     """Copy every workload and record of the store at ``source`` into a new directory ``dest``
     in MetaSchedule's own JSON format (``ms.database.JSONDatabase`` reads it), written under a
@@ -202,12 +213,9 @@ def export_json(source: str | Path, dest: str | Path, log=None) -> dict[str, int
                     log(f"{n_records} records exported")
         else:
             for r in src.get_all_tuning_records():
-                wl = out.commit_workload(r.workload.mod)
-                out.commit_tuning_record(
-                    ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info)
-                )
+                out.commit_tuning_record(with_workload(r, out.commit_workload(r.workload.mod)))
                 n_records += 1
-            n_workloads = sum(1 for _ in open(tmp / "database_workload.json"))
+            n_workloads = (tmp / "database_workload.json").read_bytes().count(b"\n")
         del out
         if dest.exists():
             dest.rmdir()
@@ -221,8 +229,6 @@ def import_json(source: str | Path, dest: str | Path, batch: int = 1000) -> dict
     """Add every record of MetaSchedule JSON files (a directory) to the store at ``dest``.
     Idempotent into a SQL store (a record already there keeps the better measurement); a JSON
     store appends, under its lock. Returns counts."""
-    from tvm.s_tir import meta_schedule as ms
-
     if not (Path(source) / "database_tuning_record.json").is_file():
         raise BadInputError(
             f"db import: {source} is not a MetaSchedule JSON database "
@@ -236,9 +242,7 @@ def import_json(source: str | Path, dest: str | Path, batch: int = 1000) -> dict
         many = getattr(out, "commit_tuning_records", None)
         for i in range(0, len(records), batch):
             chunk = [
-                ms.database.TuningRecord(
-                    r.trace, out.commit_workload(r.workload.mod), r.run_secs, r.target, r.args_info
-                )
+                with_workload(r, out.commit_workload(r.workload.mod))
                 for r in records[i : i + batch]
             ]
             if many is not None:

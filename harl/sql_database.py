@@ -42,6 +42,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from harlflow.core.config import DATABASE_SCHEMES
 from harlflow.core.errors import BadInputError, StoreError, first_line
 from harlflow.core.targets import target_key
 
@@ -54,7 +55,6 @@ T = TypeVar("T")
 
 RETRY_S_DEFAULT = 60.0
 """How long a lost connection is retried before the store is declared unreachable"""
-SCHEMES = ("postgresql", "sqlite")
 CACHE_RECORDS = 100_000
 """parsed records a store keeps per process (a long tuning run's lookups hit them)"""
 
@@ -82,15 +82,6 @@ RECORDS = sa.Table(
 )
 
 
-def is_url(location: Any) -> bool:
-    """Whether a tuning-store location is a database URL (else it is a directory)."""
-    return (
-        isinstance(location, str)
-        and location.split(":", 1)[0].split("+")[0] in SCHEMES
-        and ("://" in location)
-    )
-
-
 def safe_url(url: str) -> str:
     """The URL with its password masked, for messages and logs."""
     try:
@@ -107,7 +98,7 @@ def _engine_url(url: str) -> sa.engine.URL:
         raise BadInputError(f"tuning store {safe_url(url)!r} is not a database URL") from None
     if u.drivername == "postgresql":
         u = u.set(drivername="postgresql+psycopg")
-    if u.get_backend_name() not in SCHEMES:
+    if u.get_backend_name() not in DATABASE_SCHEMES:
         raise BadInputError(
             f"tuning store {safe_url(url)}: only postgresql:// and sqlite:/// are supported"
         )
@@ -195,6 +186,7 @@ class SQLDatabase(ms.database.PyDatabase):
         self.url = url
         self.engine = _engine(url)
         self._workloads: dict[str, list[tuple[Any, int]]] = {}  # shash -> (Workload, id), seen
+        self._by_id: dict[int, Any] = {}  # the same workloads by row id
         self._cache: dict[int, tuple[float, Any]] = {}  # record row id -> (mean, TuningRecord)
 
     def __repr__(self) -> str:
@@ -223,19 +215,22 @@ class SQLDatabase(ms.database.PyDatabase):
             ).all()
         )
         for wid, text in rows:
-            if any(wid == i for _, i in self._workloads.get(shash, [])):
+            if wid in self._by_id:
                 continue
-            stored = ms.database.Workload.from_json(json.loads(text))
-            self._workloads.setdefault(shash, []).append((stored, wid))
+            stored = self._remember(wid, ms.database.Workload.from_json(json.loads(text)), shash)
             if _equal(stored.mod, mod):
                 return stored, wid
         return None
 
-    def _workload_id(self, workload) -> int:
-        found = self._find(workload.mod)
-        if found is None:
-            found = self._insert_workload(workload.mod)
-        return found[1]
+    def _remember(self, wid: int, wl, shash: str):
+        """Keep a stored workload in this process's cache (by hash and by row id)."""
+        self._workloads.setdefault(shash, []).append((wl, wid))
+        self._by_id[wid] = wl
+        return wl
+
+    def _workload(self, mod) -> tuple[Any, int]:
+        """The stored workload of ``mod`` and its row id, inserted if missing."""
+        return self._find(mod) or self._insert_workload(mod)
 
     def _insert_workload(self, mod) -> tuple[Any, int]:
         wl = ms.database.Workload(mod)
@@ -255,15 +250,13 @@ class SQLDatabase(ms.database.PyDatabase):
                 sa.select(WORKLOADS.c.id).where(WORKLOADS.c.digest == digest)
             ).scalar_one()
         )
-        self._workloads.setdefault(str(as_json[0]), []).append((wl, wid))
-        return wl, wid
+        return self._remember(wid, wl, str(as_json[0])), wid
 
     def has_workload(self, mod) -> bool:
         return self._find(mod) is not None
 
     def commit_workload(self, mod):
-        found = self._find(mod)
-        return (found or self._insert_workload(mod))[0]
+        return self._workload(mod)[0]
 
     # -- records --------------------------------------------------------------------------
     def commit_tuning_record(self, record) -> None:
@@ -279,7 +272,7 @@ class SQLDatabase(ms.database.PyDatabase):
 
     def _row(self, record) -> dict[str, Any]:
         rec = record_json(record)  # [trace, run_secs, target, args_info]
-        wid = self._workload_id(record.workload)
+        wid = self._workload(record.workload.mod)[1]
         tid = _target_id(record.target) if record.target is not None else "none"
         secs = [float(s) for s in (record.run_secs or [])]
         mean = sum(secs) / len(secs) if secs else 1e10
@@ -293,27 +286,16 @@ class SQLDatabase(ms.database.PyDatabase):
             "measured_at": time.time(),
         }
 
-    def _records(self, rows) -> list:
-        out = []
-        for wid, text in rows:
-            wl = self._workload_by_id(wid)
-            out.append(ms.database.TuningRecord.from_json(json.loads(text), wl))
-        return out
-
     def _workload_by_id(self, wid: int):
-        for entries in self._workloads.values():
-            for wl, i in entries:
-                if i == wid:
-                    return wl
-        text = self._run(
-            lambda c: c.execute(
-                sa.select(WORKLOADS.c.workload_json).where(WORKLOADS.c.id == wid)
-            ).scalar_one()
-        )
-        as_json = json.loads(text)
-        wl = ms.database.Workload.from_json(as_json)
-        self._workloads.setdefault(str(as_json[0]), []).append((wl, wid))
-        return wl
+        if wid not in self._by_id:
+            text = self._run(
+                lambda c: c.execute(
+                    sa.select(WORKLOADS.c.workload_json).where(WORKLOADS.c.id == wid)
+                ).scalar_one()
+            )
+            as_json = json.loads(text)
+            self._remember(wid, ms.database.Workload.from_json(as_json), str(as_json[0]))
+        return self._by_id[wid]
 
     def get_top_k(self, workload, top_k: int) -> list:
         found = self._find(workload.mod)
@@ -398,8 +380,7 @@ class SQLDatabase(ms.database.PyDatabase):
         return [self._cache[rid][1] for rid, _, _ in rows]
 
     def get_all_tuning_records(self) -> list:
-        q = sa.select(RECORDS.c.workload_id, RECORDS.c.record_json).order_by(RECORDS.c.id)
-        return self._records(self._run(lambda c: c.execute(q).all()))
+        return list(self.iter_tuning_records())
 
     def __len__(self) -> int:
         return self._run(

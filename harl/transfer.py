@@ -26,9 +26,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from harl.sampling import CATEGORICAL, TILE, _context, _divisors
+from harl.schedules import replay
+
 log = logging.getLogger("harl.transfer")
 
-TILE, CATEGORICAL, LOCATION = "SamplePerfectTile", "SampleCategorical", "SampleComputeLocation"
+LOCATION = "SampleComputeLocation"
 SAMPLING = (TILE, CATEGORICAL, LOCATION)
 
 
@@ -75,10 +78,6 @@ class Signature:
         return sum(abs(math.log2(a / b)) for a, b in zip(self.extents, other.extents, strict=True))
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _nearest_divisor(n: int, want: int) -> int:
     """The divisor of ``n`` nearest ``want`` in ratio (the smaller on a tie)."""
     return min(_divisors(n), key=lambda d: (abs(math.log2(d / max(want, 1))), d))
@@ -123,9 +122,6 @@ def refit(source_trace, sketch_trace, keep_locations: bool = True):
 def transfer(record_trace, task, target: dict[str, Any], seed: int = 0):
     """``record_trace`` (measured on another workload) as a valid schedule of ``task``, or
     None when no sketch of ``task`` has its structure or the replay fails."""
-    from harl.sampling import _context
-    from harl.schedules import replay
-
     ctx = _context(task, target, seed)
     mod = task.dispatched[0]
     for sketch in ctx.space_generator.generate_design_space(mod):
@@ -154,8 +150,6 @@ class Sources:
         one of its sketches) as ``(distance, record)``, nearest first; the task's own workload
         left out (its records need no transfer)."""
         from tvm_ffi import structural_equal
-
-        from harl.sampling import _context
 
         if not self.entries:
             return []

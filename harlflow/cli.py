@@ -211,25 +211,38 @@ def cmd_retune(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_pool(pool: str) -> str:
-    """A work pool needs a Prefect server that workers on other machines reach: its API URL."""
-    from harlflow.core.config import validate_name
-    from harlflow.core.errors import StoreError
-
-    validate_name(pool, "work pool name")
+def _prefect_api(needs: str, host: str) -> str:
+    """``PREFECT_API_URL``, or one line saying what ``needs`` a Prefect server and how to
+    start one listening on ``host``."""
     api = os.environ.get("PREFECT_API_URL")
     if not api:
+        shown = "127.0.0.1" if host == "127.0.0.1" else "HOST"
         raise BadInputError(
-            "a work pool needs a Prefect server its workers reach: start one with "
-            "'prefect server start --host 0.0.0.0 --port 4200' and set "
-            "PREFECT_API_URL=http://HOST:4200/api"
+            f"{needs}: start one with 'prefect server start --host {host} --port 4200' and "
+            f"set PREFECT_API_URL=http://{shown}:4200/api"
         )
+    return api
+
+
+def _prefect_healthy(api: str) -> None:
+    """The Prefect server at ``api`` answers its health check, or one ``StoreError`` line."""
     import httpx
+
+    from harlflow.core.errors import StoreError
 
     try:
         httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
     except Exception as e:
         raise StoreError(f"Prefect server {api} is unreachable: {type(e).__name__}: {e}") from None
+
+
+def _check_pool(pool: str) -> str:
+    """A work pool needs a Prefect server that workers on other machines reach: its API URL."""
+    from harlflow.core.config import validate_name
+
+    validate_name(pool, "work pool name")
+    api = _prefect_api("a work pool needs a Prefect server its workers reach", "0.0.0.0")
+    _prefect_healthy(api)
     return api
 
 
@@ -262,8 +275,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from prefect.client.schemas.schedules import CronSchedule
 
     from flows import jobs
+    from harlflow.core.config import validate_name
     from harlflow.core.durations import format_duration, parse_duration
-    from harlflow.core.errors import StoreError
 
     if a.cron is not None and a.interval is not None:
         raise BadInputError("give either --cron or --interval, not both")
@@ -285,29 +298,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
     elif a.pool is not None:
         raise BadInputError(f"--pool is for retune: serve --job {a.job} runs in this process")
     params = jobs.parse_params(a.param)
-    api = os.environ.get("PREFECT_API_URL")
-    if not api:
-        raise BadInputError(
-            "harlflow serve needs a Prefect server for its schedule: start one with "
-            "'prefect server start --host 127.0.0.1 --port 4200' and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
+    api = _prefect_api("harlflow serve needs a Prefect server for its schedule", "127.0.0.1")
     if a.job == "retune":
         settings = _settings(a)
-    import httpx
-
-    try:
-        httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
-    except Exception as e:
-        raise StoreError(f"Prefect server {api} is unreachable: {type(e).__name__}: {e}") from None
+    _prefect_healthy(api)
     if a.job == "retune":
         from tasks.sources import check_source
 
         check_source(a.source)
         source = a.source if a.source.startswith("s3://") else str(Path(a.source).resolve())
         # the deployment's parameters are JSON: the settings as a dict, checked at each run
-        if a.pool is not None:
-            _check_pool(a.pool)
+        if a.pool is not None:  # the server was checked above
+            validate_name(a.pool, "work pool name")
             settings = dataclasses.replace(settings, target=a.target)  # as in cmd_retune
         params = {"source": source, "settings": dataclasses.asdict(settings), "pool": a.pool}
     _check_home()

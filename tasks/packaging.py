@@ -88,9 +88,7 @@ def _export_tuning_db(db, tasks, target: dict[str, Any], dest: Path) -> int:
             continue
         wl = out.commit_workload(mod)
         for r in records:
-            out.commit_tuning_record(
-                ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info)
-            )
+            out.commit_tuning_record(database.with_workload(r, wl))
             n += 1
     return n
 

@@ -88,12 +88,13 @@ class TvmOracle:
         """``profile``: the target's costs (``harl.calibration``); by default the store's
         (measured into it the first time), flat without a store."""
         from harl.database import open_database
-        from harl.sql_database import is_url
+        from harlflow.core.config import is_database_url
 
         self.target = target
         self.db = (
             open_database(database_dir)
-            if database_dir is not None and (is_url(database_dir) or Path(database_dir).is_dir())
+            if database_dir is not None
+            and (is_database_url(database_dir) or Path(database_dir).is_dir())
             else None
         )
         if profile is None and database_dir is not None:

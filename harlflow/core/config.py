@@ -21,6 +21,18 @@ def tuning_db_dir() -> Path:
     return home() / "tuning_db"
 
 
+DATABASE_SCHEMES = ("postgresql", "sqlite")
+"""the databases a tuning store can live in (``harl.sql_database``)"""
+
+
+def is_database_url(location) -> bool:
+    """Whether a tuning-store location is a database URL (``postgresql[+driver]://…``,
+    ``sqlite:///…``); else it is a directory of MetaSchedule's JSON files."""
+    if not isinstance(location, str) or "://" not in location:
+        return False
+    return location.split("://", 1)[0].split("+")[0] in DATABASE_SCHEMES
+
+
 def tuning_db() -> str | Path:
     """The tuning store runs read and write: ``$HARLFLOW_TUNING_DB`` (a database URL a team
     shares: ``postgresql://user:pw@host/db``, or ``sqlite:///path``), else the home's JSON
@@ -28,8 +40,7 @@ def tuning_db() -> str | Path:
     url = os.environ.get("HARLFLOW_TUNING_DB")
     if not url:
         return tuning_db_dir()
-    scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
-    if scheme not in ("postgresql", "sqlite"):
+    if not is_database_url(url):
         raise BadInputError(
             f"HARLFLOW_TUNING_DB={url.split('@')[-1]!r}: expected postgresql://USER:PW@HOST/DB "
             "or sqlite:///PATH"
