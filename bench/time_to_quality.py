@@ -5,7 +5,7 @@ after 1, 2, 5, 10 and 20 minutes of tuning, against onnxruntime and against the 
     python bench/time_to_quality.py [--networks inception,gpt_decoder,mobilenet]
         [--combos evolutionary:xgb:20,harl:transfer:10] [--seeds 0,1]
         [--checkpoints 1,2,5,10,20] [--warm-store sqlite:///other-models.db]
-        [--out bench/results/time_to_quality.json]
+        [--out bench/results/time_to_quality.json] [--fresh]
 
 One tuning run per (network, combination, seed) yields every checkpoint: it tunes into a
 sqlite store of its own (``harl.sql_database`` keeps when each trial was measured), and each
@@ -17,7 +17,10 @@ models' records): those records count at every checkpoint.
 Every latency is measured side by side with onnxruntime (``harlflow.measure``: fresh
 processes, alternated, 95 % intervals). The networks come from ``bench/families.py``: none is
 in the dataset suite (``tasks.datasets.SUITE_NETWORKS``) any learned part was trained on. The
-JSON is rewritten after every row; a plot per network is written beside it.
+JSON is rewritten after every row; a plot per network is written beside it. Rows already in
+``--out`` (measured on the same target) are kept, and the runs they came from are not run again:
+a grid is built up over several invocations, and one that was stopped goes on where it was
+(``--fresh`` starts the file over).
 """
 
 from __future__ import annotations
@@ -109,6 +112,29 @@ def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, e
         snap.unlink()
 
 
+def _run_key(row: dict) -> tuple:
+    """The run a row came from: every checkpoint of one run shares it."""
+    return (row["network"], row["strategy"], row["cost_model"], row["store"], row["seed"])
+
+
+def _earlier_rows(out: Path, target: dict) -> list[dict]:
+    """The rows of an earlier invocation, when ``out`` holds some measured on ``target``; a run
+    whose checkpoints are not all there (stopped mid-way) is dropped, to be run again."""
+    if not out.is_file():
+        return []
+    old = json.loads(out.read_text())
+    if old.get("target") != target:
+        print(f"{out} was measured on {old.get('target')}: starting it over", flush=True)
+        return []
+    rows = old.get("rows", [])
+    complete = set()
+    for key in {_run_key(r) for r in rows}:
+        mine = [r for r in rows if _run_key(r) == key]
+        if max(r["minute"] for r in mine) >= min(r["run_minutes"] for r in mine):
+            complete.add(key)
+    return [r for r in rows if _run_key(r) in complete]
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per network and combination: the ratio at each minute (median and range over seeds),
     the first minute at or under onnxruntime, and the first minute at or under the baseline's
@@ -179,6 +205,7 @@ def main() -> None:
     p.add_argument("--warm-store", type=Path, help="a sqlite store every run starts from")
     p.add_argument("--seconds", type=float, default=10.0, help="per side-by-side measurement")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/time_to_quality.json")
+    p.add_argument("--fresh", action="store_true", help="discard the rows already in --out")
     a = p.parse_args()
     from families import export
 
@@ -188,8 +215,9 @@ def main() -> None:
     ]
     checkpoints = [float(c) for c in a.checkpoints.split(",")]
     work = Path(tempfile.mkdtemp(prefix="ttq-"))
-    rows: list[dict] = []
-    result = {"target": target, "host": platform.node(), "combos": a.combos, "rows": rows}
+    rows: list[dict] = _earlier_rows(a.out, target) if not a.fresh else []
+    result = {"target": target, "host": platform.node(), "rows": rows}
+    done = {_run_key(r) for r in rows}
 
     def emit(row: dict) -> None:
         rows.append(row)
@@ -206,6 +234,10 @@ def main() -> None:
         m = import_model(str(onnx_path), cache_dir=work / "cache")
         for seed in [int(s) for s in a.seeds.split(",")]:
             for combo in combos:
+                store = "warm" if a.warm_store is not None else "empty"
+                if (network, combo[0], combo[1], store, seed) in done:
+                    print(f"{network} {combo[0]}+{combo[1]} {store} seed {seed}: in {a.out}")
+                    continue
                 run_one(network, m, combo, seed, checkpoints, target, a.seconds, work,
                         a.warm_store, emit)  # fmt: skip
     if rows:

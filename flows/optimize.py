@@ -61,6 +61,7 @@ def optimize(
                 "budget": s.trials,
                 "time_budget_s": s.time_budget_s,
                 "strategy": s.strategy,
+                "task_scheduler": s.task_scheduler,
                 "rewrite": s.rewrite,
                 "rewrite_oracle": s.rewrite_oracle,
                 "promote": s.promote,

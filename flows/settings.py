@@ -59,6 +59,8 @@ class RunSettings:
     """what ranks candidates: ``xgb`` (MetaSchedule's XGBoost), ``transfer`` (the pre-trained
     attention cost model, fine-tuned on the team's records when it has been) or a saved one's
     path"""
+    task_scheduler: str | None = None
+    """which task gets the next round: ``harl`` or ``gradient``; None: the strategy's own"""
 
     def checked(self) -> RunSettings:
         """These settings validated, with the target resolved and the trial default applied;
@@ -66,7 +68,8 @@ class RunSettings:
         trials = self.trials
         if trials is None:  # a time budget alone is not capped by a trial count
             trials = UNLIMITED_TRIALS if self.time_budget_s else DEFAULT_TRIALS
-        TuningSpec(trials, self.time_budget_s, min_trials_per_task=self.min_trials_per_task)
+        TuningSpec(trials, self.time_budget_s, min_trials_per_task=self.min_trials_per_task,
+                   task_scheduler=self.task_scheduler)  # fmt: skip
         if self.strategy not in STRATEGIES:
             raise BadInputError(
                 f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}"
@@ -95,5 +98,5 @@ class RunSettings:
         the run's budget for tuning."""
         return TuningSpec(
             self.trials, time_budget_s, self.strategy, self.seed, self.min_trials_per_task,
-            self.cost_model, agent_path, reserve_s_per_task,
+            self.cost_model, agent_path, reserve_s_per_task, self.task_scheduler,
         )  # fmt: skip

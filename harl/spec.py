@@ -14,6 +14,10 @@ from typing import Any
 
 from harlflow.core.errors import BadInputError
 
+TASK_SCHEDULERS = ("harl", "gradient")
+"""``--task-scheduler`` choices: HARL's deadline-aware bandit (:mod:`harl.task_scheduler`) or
+MetaSchedule's gradient scheduler"""
+
 
 @dataclass(frozen=True)
 class TuningSpec:
@@ -37,6 +41,9 @@ class TuningSpec:
     """a learning strategy's agent: loaded from here if it exists, saved here after the run"""
     reserve_s_per_task: float = 0.0
     """seconds per task the caller needs after tuning (compiling), taken off the time budget"""
+    task_scheduler: str | None = None
+    """``harl`` or ``gradient`` (MetaSchedule's): which task gets the next round; None: the
+    strategy's own (HARL's for ``harl``, gradient for ``evolutionary``)"""
 
     def __post_init__(self) -> None:
         if self.trials < 0:
@@ -48,4 +55,9 @@ class TuningSpec:
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise BadInputError(
                 f"--time-budget must be more than 0 seconds, got {self.time_budget_s}"
+            )
+        if self.task_scheduler is not None and self.task_scheduler not in TASK_SCHEDULERS:
+            raise BadInputError(
+                f"unknown --task-scheduler {self.task_scheduler!r}: choose one of "
+                f"{', '.join(TASK_SCHEDULERS)}"
             )

@@ -10,6 +10,7 @@ register it in :data:`STRATEGIES`; the CLI's ``--strategy`` choices come from th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,26 @@ def create_strategy(
     seed: int = 0,
     agent_path: str | Path | None = None,
     pretrained: bool = True,
+    task_scheduler: str | None = None,
 ) -> Strategy:
     """A :class:`Strategy` from a name in :data:`STRATEGIES`, a :class:`Strategy`, or a
     MetaSchedule ``SearchStrategy`` instance (run with the gradient task scheduler).
-    ``pretrained``: a learning strategy without an agent file starts from the shipped agent."""
+    ``pretrained``: a learning strategy without an agent file starts from the shipped agent.
+    ``task_scheduler`` (``harl`` or ``gradient``) replaces the strategy's own task scheduler:
+    HARL's search with MetaSchedule's task level, or the other way round."""
+    chosen = _create(strategy, seed=seed, agent_path=agent_path, pretrained=pretrained)
+    if task_scheduler is None:
+        return chosen
+    from harl.task_scheduler import create_task_scheduler
+
+    return dataclasses.replace(
+        chosen,
+        name=f"{chosen.name}/{task_scheduler}",
+        task_scheduler=create_task_scheduler(task_scheduler, seed=seed),
+    )
+
+
+def _create(strategy, *, seed, agent_path, pretrained) -> Strategy:
     if isinstance(strategy, Strategy):
         return strategy
     if isinstance(strategy, str):

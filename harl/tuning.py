@@ -285,7 +285,11 @@ def tune(
     # different scale and ranking) it measured worse than a fresh agent (bench/harl_vs_ms.py)
     learned = not (isinstance(spec.cost_model, str) and spec.cost_model == "xgb")
     chosen = create_strategy(
-        spec.strategy, seed=spec.seed, agent_path=spec.agent_path, pretrained=learned
+        spec.strategy,
+        seed=spec.seed,
+        agent_path=spec.agent_path,
+        pretrained=learned,
+        task_scheduler=spec.task_scheduler,
     )
     ranker = create_cost_model(spec.cost_model, target)
     import_tensor_intrinsics()
@@ -463,6 +467,8 @@ def _search(
     if not deadline.unlimited:  # the tracker keeps the run's pace in deadline.per_trial_s
         pace = deadline.per_trial_s or SECONDS_PER_TRIAL_GUESS
         affordable = min(remaining, int(deadline.remaining() / pace))
+    if hasattr(strategy.task_scheduler, "use_deadline"):  # HARL's spends the time left
+        strategy.task_scheduler.use_deadline(deadline)
     with tempfile.TemporaryDirectory(prefix="harl-tune-") as tmp, _named_handlers_only():
         logs_dir = str(work_dir or tmp)
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(

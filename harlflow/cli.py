@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from flows.jobs import JOBS
+from harl.spec import TASK_SCHEDULERS
 from harl.strategies import STRATEGIES
 from harlflow import examples
 from harlflow.core import signals
@@ -121,6 +122,7 @@ def _settings(a: argparse.Namespace):
         max_regression=a.max_regression,
         rpc=a.rpc,
         cost_model=a.cost_model,
+        task_scheduler=a.task_scheduler,
     ).checked()
     if a.rpc:
         from harl.runners import count_servers, parse_rpc
@@ -720,6 +722,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default="evolutionary",
         choices=list(STRATEGIES),
         help="search strategy: evolutionary (MetaSchedule's, default) or harl",
+    )
+    p.add_argument(
+        "--task-scheduler",
+        choices=list(TASK_SCHEDULERS),
+        help="which task gets the next round: harl (spends the time left by measured gain per "
+        "second) or gradient (MetaSchedule's); default: the strategy's own (harl for harl)",
     )
     p.add_argument(
         "--cost-model",

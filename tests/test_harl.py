@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from harl import builders, compilation, sampling
 from harl import edits as E
 from harlflow import rl
+from harlflow.core.errors import BadInputError
 from harlflow.core.signature import TensorSpec
 from harlflow.core.targets import resolve_target
 from tasks.importing import to_relax
@@ -209,3 +210,60 @@ def test_every_walk_ends_and_none_bootstraps_from_its_own_value(matmul):
     assert trajectories and len(last_values) == len(trajectories)
     assert all(len(t) == 3 and t[-1].done and not any(s.done for s in t[:-1]) for t in trajectories)
     assert last_values == [0.0] * len(trajectories)
+
+
+def test_task_bandit_spends_the_time_left_where_the_gain_per_second_is():
+    import time
+
+    from harl.budget import Deadline
+    from harl.task_scheduler import TaskBandit
+
+    # three equal-weight tasks, 10 s left of a 100 s budget
+    late = Deadline(100.0, start=time.monotonic() - 90.0)
+    bandit = TaskBandit([1.0, 1.0, 1.0], deadline=late, c=0.5)
+    assert 0 < bandit.exploration() < 0.5 * 0.11  # a tenth of the budget left: little exploring
+    assert [bandit.choose([0, 1, 2]) for _ in range(3)] == [0, 1, 2]  # one round each first
+    bandit.learn(0, [2e-3], trials=8, seconds=4.0)
+    bandit.learn(1, [2e-3], trials=8, seconds=30.0)  # its rounds take longer than what is left
+    bandit.learn(2, [2e-3], trials=8, seconds=4.0)
+    # second rounds: task 0 gains 1 ms in 4 s, task 2 the same in 8 s
+    bandit.learn(0, [1e-3], trials=8, seconds=4.0)
+    bandit.learn(2, [1e-3], trials=8, seconds=8.0)
+    assert bandit.choose([0, 1, 2]) == 0  # the most gain per second; task 1 does not fit
+    assert bandit.choose([1]) == 1  # nothing else alive: the slow task gets the time
+    assert bandit.rewards[0][-1] > bandit.rewards[2][-1] > 0
+
+
+def test_task_bandit_ends_a_converged_task_and_explores_fully_without_a_deadline():
+    from harl.task_scheduler import TaskBandit
+
+    bandit = TaskBandit([1.0, 3.0], patience=2, c=0.5)
+    assert bandit.exploration() == 0.5
+    bandit.choose([0, 1])
+    assert not bandit.learn(0, [1e-3], trials=4, seconds=1.0)  # its first measurement
+    assert not bandit.learn(0, [1e-3], trials=4, seconds=1.0)
+    assert bandit.learn(0, [1.5e-3], trials=4, seconds=1.0)  # two rounds without a gain
+    assert bandit.choose([0, 1]) == 1  # not measured yet
+    bandit.learn(1, [], trials=4, seconds=1.0)  # every trial failed: no measurement, no gain
+    assert bandit.best[1] == float("inf") and bandit.rewards[1] == [0.0]
+
+
+@pytest.mark.slow
+def test_each_search_runs_with_the_other_task_scheduler(tmp_path):
+    from harl.spec import TuningSpec
+    from harl.strategies import create_strategy
+    from tasks.importing import import_model
+    from tasks.tuning import tune_model
+
+    swapped = create_strategy("harl", task_scheduler="gradient")  # HARL's search, MS's tasks
+    assert (swapped.name, swapped.task_scheduler) == ("harl/gradient", "gradient")
+    # MetaSchedule's search with HARL's task level, under a deadline
+    m = import_model("harlflow.examples:tiny_mlp", cache_dir=tmp_path / "cache")
+    spec = TuningSpec(16, 120.0, min_trials_per_task=2, task_scheduler="harl")
+    res = tune_model(m, resolve_target("cpu"), database_dir=tmp_path / "db", spec=spec,
+                     log=lambda *_: None)  # fmt: skip
+    assert res.strategy == "evolutionary/harl"
+    assert res.trials > 2 * len(res.tasks)  # the search measured beyond the warm-up
+    assert all(t.schedule == "tuned" for t in res.tasks)
+    with pytest.raises(BadInputError, match="--task-scheduler 'greedy'"):
+        TuningSpec(16, task_scheduler="greedy")
