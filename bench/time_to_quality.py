@@ -3,14 +3,15 @@ after 1, 2, 5, 10 and 20 minutes of tuning, against onnxruntime and against the 
 ``evolutionary`` + ``xgb`` baseline.
 
     python bench/time_to_quality.py [--networks inception,gpt_decoder,mobilenet]
-        [--combos evolutionary:xgb:20,harl:transfer:10] [--seeds 0,1]
+        [--combos evolutionary:xgb:20,harl:transfer:10,harl/gradient:transfer:5] [--seeds 0,1]
         [--checkpoints 1,2,5,10,20] [--warm-store sqlite:///other-models.db]
         [--out bench/results/time_to_quality.json] [--fresh]
 
 One tuning run per (network, combination, seed) yields every checkpoint: it tunes into a
 sqlite store of its own (``harl.sql_database`` keeps when each trial was measured), and each
 checkpoint is the artifact compiled from the records measured up to that minute. Only the
-combination that is the baseline needs the full 20 minutes (``NAME:COSTMODEL:MINUTES``).
+combination that is the baseline needs the full 20 minutes (``NAME:COSTMODEL:MINUTES``; a
+name ``SEARCH/SCHEDULER`` pairs a search with the other task scheduler, ``--task-scheduler``).
 With ``--warm-store``, each run starts from a copy of that store (say, the other bundled
 models' records): those records count at every checkpoint.
 
@@ -68,11 +69,13 @@ def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, e
         shutil.copy(warm, db)
     mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
     t0 = time.time()
+    search, _, scheduler = strategy.partition("/")  # harl/gradient: HARL's search, MS's tasks
     res = tuning.tune(
         mod,
         target,
         f"sqlite:///{db}",
-        strategy=strategy,
+        strategy=search,
+        task_scheduler=scheduler or None,
         cost_model=cost_model,
         seed=seed,
         trials=UNLIMITED_TRIALS,

@@ -9,8 +9,10 @@ One round (``generate_measure_candidates``) of a task:
    (database + this run); the rest from the best-predicted of ``random_starts`` fresh samples
    of UCB-picked sketches (all of which also join the candidate pool).
 3. **Parameter level.** The agent edits decisions step by step (:mod:`harl.edits`); the reward
-   of a step is the cost model's predicted improvement. Every valid schedule visited joins the
-   candidate pool; the agent is trained with PPO on the trajectories.
+   of a step is the cost model's predicted improvement, in units of the spread of that model's
+   scores on this task (:class:`ScoreScale`), so one agent learns from XGBoost's scores and the
+   attention model's alike. Every valid schedule visited joins the candidate pool; the agent is
+   trained with PPO on the trajectories.
 4. **Selection.** The pool's best-predicted schedules not measured before, with ε of the picks
    drawn at random from the pool (exploration).
 
@@ -70,7 +72,40 @@ class ExplorationConfig:
     random_starts: int = 64
     """fresh design-space samples scored by the cost model each round (trajectory starts)"""
     invalid_penalty: float = 0.05
-    """reward of an edit the postprocessors reject"""
+    """reward of an edit the postprocessors reject (in standard deviations of the scores)"""
+
+
+@dataclass
+class ScoreScale:
+    """A cost model's scores on one task, normalised: ``(score - mean) / std`` over every score
+    it gave so far (Welford's running moments). Two models whose scores differ by a scale and an
+    offset (XGBoost's normalised throughput, the attention model's unbounded logit) give the
+    agent the same states and rewards."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, scores: list[float]) -> None:
+        for x in scores:
+            self.n += 1
+            d = x - self.mean
+            self.mean += d / self.n
+            self.m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        """The spread so far (1 before two distinct scores: nothing to scale by yet)."""
+        s = math.sqrt(self.m2 / self.n) if self.n > 1 else 0.0
+        return s if s > 1e-12 else 1.0
+
+    def z(self, score: float) -> float:
+        """``score`` as standard deviations from the mean."""
+        return (score - self.mean) / self.std
+
+    def gain(self, new: float, old: float) -> float:
+        """``new - old`` in standard deviations: the reward of an edit."""
+        return (new - old) / self.std
 
 
 @dataclass
@@ -173,6 +208,7 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         self.imagined: list[tuple[float, Any]] = []
         self.stale_rounds = 0
         self.pending: list[tuple[int, int]] = []  # (hash, sketch) of candidates in flight
+        self.scale = ScoreScale()  # this task's cost-model scores: rewards in their spread
         self.cfg = ExplorationConfig(**self.cfg.__dict__)  # this task's adaptive copy
         if database is not None and database.has_workload(self.mod):
             for r in database.get_top_k(database.commit_workload(self.mod), 64):
@@ -300,10 +336,10 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
                     reward = -cfg.invalid_penalty
                 else:
                     score = next(scores)
-                    reward = score - t.score
+                    reward = self.scale.gain(score, t.score)
                     t.schedule, t.score = p.schedule, score
                     pool.setdefault(self._hash(p.schedule), (score, t.sketch, p.schedule))
-                if t.score > t.best + 1e-6:
+                if self.scale.gain(t.score, t.best) > 1e-6:
                     t.best, t.idle = t.score, 0
                 else:
                     t.idle += 1
@@ -424,7 +460,9 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
     def _state(self, t: Trajectory, step: int) -> np.ndarray:
         cand = self._candidate(t.schedule)
         feats = _pool_features(self.extractor.extract_from(self.ctx, [cand])[0])
-        ctx = np.array([step / max(1, self.cfg.steps), t.score, t.best, self.cfg.eps], np.float32)
+        z = self.scale.z
+        ctx = np.array([step / max(1, self.cfg.steps), z(t.score), z(t.best), self.cfg.eps],
+                       np.float32)  # fmt: skip
         s = np.concatenate([feats, E.decision_encoding(t.schedule.trace), ctx])
         assert s.shape == (STATE_DIM,)
         return s
@@ -433,7 +471,9 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         if self.cost_model is None or not schedules:
             return [0.0] * len(schedules)
         cands = [self._candidate(s) for s in schedules]
-        return [float(x) for x in self.cost_model.predict(self.ctx, cands)]
+        scores = [float(x) for x in self.cost_model.predict(self.ctx, cands)]
+        self.scale.update(scores)
+        return scores
 
     @staticmethod
     def _candidate(sch):

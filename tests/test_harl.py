@@ -267,3 +267,43 @@ def test_each_search_runs_with_the_other_task_scheduler(tmp_path):
     assert all(t.schedule == "tuned" for t in res.tasks)
     with pytest.raises(BadInputError, match="--task-scheduler 'greedy'"):
         TuningSpec(16, task_scheduler="greedy")
+
+
+def test_the_agent_sees_the_same_rewards_from_a_rescaled_cost_model(matmul):
+    """HARL's rewards are in units of the cost model's score spread (ScoreScale): a model whose
+    scores are 1000× another's plus 5 (as XGBoost's and the attention model's differ) gives
+    the agent the same walks and the same rewards."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy, ScoreScale
+
+    @derived_object
+    class Rescaled(ms.cost_model.PyCostModel):
+        def __init__(self, inner, a, b):
+            self.inner, self.a, self.b = inner, a, b
+
+        def predict(self, context, candidates):
+            return self.a * np.asarray(self.inner.predict(context, candidates)) + self.b
+
+    _, target, task = matmul
+
+    def rewards(a: float, b: float) -> list[float]:
+        rl.setup(0)
+        strategy = HARLSearchStrategy(
+            seed=0, exploration=ExplorationConfig(trajectories=4, steps=3, random_starts=8)
+        )
+        ctx = _context(task, target, strategy)
+        spaces = ctx.space_generator.generate_design_space(ctx.mod)
+        model = Rescaled(ms.cost_model.RandomModel(seed=3), a, b)
+        strategy.pre_tuning(8, 4, spaces, ms.database.MemoryDatabase(), model)
+        _, buffer = strategy._explore()
+        return [s.reward for t in buffer.trajectories for s in t]
+
+    plain, scaled = rewards(1.0, 0.0), rewards(1000.0, 5.0)
+    assert plain and len(plain) == len(scaled)
+    assert np.allclose(plain, scaled, atol=1e-6)
+    assert any(abs(r) > 1e-3 for r in plain)  # the walks did score differences
+    s = ScoreScale()
+    s.update([1.0, 3.0])
+    assert (s.mean, s.std, s.z(3.0), s.gain(3.0, 1.0)) == (2.0, 1.0, 1.0, 2.0)
