@@ -10,7 +10,8 @@ the same workloads on every target); every number is on the held-out workloads' 
 - per target T: MetaSchedule's XGBoost (its own ``XGBModel`` training on the same rows) and the
   attention model from scratch, each on 1%, 5%, 10% and 100% of T's training rows; the
   attention model pre-trained on the *other* targets, zero-shot on T and fine-tuned on those
-  1%, 5%, 10% (transfer to hardware it has not seen);
+  1%, 5%, 10% (transfer to hardware it has not seen), every weight (``full``) or only the
+  target embeddings and output layer at a tenth of the learning rate (``head``);
 - pruning: attention models trained on the rows :func:`harl.cost_model.pruning.prune` keeps
   (and on a random subset of the same size) against the fraction kept.
 
@@ -148,11 +149,14 @@ def accuracy(a: argparse.Namespace) -> dict:
              train_rows=0, **zero.evaluate(t_test))  # fmt: skip
         for frac in FRACTIONS[:-1]:
             part = _subsample(t_train, frac, a.seed)
-            tuned = copy.deepcopy(zero)
-            tuned.fit(part, seed=a.seed, epochs=a.fine_tune_epochs)
-            _row(out["accuracy"], target=t, model="pretrained+fine-tuned", fraction=frac,
-                 train_rows=len(part), **tuned.evaluate(t_test))  # fmt: skip
+            for recipe, name in (("full", "pretrained+fine-tuned"), ("head", "pretrained+head")):
+                tuned = copy.deepcopy(zero)
+                tuned.fit(part, seed=a.seed, epochs=a.fine_tune_epochs, recipe=recipe)
+                _row(out["accuracy"], target=t, model=name, fraction=frac,
+                     train_rows=len(part), **tuned.evaluate(t_test))  # fmt: skip
         _write(out, a.out)
+    if a.no_pruning:
+        return out
     print("\npruning (all targets):")
     print(header)
     for keep in KEEP:
@@ -311,6 +315,7 @@ def main() -> None:
     acc.add_argument("--epochs", type=int, default=30)
     acc.add_argument("--fine-tune-epochs", type=int, default=5)
     acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--no-pruning", action="store_true", help="only the accuracy table")
     acc.add_argument("--out", default=str(RESULTS / "cost_model_accuracy.json"))
     tun = sub.add_parser("tuning")
     tun.add_argument("--networks", default="vit_small,squeezenet_small")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from harl.cost_model.dataset import FEATURES
 from harl.cost_model.model import CostModel, ModelConfig, split_by_workload
@@ -93,3 +94,20 @@ def test_the_shipped_model_loads_and_is_what_transfer_starts_from(tmp_path, monk
     team = tmp_path / "home" / "cost_model" / "model.pt"
     shipped.save(team)
     assert transfer_model_path() == team
+
+
+def test_the_head_recipe_fine_tunes_a_new_target_with_the_body_frozen():
+    """Fine-tuning a pre-trained model on a new target's records (``recipe="head"``) trains
+    that target's embedding and the output layer only; the pre-trained body is unchanged."""
+    rl.setup(0)
+    model = CostModel(ModelConfig(hidden=32, epochs=20), targets=["t"])
+    model.fit(_toy_rows(workloads=8), seed=0)
+    rows = [{**r, "target": "new"} for r in _toy_rows(workloads=4, seed=1)]
+    tuned = model.with_targets(["new"])
+    body = {k: v.clone() for k, v in tuned.net.state_dict().items()}
+    tuned.fit(rows, seed=0, epochs=3, recipe="head")
+    after = tuned.net.state_dict()
+    changed = {k for k in body if not torch.equal(body[k], after[k])}
+    assert changed == {"target.weight", "out.weight", "out.bias"}, changed
+    with pytest.raises(ValueError, match="recipe must be one of full, head"):
+        tuned.fit(rows, recipe="frozen")

@@ -23,6 +23,11 @@ from harlflow.rl import Checkpointed
 KIND = "harlflow cost model"
 """what its checkpoints say they hold (``harlflow.rl.save_checkpoint``)"""
 MAX_STORES = 32  # statements kept per program (the rest are rare: fused kernels have a few)
+RECIPES = ("full", "head")
+"""how :meth:`CostModel.fit` trains: every weight, or only the target embeddings and the output
+layer (the pre-trained body frozen)"""
+FINE_TUNE_LR = 0.1
+"""the ``head`` recipe's learning rate, as a fraction of the config's"""
 
 
 @dataclass
@@ -164,6 +169,12 @@ class CostModel(Checkpointed):
         x, mask = _batch([r["features"] for r in rows])
         return self.net(x, mask, self._target_ids(rows)).numpy()
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What the ``head`` recipe trains: the target embeddings (a row per
+        target) and the output layer; the statement body (embedding, attention, residual
+        blocks) stays as pre-trained."""
+        return [self.net.target.weight, *self.net.out.parameters()]
+
     def fit(
         self,
         rows: list[dict],
@@ -171,11 +182,19 @@ class CostModel(Checkpointed):
         seed: int = 0,
         epochs: int | None = None,
         on_epoch: Callable[[int, float], None] | None = None,
+        recipe: str = "full",
     ) -> list[float]:
         """Train on ``rows`` with a pairwise logistic loss within each group, for ``epochs``
-        (default: the config's); the mean loss per epoch (also given to ``on_epoch``)."""
+        (default: the config's); the mean loss per epoch (also given to ``on_epoch``).
+        ``recipe``: ``"full"`` trains every weight at the config's learning rate; ``"head"``
+        (fine-tuning a pre-trained model on a new target's few records) only
+        :meth:`head_parameters`, at :data:`FINE_TUNE_LR` of it."""
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
         rng = np.random.default_rng(seed)
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
+        params = self.head_parameters() if recipe == "head" else list(self.net.parameters())
+        lr = self.cfg.lr * (FINE_TUNE_LR if recipe == "head" else 1.0)
+        opt = torch.optim.Adam(params, lr=lr)
         groups = _groups(rows)
         curve = []
         for _ in range(self.cfg.epochs if epochs is None else epochs):
@@ -193,7 +212,7 @@ class CostModel(Checkpointed):
                 i, j = i[keep], j[keep]
                 sign = torch.where(lat[i] < lat[j], 1.0, -1.0)  # i faster: score i higher
                 loss = nn.functional.softplus(-sign * (score[i] - score[j])).mean()
-                opt.zero_grad()
+                self.net.zero_grad(set_to_none=True)  # the frozen body too
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
