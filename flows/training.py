@@ -86,6 +86,7 @@ def cost_model_train(
     holdout: float = 0.2,
     seed: int = 0,
     to_registry: bool = True,
+    recipe: str = "full",
 ) -> dict[str, Any]:
     """Fine-tune the cost model (``start``: ``"transfer"``, ``"scratch"`` or a model file) on
     ``datasets``, default the store's tuning records collected first; saved to ``out``
@@ -93,11 +94,13 @@ def cost_model_train(
     ``to_registry``, logged and registered in MLflow."""
     log = get_run_logger().info
     # checked here, not only by the training stage: the store's records are collected before it
-    cost_model.check_train(datasets or (), start=start, epochs=epochs, holdout=holdout)
+    cost_model.check_train(
+        datasets or (), start=start, epochs=epochs, holdout=holdout, recipe=recipe
+    )
     files = datasets or [str(store_records_task(log=log))]
     result = cost_model_task(
         files, start=start, out=out, epochs=epochs, holdout=holdout, seed=seed,
-        register=to_registry, log=log,
+        register=to_registry, log=log, recipe=recipe,
     )  # fmt: skip
     return dataclasses.asdict(result)
 

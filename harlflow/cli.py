@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from flows.jobs import JOBS
+from harl.cost_model import RECIPES
 from harl.spec import TASK_SCHEDULERS
 from harl.strategies import STRATEGIES
 from harlflow import examples
@@ -650,10 +651,12 @@ def cmd_cost_model_train(a: argparse.Namespace) -> int:
     from tasks import cost_model
 
     start = "scratch" if a.scratch else (a.start or "transfer")
-    cost_model.check_train(a.dataset or (), start=start, epochs=a.epochs, holdout=a.holdout)
+    cost_model.check_train(a.dataset or (), start=start, epochs=a.epochs, holdout=a.holdout,
+                           recipe=a.recipe)  # fmt: skip
     r = _run_job(
         "cost-model-train", mlflow=not a.no_register, datasets=a.dataset, start=start,
         out=a.out, epochs=a.epochs, holdout=a.holdout, seed=a.seed, to_registry=not a.no_register,
+        recipe=a.recipe,
     )  # fmt: skip
     if r["after"]:
         print(f"held-out workloads after: {cost_model.fmt(r['after'])}")
@@ -966,6 +969,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.2,
         help="fraction of workloads held out to report accuracy on (default 0.2; 0: none)",
+    )
+    ct.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default="full",
+        help="full: train every weight (default); head: only the target embeddings and the "
+        "output layer, at a tenth of the learning rate (the pre-trained body frozen)",
     )
     ct.add_argument("--no-register", action="store_true", help="save the file only, no MLflow run")
     ct.add_argument("--seed", type=int, default=0)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harl import database
+from harl.cost_model import RECIPES
 from harlflow.core import config
 from harlflow.core.errors import BadInputError, StoreError, loading
 from harlflow.core.files import replacing
@@ -48,6 +49,7 @@ def check_train(
     start: str = "transfer",
     epochs: int | None = None,
     holdout: float = 0.2,
+    recipe: str = "full",
 ) -> None:
     """What :func:`train` would refuse, refused before any work (the CLI calls it before
     Prefect starts, the flow before collecting the store's records, :func:`train` when it
@@ -58,6 +60,10 @@ def check_train(
         raise BadInputError(f"--holdout must be in [0, 1), got {holdout}")
     if epochs is not None and epochs < 1:
         raise BadInputError(f"--epochs must be >= 1, got {epochs}")
+    if recipe not in RECIPES:
+        raise BadInputError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe == "head" and start == "scratch":
+        raise BadInputError("--recipe head fine-tunes a trained model: not with --scratch")
     if start not in ("transfer", "scratch") and not Path(start).is_file():
         raise BadInputError(f"--from: no cost model file at {start}")
     for p in map(Path, datasets):
@@ -97,16 +103,19 @@ def train(
     seed: int = 0,
     register: bool = True,
     log: Callable[[str], None] = print,
+    recipe: str = "full",
 ) -> TrainResult:
     """Fine-tune (``start="transfer"`` or a model path) or train from scratch (``"scratch"``)
     on ``datasets`` (default: the store's records), evaluate on held-out workloads, save to
-    ``out`` (default: the team's model) and, with ``register``, log and register in MLflow."""
+    ``out`` (default: the team's model) and, with ``register``, log and register in MLflow.
+    ``recipe``: ``"full"`` trains every weight; ``"head"`` only the target embeddings and the
+    output layer at a tenth of the learning rate (:meth:`CostModel.fit`)."""
     from harl.cost_model import dataset
     from harl.cost_model.model import CostModel, ModelConfig, split_by_workload
     from harl.cost_model.online import transfer_model_path
     from harlflow import rl
 
-    check_train(datasets, start=start, epochs=epochs, holdout=holdout)
+    check_train(datasets, start=start, epochs=epochs, holdout=holdout, recipe=recipe)
     paths = [Path(p) for p in datasets] or [store_records(log)]
     rows: list[dict] = []
     for p in paths:
@@ -138,7 +147,9 @@ def train(
     def progress(epoch: int, loss: float) -> None:
         log(f"epoch {epoch}/{n_epochs}: ranking loss {loss:.4f}")
 
-    result.losses = model.fit(train_rows, seed=seed, epochs=n_epochs, on_epoch=progress)
+    result.losses = model.fit(
+        train_rows, seed=seed, epochs=n_epochs, on_epoch=progress, recipe=recipe
+    )
     result.seconds = time.monotonic() - t0
     if test_rows:
         result.after = model.evaluate(test_rows)
@@ -147,7 +158,7 @@ def train(
         staged = Path(tmp) / "model.pt"
         model.save(staged)
         if register:  # before the team's model changes: a failed registration changes nothing
-            _register(result, staged, start, seed, holdout)
+            _register(result, staged, start, seed, holdout, recipe)
             log(f"registered {REGISTERED_NAME} version {result.version} (run {result.run_id})")
         with replacing(result.path) as partial:
             shutil.copyfile(staged, partial)
@@ -163,7 +174,9 @@ def fmt(m: dict[str, float]) -> str:
     )
 
 
-def _register(result: TrainResult, staged: Path, start: str, seed: int, holdout: float) -> None:
+def _register(
+    result: TrainResult, staged: Path, start: str, seed: int, holdout: float, recipe: str
+) -> None:
     """Log the training run (params, metrics, the model file) and register the model."""
     c = tracking.client()
     with tracking.run(c, "cost-model-train", tags={"harlflow.kind": "cost-model"}) as run_id:
@@ -177,6 +190,7 @@ def _register(result: TrainResult, staged: Path, start: str, seed: int, holdout:
                 "targets": ",".join(result.targets),
                 "epochs": len(result.losses),
                 "holdout": holdout,
+                "recipe": recipe,
                 "seed": seed,
             },
         )

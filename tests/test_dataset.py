@@ -121,6 +121,7 @@ def test_cost_model_train_on_the_store_registers_it_and_transfer_uses_it(env, ge
         assert mv.tags["targets"] == target_key(json.loads(TARGET))
         run = c.get_run(mv.run_id)
         assert run.info.status == "FINISHED" and "after_pairwise_accuracy" in run.data.metrics
+        assert run.data.params["recipe"] == "full"
         assert [a.path for a in c.list_artifacts(mv.run_id, "cost_model")] == [
             "cost_model/model.pt"
         ]
@@ -133,6 +134,9 @@ def test_cost_model_train_on_the_store_registers_it_and_transfer_uses_it(env, ge
     bad.write_text("not a dataset")
     r = harlflow(env, "cost-model", "train", "--dataset", str(bad))
     assert r.returncode != 0 and "is not a harlflow dataset" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = harlflow(env, "cost-model", "train", "--scratch", "--recipe", "head")
+    assert r.returncode == 2 and "--recipe head fine-tunes a trained model" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 

@@ -17,15 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from harl.cost_model import RECIPES
 from harl.cost_model.dataset import FEATURES
 from harlflow.rl import Checkpointed
 
 KIND = "harlflow cost model"
 """what its checkpoints say they hold (``harlflow.rl.save_checkpoint``)"""
 MAX_STORES = 32  # statements kept per program (the rest are rare: fused kernels have a few)
-RECIPES = ("full", "head")
-"""how :meth:`CostModel.fit` trains: every weight, or only the target embeddings and the output
-layer (the pre-trained body frozen)"""
 FINE_TUNE_LR = 0.1
 """the ``head`` recipe's learning rate, as a fraction of the config's"""
 
