@@ -6,6 +6,7 @@ after 1, 2, 5, 10 and 20 minutes of tuning, against onnxruntime and against the 
         [--combos evolutionary:xgb:20,harl:transfer:10,harl/gradient:transfer:5] [--seeds 0,1]
         [--checkpoints 1,2,5,10,20] [--warm-store sqlite:///other-models.db]
         [--out bench/results/time_to_quality.json] [--fresh]
+    python bench/time_to_quality.py --make-warm-store other-models.db [--warm-trials 160]
 
 One tuning run per (network, combination, seed) yields every checkpoint: it tunes into a
 sqlite store of its own (``harl.sql_database`` keeps when each trial was measured), and each
@@ -13,7 +14,9 @@ checkpoint is the artifact compiled from the records measured up to that minute.
 combination that is the baseline needs the full 20 minutes (``NAME:COSTMODEL:MINUTES``; a
 name ``SEARCH/SCHEDULER`` pairs a search with the other task scheduler, ``--task-scheduler``).
 With ``--warm-store``, each run starts from a copy of that store (say, the other bundled
-models' records): those records count at every checkpoint.
+models' records): those records count at every checkpoint. ``--make-warm-store`` makes one:
+the bundled example models (``harlflow.examples``; none is a benchmark network), each tuned
+with the default strategy for ``--warm-trials`` trials into one sqlite store.
 
 Every latency is measured side by side with onnxruntime (``harlflow.measure``: fresh
 processes, alternated, 95 % intervals). The networks come from ``bench/families.py``: none is
@@ -28,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
-import shutil
 import sqlite3
 import sys
 import tempfile
@@ -66,7 +69,7 @@ def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, e
     db = work / f"{network}-{label}-s{seed}.db"
     db.unlink(missing_ok=True)
     if warm is not None:
-        shutil.copy(warm, db)
+        _copy_until(warm, db, math.inf)  # the sqlite backup API: its WAL included
     mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
     t0 = time.time()
     search, _, scheduler = strategy.partition("/")  # harl/gradient: HARL's search, MS's tasks
@@ -199,6 +202,19 @@ def plot(rows: list[dict], path: Path) -> None:
         plt.close(fig)
 
 
+def make_warm_store(path: Path, trials: int, target: dict) -> None:
+    """Tune every bundled example model into the sqlite store ``path`` (a team's records)."""
+    from harlflow.examples import EXAMPLES
+
+    work = Path(tempfile.mkdtemp(prefix="ttq-warm-"))
+    for name in EXAMPLES:
+        m = import_model(f"harlflow.examples:{name}", cache_dir=work / "cache")
+        mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
+        t0 = time.time()
+        res = tuning.tune(mod, target, f"sqlite:///{path}", trials=trials, seed=0)
+        print(f"{name}: {res.trials} trials in {time.time() - t0:.0f} s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--networks", default="inception,gpt_decoder,mobilenet")
@@ -209,7 +225,17 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="per side-by-side measurement")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/time_to_quality.json")
     p.add_argument("--fresh", action="store_true", help="discard the rows already in --out")
+    p.add_argument(
+        "--make-warm-store",
+        type=Path,
+        metavar="DB",
+        help="tune the bundled example models into this sqlite file, then stop",
+    )
+    p.add_argument("--warm-trials", type=int, default=160, help="per model, --make-warm-store")
     a = p.parse_args()
+    if a.make_warm_store:
+        make_warm_store(a.make_warm_store.resolve(), a.warm_trials, resolve_target("cpu"))
+        return
     from families import export
 
     target = resolve_target("cpu")
