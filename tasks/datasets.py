@@ -53,6 +53,31 @@ CONVS = [(3, 32, 112, 3, 2), (32, 64, 56, 3, 1), (64, 128, 56, 1, 2), (96, 96, 2
          (64, 256, 28, 1, 1), (48, 48, 40, 5, 1)]  # fmt: skip
 DEPTHWISE = [(32, 112, 3, 1), (96, 56, 3, 2), (192, 28, 3, 1), (384, 14, 5, 1)]  # C, H=W, k, stride
 
+# The wider grid (``ops_<family>_x`` units, issue 25: ~300 workloads for the 30,000-program
+# dataset): the projections of transformers of common widths and sequence lengths, their
+# attention products, classifier heads, and the convolutions of ResNet- and MobileNet-like
+# stages at their usual channel counts and resolutions.
+_WIDTHS, _SEQS = (256, 384, 512, 768, 1024), (8, 32, 64, 128, 196, 256)
+GEMMS_X = [(s, d, n) for d in _WIDTHS for s in _SEQS for n in (d, 4 * d)] + [
+    (s, 4 * d, d) for d in _WIDTHS for s in _SEQS
+]
+DENSES_X = [(m, k, n) for m in (1, 8, 32) for k, n in
+            ((512, 1000), (1024, 1000), (2048, 1000), (768, 3072), (3072, 768))]  # fmt: skip
+BMMS_X = [(h, s, dh, s) for h in (4, 8, 12) for s in (64, 128, 196) for dh in (32, 64)] + [
+    (h, s, s, dh) for h in (4, 8, 12) for s in (64, 128, 196) for dh in (32, 64)
+]
+_STAGES = ((64, 56), (128, 28), (256, 14), (512, 7), (24, 56), (40, 28), (80, 14), (112, 14),
+           (160, 7))  # fmt: skip
+CONVS_X = [(c, c, hw, k, 1) for c, hw in _STAGES for k in (1, 3)] + [
+    (c, 2 * c, hw, k, 2) for c, hw in _STAGES for k in (1, 3) if hw > 7
+]
+DEPTHWISE_X = [(c * 6, hw, k, s) for c, hw in _STAGES for k in (3, 5) for s in (1, 2) if hw > 7]
+SHAPES = {
+    "gemm": GEMMS, "dense": DENSES, "bmm": BMMS, "conv": CONVS, "depthwise": DEPTHWISE,
+    "gemm_x": GEMMS_X, "dense_x": DENSES_X, "bmm_x": BMMS_X, "conv_x": CONVS_X,
+    "depthwise_x": DEPTHWISE_X,
+}  # fmt: skip
+
 
 @dataclass
 class Unit:
@@ -92,13 +117,16 @@ def _operator_pack(family: str) -> list[tuple[list, list, list, list]]:
 
     rng = np.random.default_rng(0)
     ops = []
-    if family == "gemm":
-        for k, (m, kk, n) in enumerate(GEMMS):
+    if family not in SHAPES:
+        raise BadInputError(f"unknown operator family {family!r}")
+    shapes, kind = SHAPES[family], family.removesuffix("_x")
+    if kind == "gemm":
+        for k, (m, kk, n) in enumerate(shapes):
             x, w, y = f"x{k}", f"w{k}", f"y{k}"
             node = helper.make_node("MatMul", [x, w], [y])
             ops.append(([node], [(x, [m, kk])], [y], [_weight(w, (kk, n), rng)]))
-    elif family == "dense":
-        for k, (m, kk, n) in enumerate(DENSES):
+    elif kind == "dense":
+        for k, (m, kk, n) in enumerate(shapes):
             x, w, b, y = f"x{k}", f"w{k}", f"b{k}", f"y{k}"
             nodes = [
                 helper.make_node("Gemm", [x, w, b], [f"g{k}"]),
@@ -106,32 +134,30 @@ def _operator_pack(family: str) -> list[tuple[list, list, list, list]]:
             ]
             weights = [_weight(w, (kk, n), rng), _weight(b, (n,), rng)]
             ops.append((nodes, [(x, [m, kk])], [y], weights))
-    elif family == "bmm":
-        for k, (b, m, kk, n) in enumerate(BMMS):
+    elif kind == "bmm":
+        for k, (b, m, kk, n) in enumerate(shapes):
             p, q, y = f"p{k}", f"q{k}", f"y{k}"
             node = helper.make_node("MatMul", [p, q], [y])
             ops.append(([node], [(p, [b, m, kk]), (q, [b, kk, n])], [y], []))
-    elif family == "conv":
-        for k, (ci, co, hw, ks, s) in enumerate(CONVS):
+    elif kind == "conv":
+        for k, (ci, co, hw, ks, s) in enumerate(shapes):
             x, w, y = f"x{k}", f"w{k}", f"y{k}"
             node = helper.make_node(
                 "Conv", [x, w], [y], pads=[ks // 2] * 4, strides=[s, s], kernel_shape=[ks, ks]
             )
             ops.append(([node], [(x, [1, ci, hw, hw])], [y], [_weight(w, (co, ci, ks, ks), rng)]))
-    elif family == "depthwise":
-        for k, (c, hw, ks, s) in enumerate(DEPTHWISE):
+    else:  # depthwise
+        for k, (c, hw, ks, s) in enumerate(shapes):
             x, w, y = f"x{k}", f"w{k}", f"y{k}"
             node = helper.make_node(
                 "Conv", [x, w], [y], pads=[ks // 2] * 4, strides=[s, s], group=c,
                 kernel_shape=[ks, ks],
             )  # fmt: skip
             ops.append(([node], [(x, [1, c, hw, hw])], [y], [_weight(w, (c, 1, ks, ks), rng)]))
-    else:
-        raise BadInputError(f"unknown operator family {family!r}")
     return ops
 
 
-OPERATOR_FAMILIES = ("gemm", "dense", "bmm", "conv", "depthwise")
+OPERATOR_FAMILIES = tuple(SHAPES)
 
 
 def _operators_unit(family: str) -> Unit:
@@ -158,22 +184,25 @@ def _network_unit(name: str) -> Unit:
 
 def suite(names: Iterable[str] | None = None) -> list[Unit]:
     """The workload suite's units: ``names`` picks some (networks by example name, operator
-    packs as ``ops_<family>``); None is the whole suite (networks first)."""
+    packs as ``ops_<family>``, ``all`` for the base suite and the wider grid); None is the base
+    suite (networks first, then the five original packs: what the shipped models learned on)."""
     from harlflow.examples import EXAMPLES
 
     everything = {n: _network_unit(n) for n in SUITE_NETWORKS}
     everything |= {f"ops_{f}": _operators_unit(f) for f in OPERATOR_FAMILIES}
     if names is None:
-        return list(everything.values())
+        return [u for n, u in everything.items() if not n.endswith("_x")]
     units = []
     for n in names:
-        if n in everything:
+        if n == "all":
+            units += [u for u in everything.values() if u not in units]
+        elif n in everything:
             units.append(everything[n])
         elif n in EXAMPLES:  # any bundled network may be asked for, held-out ones included
             units.append(_network_unit(n))
         else:
             raise BadInputError(
-                f"unknown suite unit {n!r}: choose from {', '.join([*everything, *EXAMPLES])}"
+                f"unknown suite unit {n!r}: choose from all, {', '.join([*everything, *EXAMPLES])}"
             )
     return units
 
