@@ -66,7 +66,7 @@ def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, e
     """Tune ``m`` with ``combo`` for its minutes, then compile and time each checkpoint."""
     strategy, cost_model, minutes = combo
     label = f"{strategy}+{cost_model}"
-    db = work / f"{network}-{label}-s{seed}.db"
+    db = work / f"{network}-{label.replace('/', '-')}-s{seed}.db"  # harl/gradient
     db.unlink(missing_ok=True)
     if warm is not None:
         _copy_until(warm, db, math.inf)  # the sqlite backup API: its WAL included

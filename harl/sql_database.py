@@ -35,6 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -102,6 +103,10 @@ def _engine_url(url: str) -> sa.engine.URL:
         raise BadInputError(
             f"tuning store {safe_url(url)}: only postgresql:// and sqlite:/// are supported"
         )
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        folder = Path(u.database).expanduser().parent
+        if not folder.is_dir():  # not a passing fault: fail now, not after the retry window
+            raise BadInputError(f"tuning store {safe_url(url)}: no directory {folder}")
     return u
 
 

@@ -20,7 +20,7 @@ from store_worker import matmul, records
 from harl import database
 from harl.sql_database import safe_url
 from harlflow.cli import main
-from harlflow.core.errors import StoreError
+from harlflow.core.errors import BadInputError, StoreError
 
 WORKER = [sys.executable, str(Path(__file__).with_name("store_worker.py"))]
 
@@ -216,3 +216,15 @@ def test_two_tunings_of_one_workload_at_once_keep_the_store_consistent(mm, pg_st
     keys = {json.dumps(_trace(r), sort_keys=True) for r in stored}
     assert len(stored) == len(keys) == _rows(pg_store) == len(db)
     assert 0 < len(stored) <= sum(trials)
+
+
+def test_a_sqlite_store_in_a_missing_directory_is_one_line_at_once(monkeypatch, tmp_path, capsys):
+    """Not a passing fault: refused before any work, not after the retry window."""
+    url = f"sqlite:///{tmp_path}/missing/records.db"
+    monkeypatch.setenv("HARLFLOW_TUNING_DB", url)
+    assert main(["db", "export", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"no directory {tmp_path}/missing" in err and len(err.splitlines()) == 1
+    with pytest.raises(BadInputError, match="no directory"):
+        database.open_database(url)
+    assert not (tmp_path / "out").exists()

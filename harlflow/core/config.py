@@ -45,6 +45,10 @@ def tuning_db() -> str | Path:
             f"HARLFLOW_TUNING_DB={url.split('@')[-1]!r}: expected postgresql://USER:PW@HOST/DB "
             "or sqlite:///PATH"
         )
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        folder = Path(url.removeprefix("sqlite:///").split("?")[0]).expanduser().parent
+        if not folder.is_dir():
+            raise BadInputError(f"HARLFLOW_TUNING_DB={url!r}: no directory {folder}")
     return url
 
 
