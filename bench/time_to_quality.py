@@ -177,6 +177,36 @@ def _first_minute(curve: dict, bar: float) -> float | None:
     return next((float(k) for k, v in curve.items() if v["median"] <= bar), None)
 
 
+def table(rows: list[dict]) -> str:
+    """A markdown table per network: latency / onnxruntime at each checkpoint (median over
+    seeds, the range when there are several), one line per combination and store."""
+    lines = []
+    minutes = sorted({r["minute"] for r in rows})
+    for net, s in summarise(rows).items():
+        goal = "none" if s["baseline_ratio"] is None else f"{s['baseline_ratio']:.3f}"
+        lines += [f"**{net}** (latency / onnxruntime; the baseline, evolutionary+xgb at its "
+                  f"last checkpoint: {goal})", "",
+                  "| combination | store | " + " | ".join(f"{m:g} min" for m in minutes)
+                  + " | to onnxruntime | to baseline |",
+                  "|---|---|" + "---|" * (len(minutes) + 2)]  # fmt: skip
+        for key, c in s["combos"].items():
+            name, store = key.rsplit("+", 1)
+            cells = []
+            for m in minutes:
+                v = c["curve"].get(str(m))
+                if v is None:
+                    cells.append("")
+                elif v["min"] == v["max"]:
+                    cells.append(f"{v['median']:.2f}")
+                else:
+                    cells.append(f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})")
+            reach = [c["minutes_to_onnxruntime"], c["minutes_to_baseline"]]
+            reach = [f"{x:g} min" if x is not None else "not reached" for x in reach]
+            lines.append(f"| {name} | {store} | " + " | ".join(cells + reach) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -232,7 +262,11 @@ def main() -> None:
         help="tune the bundled example models into this sqlite file, then stop",
     )
     p.add_argument("--warm-trials", type=int, default=160, help="per model, --make-warm-store")
+    p.add_argument("--table", action="store_true", help="print --out's tables and stop")
     a = p.parse_args()
+    if a.table:
+        print(table(json.loads(a.out.read_text())["rows"]))
+        return
     if a.make_warm_store:
         make_warm_store(a.make_warm_store.resolve(), a.warm_trials, resolve_target("cpu"))
         return
@@ -271,7 +305,7 @@ def main() -> None:
                         a.warm_store, emit)  # fmt: skip
     if rows:
         plot(rows, a.out)
-    print(json.dumps(result.get("summary", {}), indent=1))
+        print(table(rows))
 
 
 if __name__ == "__main__":
