@@ -282,7 +282,8 @@ def tune(
         raise TypeError(f"tune() takes a spec or its fields, not both: {sorted(fields)}")
     rl.setup(spec.seed)  # before the agent's network is built
     # the shipped HARL agent learned from the learned cost model's rewards; with XGBoost's (a
-    # different scale and ranking) it measured worse than a fresh agent (bench/harl_vs_ms.py)
+    # different ranking) it measured worse than a fresh agent (bench/harl_vs_ms.py, measured
+    # before rewards were normalised by ScoreScale, which removed the difference in scale)
     learned = not (isinstance(spec.cost_model, str) and spec.cost_model == "xgb")
     chosen = create_strategy(
         spec.strategy,
