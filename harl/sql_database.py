@@ -35,7 +35,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -43,7 +42,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from harlflow.core.config import DATABASE_SCHEMES
+from harlflow.core.config import DATABASE_SCHEMES, check_sqlite_folder
 from harlflow.core.errors import BadInputError, StoreError, first_line
 from harlflow.core.targets import target_key
 
@@ -103,10 +102,7 @@ def _engine_url(url: str) -> sa.engine.URL:
         raise BadInputError(
             f"tuning store {safe_url(url)}: only postgresql:// and sqlite:/// are supported"
         )
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        folder = Path(u.database).expanduser().parent
-        if not folder.is_dir():  # not a passing fault: fail now, not after the retry window
-            raise BadInputError(f"tuning store {safe_url(url)}: no directory {folder}")
+    check_sqlite_folder(url, f"tuning store {safe_url(url)}")  # before the retry window
     return u
 
 

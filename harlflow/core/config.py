@@ -33,6 +33,21 @@ def is_database_url(location) -> bool:
     return location.split("://", 1)[0].split("+")[0] in DATABASE_SCHEMES
 
 
+def check_sqlite_folder(url: str, name: str) -> None:
+    """A ``sqlite[+driver]:///PATH`` URL whose file's directory does not exist: a
+    ``BadInputError`` starting with ``name`` (not a passing fault, so nothing to retry). Other
+    URLs, and in-memory sqlite, pass."""
+    scheme, _, rest = url.partition("://")
+    if scheme.split("+")[0] != "sqlite":
+        return
+    path = rest.removeprefix("/").split("?")[0]  # sqlite:///relative, sqlite:////absolute
+    if not path or path == ":memory:":
+        return
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():
+        raise BadInputError(f"{name}: no directory {folder}")
+
+
 def tuning_db() -> str | Path:
     """The tuning store runs read and write: ``$HARLFLOW_TUNING_DB`` (a database URL a team
     shares: ``postgresql://user:pw@host/db``, or ``sqlite:///path``), else the home's JSON
@@ -45,10 +60,7 @@ def tuning_db() -> str | Path:
             f"HARLFLOW_TUNING_DB={url.split('@')[-1]!r}: expected postgresql://USER:PW@HOST/DB "
             "or sqlite:///PATH"
         )
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        folder = Path(url.removeprefix("sqlite:///").split("?")[0]).expanduser().parent
-        if not folder.is_dir():
-            raise BadInputError(f"HARLFLOW_TUNING_DB={url!r}: no directory {folder}")
+    check_sqlite_folder(url, f"HARLFLOW_TUNING_DB={url!r}")
     return url
 
 
