@@ -12,7 +12,10 @@ register-blocked, a quarter uniformly random) then MetaSchedule's evolutionary s
 dataset has both random and searched programs. Every trial is committed as it is measured, a
 task another unit already measured is not measured again, and an interrupted unit resumes
 (:class:`harl.journal.RunJournal`): the same command run again continues where it stopped.
-After each target, its database is collected into the dataset file (merged, deduplicated).
+After each unit, its tasks' records are collected into the dataset file (merged,
+deduplicated), and a unit whose tasks all have rows there for the target is skipped: a
+generation also resumes from the dataset file alone, in a new work directory (the committed
+dataset grows over several sessions that way).
 
 Targets run on this machine stand in for different hardware: AVX2-only code (``"mcpu":
 "haswell"``), AVX-512 (``znver5``), one core or two (``num-cores``).
@@ -290,7 +293,8 @@ def generate(
 
     Each task gets about ``trials_per_task`` measured programs: ``warm_up`` seeded samples, the
     rest from the evolutionary search. Run again after an interruption, the same command
-    measures only what is missing. Returns counts per target.
+    measures only what is missing; so does a new ``work`` with the same ``out`` (by unit).
+    Returns counts per target.
     """
     from harl import compilation, tuning
     from harl.cost_model import dataset
@@ -301,18 +305,25 @@ def generate(
     say = on_progress or (lambda line: None)
     work = Path(work)
     (work / "onnx").mkdir(parents=True, exist_ok=True)
+    have = dataset.programs_per_workload(out)  # what an earlier generation already collected
     modules = {}
     summary: dict[str, Any] = {"targets": {}}
     for ti, target in enumerate(resolved, 1):
+        key = target_key(target)
         db_dir = work / target_slug(target)
-        measured = 0
+        counts = {"trials": 0, "records": 0, "rows": sum(have.values()),
+                  "new_rows": 0}  # fmt: skip
         for ui, unit in enumerate(chosen, 1):
             if unit.name not in modules:
                 modules[unit.name] = unit_module(unit, work / "onnx")
             mod = modules[unit.name]
-            n_tasks = len(compilation.extract_tasks(mod, target))
-            where = f"[target {ti}/{len(resolved)} {target_key(target)}] {ui}/{len(chosen)}"
-            say(f"{where} {unit.name}: {n_tasks} tasks")
+            tasks = compilation.extract_tasks(mod, target)
+            ids = {dataset.task_workload_id(t) for t in tasks}
+            where = f"[target {ti}/{len(resolved)} {key}] {ui}/{len(chosen)}"
+            if all((w, key) in have for w in ids):
+                say(f"{where} {unit.name}: {len(tasks)} tasks already in {out}, skipped")
+                continue
+            say(f"{where} {unit.name}: {len(tasks)} tasks")
 
             shown = [0]
 
@@ -325,16 +336,24 @@ def generate(
                 mod,
                 target,
                 db_dir,
-                trials=trials_per_task * n_tasks,
+                trials=trials_per_task * len(tasks),
                 strategy="evolutionary",
                 seed=seed + ui,
                 min_trials_per_task=warm_up,
                 on_progress=progress,
             )
-            measured += result.trials
             new = sum(1 for t in result.tasks if t.schedule == "tuned")
             say(f"{where} {unit.name}: {result.trials} trials ({new} tasks measured now)")
-        counts = dataset.collect([db_dir], out)
-        say(f"[target {ti}/{len(resolved)}] collected into {out}: {counts['rows']} rows")
-        summary["targets"][target_key(target)] = {"trials": measured, **counts}
+            # Collected unit by unit: the file is what a later generation resumes from, with
+            # or without this work directory (a task is skipped once its rows are in ``out``).
+            got = dataset.collect([db_dir], out, workloads=ids)
+            say(f"{where} {unit.name}: collected into {out}: {got['rows']} rows")
+            have = dataset.programs_per_workload(out)
+            counts["trials"] += result.trials
+            counts["records"] += got["records"]
+            counts["new_rows"] += got["new_rows"]
+            counts["rows"] = got["rows"]
+        say(f"[target {ti}/{len(resolved)}] {key}: {counts['trials']} trials, "
+            f"{counts['new_rows']} new rows, {counts['rows']} rows in {out}")  # fmt: skip
+        summary["targets"][key] = counts
     return summary

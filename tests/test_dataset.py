@@ -44,7 +44,8 @@ def _lines(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def generated(env, tmp_path_factory) -> dict:
     """A generation of the tiny MLP's tasks, SIGKILLed after its first trials, then the same
-    command again (it resumes), then once more (nothing left to measure)."""
+    command again (it resumes), then once more in a new work directory (nothing left to measure:
+the dataset file says so)."""
     from harl.cost_model import dataset
 
     tmp = tmp_path_factory.mktemp("generate")
@@ -70,6 +71,8 @@ def generated(env, tmp_path_factory) -> dict:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = len(_lines(records))
     rows = dataset.load(out)
+    # Once more in a new work directory: the dataset file alone says what is measured.
+    cmd[cmd.index("--work") + 1] = str(tmp / "new-work")
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     return {"out": out, "records": records, "killed": killed, "after": after, "rows": rows,
@@ -87,9 +90,10 @@ def test_generate_resumes_after_a_kill_without_measuring_twice(generated):
     assert len(keys) == len(set(keys)) and len(rows) <= generated["after"]
     assert len({r["workload"] for r in rows}) == 2  # one workload per task, not one per record
     assert {r["target"] for r in rows} == {target_key(json.loads(TARGET))}
-    again = generated["again"]
-    assert "0 trials measured now" in again.stdout  # a finished generation measures nothing
-    assert len(_lines(generated["records"])) == generated["after"]
+    again = generated["again"]  # a finished generation measures nothing, even in a new work dir
+    assert "0 trials measured now" in again.stdout
+    assert "2 tasks already in" in again.stderr + again.stdout
+    assert not list((generated["out"].parent / "new-work").glob("*/database_tuning_record.json"))
     assert len(dataset.load(generated["out"])) == len(rows)
 
 

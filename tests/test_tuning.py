@@ -174,6 +174,7 @@ def test_a_model_with_no_tuning_task_is_packaged_with_what_tvm_compiles(tmp_path
 
 
 def test_dataset_collect_from_a_tuning_database(matmul_tasks, tmp_path, capsys):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from harl.cost_model import dataset
@@ -193,6 +194,26 @@ def test_dataset_collect_from_a_tuning_database(matmul_tasks, tmp_path, capsys):
     assert len(keys) == len(set(keys))  # one row per distinct program
     again = dataset.collect([tmp_path / "db"], out)  # collecting twice adds nothing
     assert again["new_rows"] == 0 and pq.read_table(out).num_rows == len(rows)
+    # A row stored as failed is superseded by a valid measurement of the same program.
+    table = pq.read_table(out)
+    first = valid[0]
+    at = next(i for i, r in enumerate(rows) if r["program"] == first["program"])
+    failed = table.column("failed").to_pylist()
+    failed[at] = True
+    pq.write_table(table.set_column(table.schema.get_field_index("failed"), "failed",
+                                    pa.array(failed)), out)  # fmt: skip
+    assert dataset.collect([tmp_path / "db"], out)["new_rows"] == 0
+    merged = dataset.load(out)
+    assert len(merged) == len(rows) and sum(r["failed"] for r in merged) == sum(
+        r["failed"] for r in rows
+    )
+    # Only the named workloads are collected; a task's id is its rows' workload column.
+    (task,) = matmul_tasks[2]
+    wid = dataset.task_workload_id(task)
+    assert dataset.programs_per_workload(out) == {(wid, database.target_key(target)): len(rows)}
+    assert dataset.collect([tmp_path / "db"], tmp_path / "none.parquet",
+                           workloads={"0" * 16})["rows"] == 0  # fmt: skip
+    assert dataset.programs_per_workload(tmp_path / "missing.parquet") == {}
     with pytest.raises(BadInputError, match="is not a tuning database"):
         dataset.collect([tmp_path / "ds"], out)
     (tmp_path / "bad.parquet").write_text("not parquet")

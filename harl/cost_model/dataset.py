@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -61,8 +62,14 @@ def _workload_id(mod) -> str:
     return hashlib.sha256(mod.script().encode()).hexdigest()[:16]
 
 
-def database_rows(database_dir: str | Path) -> Iterable[dict]:
-    """Every record of a tuning database as a dataset row (replayed and featurised)."""
+def task_workload_id(task) -> str:
+    """The ``workload`` column of a MetaSchedule task's rows (its tuning database workload)."""
+    return _workload_id(task.dispatched[0])
+
+
+def database_rows(database_dir: str | Path, workloads: set[str] | None = None) -> Iterable[dict]:
+    """Every record of a tuning database as a dataset row (replayed and featurised); only
+    those of ``workloads`` (dataset workload ids) when given, the others not replayed."""
     import tvm
     from tvm.s_tir import Schedule
     from tvm.s_tir import meta_schedule as ms
@@ -75,18 +82,18 @@ def database_rows(database_dir: str | Path) -> Iterable[dict]:
         )
     db = open_database(database_dir)
     extractor = ms.feature_extractor.PerStoreFeature()
-    workloads: dict[int, tuple[str, float]] = {}
+    seen: dict[int, tuple[str, float]] = {}
     for rec in all_records(db):
         mod = rec.workload.mod
         wid = int(structural_hash(mod))  # not id(): each access makes a new, short-lived wrapper
-        if wid not in workloads:
+        if wid not in seen:
             try:
                 flop = float(estimate_tir_flops(mod))
             except Exception:
                 flop = math.nan
-            workloads[wid] = (_workload_id(mod), flop)
-        workload, flop = workloads[wid]
-        if rec.target is None:
+            seen[wid] = (_workload_id(mod), flop)
+        workload, flop = seen[wid]
+        if rec.target is None or (workloads is not None and workload not in workloads):
             continue
         exported = dict(rec.target.export())
         sch = Schedule(mod)
@@ -116,39 +123,69 @@ def collect(
     database_dirs: Iterable[str | Path],
     out: str | Path,
     *,
+    workloads: set[str] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
 ) -> dict[str, int]:
-    """Collect the records of every database into the parquet file ``out`` (merged with the
-    rows it already holds, deduplicated); returns counts. Written atomically."""
+    """Collect the records of every database (only ``workloads``' when given) into the parquet
+    file ``out``, merged with the rows it already holds and deduplicated; returns counts.
+    Written atomically. The rows already there are merged as columns, not as Python objects,
+    so collecting one unit into a file of 30,000 programs takes seconds."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(out)
-    rows: dict[tuple, dict] = {}
+    old, index = None, {}
     if out.is_file():
         try:
-            for r in pq.read_table(out).to_pylist():
-                rows[tuple(r[k] for k in KEY)] = r
+            old = pq.read_table(out)
+            columns = [old.column(k).to_pylist() for k in (*KEY, "failed")]
+            index = {tuple(r[:-1]): (i, r[-1]) for i, r in enumerate(zip(*columns, strict=True))}
         except Exception as e:
             raise StoreError(f"{out} is not a harlflow dataset: {first_line(e)}") from None
-    before = len(rows)
+    new: dict[tuple, dict] = {}
+    replaced: set[int] = set()  # rows of ``old`` a valid measurement supersedes
     seen = 0
     for d in database_dirs:
         n = 0
-        for r in database_rows(d):
+        for r in database_rows(d, workloads):
             seen += 1
             n += 1
             key = tuple(r[k] for k in KEY)
-            if key not in rows or (rows[key]["failed"] and not r["failed"]):
-                rows[key] = r
+            if key in index:
+                i, failed = index[key]
+                if failed and not r["failed"]:
+                    replaced.add(i)
+                    index[key] = (i, False)
+                    new[key] = r
+            elif key not in new or (new[key]["failed"] and not r["failed"]):
+                new[key] = r
         if on_progress is not None:
             on_progress(str(d), n)
-    table = pa.Table.from_pylist(list(rows.values()), schema=_schema())
+    table = pa.Table.from_pylist(list(new.values()), schema=_schema())
+    if old is not None:
+        keep = pa.array([i not in replaced for i in range(old.num_rows)])
+        table = pa.concat_tables([old.select(_schema().names).cast(_schema()).filter(keep), table])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
     tmp.replace(out)
-    return {"records": seen, "rows": len(rows), "new_rows": len(rows) - before}
+    before = 0 if old is None else old.num_rows
+    return {"records": seen, "rows": table.num_rows, "new_rows": table.num_rows - before}
+
+
+def programs_per_workload(path: str | Path) -> dict[tuple[str, str], int]:
+    """``(workload, target)`` → rows in a dataset file (none when it does not exist), read
+    from two columns: what a generation resumes from when its work directory is gone."""
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        return {}
+    try:
+        t = pq.read_table(path, columns=["workload", "target"])
+    except Exception as e:
+        raise StoreError(f"{path} is not a harlflow dataset: {first_line(e)}") from None
+    return dict(Counter(zip(t.column("workload").to_pylist(), t.column("target").to_pylist(),
+                            strict=True)))  # fmt: skip
 
 
 def schema(path: str | Path):
