@@ -5,7 +5,8 @@ and tuning held-out networks at equal budgets.
     python bench/cost_model.py tuning --networks vit_small,squeezenet_small --budget 128
 
 ``accuracy`` (no timing: safe beside other work). Workloads are split once (a quarter held out,
-the same workloads on every target); every number is on the held-out workloads' programs:
+the same workloads on every target); every number is on the held-out workloads' programs
+(pairwise accuracy over all pairs, and over the pairs at least 10 % apart, with their share):
 
 - per target T: MetaSchedule's XGBoost (its own ``XGBModel`` training on the same rows) and the
   attention model from scratch, each on 1%, 5%, 10% and 100% of T's training rows; the
@@ -101,7 +102,8 @@ def _row(table: list[dict], **kw) -> None:
     m = kw
     print(
         f"{m['target'][:44]:44s} {m['model']:24s} {m['fraction']:>6.0%} {m['train_rows']:6d} "
-        f"{m['pairwise_accuracy']:9.3f} {m['top1']:6.3f} {m['top5']:6.3f}",
+        f"{m['pairwise_accuracy']:9.3f} {m['pairwise_accuracy_10pct']:6.3f} "
+        f"{m['pairs_10pct_share']:6.2f} {m['top1']:6.3f} {m['top5']:6.3f}",
         flush=True,
     )
 
@@ -123,7 +125,8 @@ def accuracy(a: argparse.Namespace) -> dict:
     }
     print(f"{len(rows)} programs, {out['workloads']} workloads ({out['held_out_workloads']} held "
           f"out), targets: {', '.join(targets)}")  # fmt: skip
-    header = f"{'target':44s} {'model':24s} {'data':>6s} {'rows':>6s} {'pairwise':>9s} top-1  top-5"
+    header = (f"{'target':44s} {'model':24s} {'data':>6s} {'rows':>6s} {'pairwise':>9s} "
+              " ≥10%  share  top-1  top-5")  # fmt: skip
     print(header)
     for t in targets:
         t_train = [r for r in train if r["target"] == t]
@@ -135,7 +138,8 @@ def accuracy(a: argparse.Namespace) -> dict:
                 xgb = evaluate(XGBRanker(a.seed).fit(part).predict, t_test)
             except Exception as e:  # too few rows for XGBoost to train on
                 print(f"  xgboost on {len(part)} rows: {e}")
-                xgb = {"pairwise_accuracy": math.nan, "top1": math.nan, "top5": math.nan}
+                xgb = dict.fromkeys(("pairwise_accuracy", "pairwise_accuracy_10pct",
+                                     "pairs_10pct_share", "top1", "top5"), math.nan)  # fmt: skip
             _row(out["accuracy"], target=t, model="xgboost", fraction=frac,
                  train_rows=len(part), **xgb)  # fmt: skip
             scratch = _train(part, [t], cfg, a.seed)

@@ -61,6 +61,19 @@ def test_ranks_held_out_workloads_and_round_trips(tmp_path):
         CostModel.load(tmp_path / "none.pt")
 
 
+def test_evaluate_known_answer_for_all_pairs_and_clearly_ordered_ones():
+    from harl.cost_model.model import evaluate
+
+    # One group: 100 and 105 µs (5 % apart) ranked the wrong way round, 200 µs ranked last.
+    lats = (100.0, 105.0, 200.0)
+    rows = [dict(r, run_us=lat) for r, lat in zip(_toy_rows(1, 3), lats, strict=True)]
+    got = evaluate(lambda g: np.array([2.0, 3.0, 1.0]), rows)
+    assert got["pairwise_accuracy"] == pytest.approx(2 / 3)
+    assert got["pairwise_accuracy_10pct"] == 1.0
+    assert got["pairs_10pct_share"] == pytest.approx(2 / 3)
+    assert got["top1"] == pytest.approx(100 / 105) and got["top5"] == 1.0 and got["groups"] == 1
+
+
 def test_pruning_drops_near_duplicates_first_and_keeps_the_extremes():
     from harl.cost_model import pruning
 
