@@ -169,7 +169,9 @@ def train(
 def fmt(m: dict[str, float]) -> str:
     """Held-out accuracy (:meth:`CostModel.evaluate`'s metrics) in one line."""
     return (
-        f"pairwise accuracy {m['pairwise_accuracy']:.3f}, top-1 {m['top1']:.3f}, "
+        f"pairwise accuracy {m['pairwise_accuracy']:.3f} "
+        f"({m['pairwise_accuracy_10pct']:.3f} on the {m['pairs_10pct_share']:.0%} of pairs "
+        f"≥10% apart), top-1 {m['top1']:.3f}, "
         f"top-5 {m['top5']:.3f} ({m['groups']} groups)"
     )
 
