@@ -200,7 +200,7 @@ def _register(
             tracking.log_metrics(c, run_id, {"ranking_loss": loss}, step=step)
         metrics: dict[str, Any] = {"train_seconds": result.seconds}
         for when, m in (("before", result.before), ("after", result.after)):
-            for k in ("pairwise_accuracy", "top1", "top5"):
+            for k in ("pairwise_accuracy", "pairwise_accuracy_10pct", "top1", "top5"):
                 if k in m:
                     metrics[f"{when}_{k}"] = m[k]
         tracking.log_metrics(c, run_id, metrics)
