@@ -13,6 +13,9 @@ the same workloads on every target); every number is on the held-out workloads' 
   attention model pre-trained on the *other* targets, zero-shot on T and fine-tuned on those
   1%, 5%, 10% (transfer to hardware it has not seen), every weight (``full``) or only the
   target embeddings and output layer at a tenth of the learning rate (``head``);
+- with ``--model M --model-data D``: the saved model M (say, the shipped one, trained on the
+  older dataset D) beside the attention model trained on all of T's training rows, both on the
+  held-out workloads absent from D (what M never saw);
 - pruning: attention models trained on the rows :func:`harl.cost_model.pruning.prune` keeps
   (and on a random subset of the same size) against the fraction kept.
 
@@ -121,6 +124,7 @@ def accuracy(a: argparse.Namespace) -> dict:
         "targets": targets,
         "epochs": a.epochs,
         "accuracy": [],
+        "against_saved": [],
         "pruning": [],
     }
     print(f"{len(rows)} programs, {out['workloads']} workloads ({out['held_out_workloads']} held "
@@ -145,6 +149,8 @@ def accuracy(a: argparse.Namespace) -> dict:
             scratch = _train(part, [t], cfg, a.seed)
             _row(out["accuracy"], target=t, model="attention-scratch", fraction=frac,
                  train_rows=len(part), **scratch.evaluate(t_test))  # fmt: skip
+        if a.model is not None:
+            _against_saved(a, out, t, t_test, scratch, len(t_train))
         if not others:
             continue
         source = _train(others, sorted({r["target"] for r in others}), cfg, a.seed)
@@ -183,6 +189,20 @@ def accuracy(a: argparse.Namespace) -> dict:
           f"{out['least_data_within_1_point']}")  # fmt: skip
     _write(out, a.out)
     return out
+
+
+def _against_saved(a, out: dict, t: str, t_test: list, scratch: CostModel, n_train: int) -> None:
+    """``--model`` (say, the shipped model, trained on an older dataset ``--model-data``) and
+    the attention model trained on all of this split's rows of ``t``, both on the held-out
+    workloads the saved model never saw (those absent from ``--model-data``)."""
+    saw = {w for w, _ in dataset.programs_per_workload(a.model_data)} if a.model_data else set()
+    unseen = [r for r in t_test if r["workload"] not in saw]
+    saved = CostModel.load(a.model).with_targets([t])
+    n_saved = sum(dataset.programs_per_workload(a.model_data).values()) if a.model_data else 0
+    for name, model, rows in (("saved " + Path(a.model).name, saved, n_saved),
+                              ("attention-scratch", scratch, n_train)):  # fmt: skip
+        _row(out["against_saved"], target=t, model=name, fraction=1.0, train_rows=rows,
+             held_out_rows=len(unseen), **model.evaluate(unseen))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- tuning
@@ -320,6 +340,8 @@ def main() -> None:
     acc.add_argument("--fine-tune-epochs", type=int, default=5)
     acc.add_argument("--seed", type=int, default=0)
     acc.add_argument("--no-pruning", action="store_true", help="only the accuracy table")
+    acc.add_argument("--model", type=Path, help="a saved model to compare (e.g. the shipped one)")
+    acc.add_argument("--model-data", type=Path, help="the dataset --model was trained on")
     acc.add_argument("--out", default=str(RESULTS / "cost_model_accuracy.json"))
     tun = sub.add_parser("tuning")
     tun.add_argument("--networks", default="vit_small,squeezenet_small")
