@@ -115,9 +115,10 @@ def evaluate(predict: Callable[[list[dict]], np.ndarray], rows: list[dict]) -> d
 
     ``pairwise_accuracy`` counts every pair of different latencies. Beside it,
     ``pairwise_accuracy_10pct`` counts only the pairs at least :data:`DISTINCT` apart, and
-    ``pairs_10pct_share`` says which share of the pairs they are. Two searched programs often
-    differ by less than the measurement's own run-to-run noise, and no model ranks those
-    pairs better than their labels do."""
+    ``pairs_10pct_share`` says which share of the pairs they are: no model ranks pairs that
+    differ by less than the timing noise better than their labels do, and this tells those
+    errors from errors on clearly ordered programs (on the committed dataset, 86 % of held-out
+    pairs are 10 % apart or more, and accuracy on them is only ~0.03 higher)."""
     pair_ok = pair_n = far_ok = far_n = 0
     top1, top5 = [], []
     for g in _groups(rows):
