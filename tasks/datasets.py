@@ -13,9 +13,9 @@ dataset has both random and searched programs. Every trial is committed as it is
 task another unit already measured is not measured again, and an interrupted unit resumes
 (:class:`harl.journal.RunJournal`): the same command run again continues where it stopped.
 After each unit, its tasks' records are collected into the dataset file (merged,
-deduplicated), and a unit whose tasks all have rows there for the target is skipped: a
-generation also resumes from the dataset file alone, in a new work directory (the committed
-dataset grows over several sessions that way).
+deduplicated), and a unit whose tasks all have rows there for the target (at least half of
+``--trials-per-task`` each) is skipped: a generation also resumes from the dataset file
+alone, in a new work directory (the committed dataset grows over several sessions that way).
 
 Targets run on this machine stand in for different hardware: AVX2-only code (``"mcpu":
 "haswell"``), AVX-512 (``znver5``), one core or two (``num-cores``).
@@ -220,6 +220,17 @@ def unit_module(unit: Unit, work: Path):
     return compilation.prepare(to_relax(path, specs))
 
 
+def measured(
+    have: dict[tuple[str, str], int], workloads: Iterable[str], key: str, trials_per_task: int
+) -> bool:
+    """Whether every one of ``workloads`` has at least half of ``trials_per_task`` programs on
+    target ``key`` in a dataset (``have``: :func:`harl.cost_model.dataset.programs_per_workload`).
+    Half, not all: a task whose design space is small has fewer distinct programs than trials;
+    but a unit stopped after its warm-up, whose records were collected, is not taken as done."""
+    need = max(1, trials_per_task // 2)
+    return all(have.get((w, key), 0) >= need for w in workloads)
+
+
 def target_slug(target: dict[str, Any]) -> str:
     """A directory name for a target's database (readable, unique per :func:`target_key`)."""
     key = target_key(target)
@@ -320,7 +331,7 @@ def generate(
             tasks = compilation.extract_tasks(mod, target)
             ids = {dataset.task_workload_id(t) for t in tasks}
             where = f"[target {ti}/{len(resolved)} {key}] {ui}/{len(chosen)}"
-            if all((w, key) in have for w in ids):
+            if measured(have, ids, key, trials_per_task):
                 say(f"{where} {unit.name}: {len(tasks)} tasks already in {out}, skipped")
                 continue
             say(f"{where} {unit.name}: {len(tasks)} tasks")

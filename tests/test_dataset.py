@@ -79,6 +79,16 @@ def generated(env, tmp_path_factory) -> dict:
             "resumed": resumed, "again": again}  # fmt: skip
 
 
+def test_a_unit_counts_as_measured_only_with_half_its_programs_per_task():
+    from tasks.datasets import measured
+
+    have = {("a", "t"): 34, ("b", "t"): 17, ("c", "t"): 3, ("c", "u"): 34}
+    assert measured(have, ["a", "b"], "t", 34)  # a small design space: 17 distinct of 34
+    assert not measured(have, ["a", "c"], "t", 34)  # "c": a stopped unit's warm-up only
+    assert not measured(have, ["a", "d"], "t", 34)  # "d": never measured
+    assert measured(have, ["c"], "u", 34) and not measured(have, ["a"], "u", 34)  # per target
+
+
 def test_generate_resumes_after_a_kill_without_measuring_twice(generated):
     from harl.cost_model import dataset
 
