@@ -14,8 +14,9 @@ task another unit already measured is not measured again, and an interrupted uni
 (:class:`harl.journal.RunJournal`): the same command run again continues where it stopped.
 After each unit, its tasks' records are collected into the dataset file (merged,
 deduplicated), and a unit whose tasks all have rows there for the target (at least half of
-``--trials-per-task`` each) is skipped: a generation also resumes from the dataset file
-alone, in a new work directory (the committed dataset grows over several sessions that way).
+``--trials-per-task`` a task, over the unit) is skipped: a generation also resumes from the
+dataset file alone, in a new work directory (the committed dataset grows over several
+sessions that way).
 
 Targets run on this machine stand in for different hardware: AVX2-only code (``"mcpu":
 "haswell"``), AVX-512 (``znver5``), one core or two (``num-cores``).
@@ -223,12 +224,14 @@ def unit_module(unit: Unit, work: Path):
 def measured(
     have: dict[tuple[str, str], int], workloads: Iterable[str], key: str, trials_per_task: int
 ) -> bool:
-    """Whether every one of ``workloads`` has at least half of ``trials_per_task`` programs on
-    target ``key`` in a dataset (``have``: :func:`harl.cost_model.dataset.programs_per_workload`).
-    Half, not all: a task whose design space is small has fewer distinct programs than trials;
-    but a unit stopped after its warm-up, whose records were collected, is not taken as done."""
-    need = max(1, trials_per_task // 2)
-    return all(have.get((w, key), 0) >= need for w in workloads)
+    """Whether a unit's ``workloads`` are measured on target ``key`` in a dataset (``have``:
+    :func:`harl.cost_model.dataset.programs_per_workload`): each has rows, and together at
+    least half of ``trials_per_task`` programs per task. Counted over the unit, not per task:
+    the task scheduler gives a unit's trials unevenly, and an elementwise task's samples are
+    often one program (finished units held ~33 of 34 per task, single tasks 1-3); but a unit
+    stopped after its warm-up, whose records were collected, is not taken as done."""
+    counts = [have.get((w, key), 0) for w in workloads]
+    return all(counts) and sum(counts) >= len(counts) * trials_per_task / 2
 
 
 def target_slug(target: dict[str, Any]) -> str:

@@ -79,13 +79,13 @@ def generated(env, tmp_path_factory) -> dict:
             "resumed": resumed, "again": again}  # fmt: skip
 
 
-def test_a_unit_counts_as_measured_only_with_half_its_programs_per_task():
+def test_a_unit_counts_as_measured_with_half_its_programs_per_task_over_the_unit():
     from tasks.datasets import measured
 
-    have = {("a", "t"): 34, ("b", "t"): 17, ("c", "t"): 3, ("c", "u"): 34}
-    assert measured(have, ["a", "b"], "t", 34)  # a small design space: 17 distinct of 34
-    assert not measured(have, ["a", "c"], "t", 34)  # "c": a stopped unit's warm-up only
-    assert not measured(have, ["a", "d"], "t", 34)  # "d": never measured
+    have = {("a", "t"): 60, ("b", "t"): 2, ("c", "t"): 4, ("d", "t"): 3, ("c", "u"): 34}
+    assert measured(have, ["a", "b"], "t", 34)  # uneven, as the task scheduler leaves it
+    assert not measured(have, ["c", "d"], "t", 34)  # a stopped unit's warm-up only
+    assert not measured(have, ["a", "e"], "t", 34)  # "e": never measured
     assert measured(have, ["c"], "u", 34) and not measured(have, ["a"], "u", 34)  # per target
 
 
