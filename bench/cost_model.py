@@ -195,10 +195,11 @@ def _against_saved(a, out: dict, t: str, t_test: list, scratch: CostModel, n_tra
     """``--model`` (say, the shipped model, trained on an older dataset ``--model-data``) and
     the attention model trained on all of this split's rows of ``t``, both on the held-out
     workloads the saved model never saw (those absent from ``--model-data``)."""
-    saw = {w for w, _ in dataset.programs_per_workload(a.model_data)} if a.model_data else set()
+    have = dataset.programs_per_workload(a.model_data) if a.model_data else {}
+    saw = {w for w, _ in have}  # on any target
     unseen = [r for r in t_test if r["workload"] not in saw]
     saved = CostModel.load(a.model).with_targets([t])
-    n_saved = sum(dataset.programs_per_workload(a.model_data).values()) if a.model_data else 0
+    n_saved = sum(have.values())
     for name, model, rows in (("saved " + Path(a.model).name, saved, n_saved),
                               ("attention-scratch", scratch, n_train)):  # fmt: skip
         _row(out["against_saved"], target=t, model=name, fraction=1.0, train_rows=rows,

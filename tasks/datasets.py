@@ -359,7 +359,7 @@ def generate(
             new = sum(1 for t in result.tasks if t.schedule == "tuned")
             say(f"{where} {unit.name}: {result.trials} trials ({new} tasks measured now)")
             # Collected unit by unit: the file is what a later generation resumes from, with
-            # or without this work directory (a task is skipped once its rows are in ``out``).
+            # or without this work directory (a unit is skipped once ``measured`` says so).
             got = dataset.collect([db_dir], out, workloads=ids)
             say(f"{where} {unit.name}: collected into {out}: {got['rows']} rows")
             have = dataset.programs_per_workload(out)
