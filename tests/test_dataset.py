@@ -44,8 +44,8 @@ def _lines(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def generated(env, tmp_path_factory) -> dict:
     """A generation of the tiny MLP's tasks, SIGKILLed after its first trials, then the same
-        command again (it resumes), then once more in a new work directory (nothing left to measure:
-    the dataset file says so)."""
+    command again (it resumes), then once more in a new work directory (nothing left to
+    measure: the dataset file says so)."""
     from harl.cost_model import dataset
 
     tmp = tmp_path_factory.mktemp("generate")
