@@ -229,9 +229,13 @@ def measured(
     least half of ``trials_per_task`` programs per task. Counted over the unit, not per task:
     the task scheduler gives a unit's trials unevenly, and an elementwise task's samples are
     often one program (finished units held ~33 of 34 per task, single tasks 1-3); but a unit
-    stopped after its warm-up, whose records were collected, is not taken as done."""
+    stopped after its warm-up, whose records were collected, is not taken as done. One task in
+    twenty may lack rows (a unit stopped in its last minutes: haswell's ``ops_gemm_x`` held 3,002
+    programs with 4 of 90 tasks never reached, and would otherwise be measured again whole); a
+    unit of fewer than twenty tasks needs every one."""
     counts = [have.get((w, key), 0) for w in workloads]
-    return all(counts) and sum(counts) >= len(counts) * trials_per_task / 2
+    missing = sum(1 for c in counts if not c)
+    return missing <= len(counts) // 20 and sum(counts) >= len(counts) * trials_per_task / 2
 
 
 def target_slug(target: dict[str, Any]) -> str:

@@ -87,6 +87,9 @@ def test_a_unit_counts_as_measured_with_half_its_programs_per_task_over_the_unit
     assert not measured(have, ["c", "d"], "t", 34)  # a stopped unit's warm-up only
     assert not measured(have, ["a", "e"], "t", 34)  # "e": never measured
     assert measured(have, ["c"], "u", 34) and not measured(have, ["a"], "u", 34)  # per target
+    many = {(f"w{i}", "t"): 34 for i in range(40)}
+    assert measured(many, [f"w{i}" for i in range(42)], "t", 34)  # 2 of 42 never reached
+    assert not measured(many, [f"w{i}" for i in range(43)], "t", 34)  # 3 of 43: too many
 
 
 def test_generate_resumes_after_a_kill_without_measuring_twice(generated):
