@@ -2,6 +2,7 @@
 and tuning held-out networks at equal budgets.
 
     python bench/cost_model.py accuracy --dataset data/cost_model/records.parquet
+    python bench/cost_model.py recipes --dataset data/cost_model/records.parquet [--splits 0,1]
     python bench/cost_model.py tuning --networks vit_small,squeezenet_small --budget 128
 
 ``accuracy`` (no timing: safe beside other work). Workloads are split once (a quarter held out,
@@ -18,6 +19,11 @@ the same workloads on every target); every number is on the held-out workloads' 
   held-out workloads absent from D (what M never saw);
 - pruning: attention models trained on the rows :func:`harl.cost_model.pruning.prune` keeps
   (and on a random subset of the same size) against the fraction kept.
+
+``recipes`` (no timing): the attention model's training recipes (``VARIANTS``: sampled or all
+pairs per group, pairs weighted by their latency ratio, a LayerNorm, a cosine schedule, several
+groups per step) against XGBoost, per target, trained from scratch on each split's training
+workloads; held-out and training-row accuracy.
 
 ``tuning`` (timing: run alone): each held-out network (never in ``dataset generate``'s suite)
 is tuned with each cost model and strategy at the same budget, from empty databases, one after
@@ -191,6 +197,72 @@ def accuracy(a: argparse.Namespace) -> dict:
     return out
 
 
+VARIANTS = {
+    "sampled-64": {},
+    "all-pairs": {"pairs_per_group": 0},
+    "all-pairs+weighted": {"pairs_per_group": 0, "pair_weight": "log_ratio"},
+    "all+weighted+norm": {"pairs_per_group": 0, "pair_weight": "log_ratio", "norm": True},
+    "all+weighted+norm+cosine": {
+        "pairs_per_group": 0,
+        "pair_weight": "log_ratio",
+        "norm": True,
+        "schedule": "cosine",
+    },
+    "all+weighted+norm+cosine+8groups": {
+        "pairs_per_group": 0,
+        "pair_weight": "log_ratio",
+        "norm": True,
+        "schedule": "cosine",
+        "groups_per_step": 8,
+    },
+}
+"""training recipes of the attention model that ``recipes`` compares (``ModelConfig`` fields)"""
+
+
+def recipes(a: argparse.Namespace) -> dict:
+    """Each training recipe in ``--variants`` against XGBoost, per target, on ``--splits``
+    workload splits: accuracy on the held-out workloads, and on the training rows (a recipe
+    that fits its training groups no better than the held-out ones underfits)."""
+    rows = dataset.load(a.dataset)
+    targets = sorted({r["target"] for r in rows})
+    out: dict = {"dataset": str(a.dataset), "rows": len(rows), "epochs": a.epochs,
+                 "variants": {v: VARIANTS[v] for v in a.variants}, "results": []}  # fmt: skip
+    print(f"{len(rows)} programs; {'split':>5s} {'target':44s} {'model':34s} {'train':>6s} "
+          f"{'pairwise':>9s} {'≥10%':>6s} {'top-1':>6s}")  # fmt: skip
+
+    def report(split, t, name, fitted, on_test, seconds):
+        r = {"split": split, "target": t, "model": name, "train_pairwise": fitted,
+             "seconds": round(seconds, 1), **on_test}  # fmt: skip
+        out["results"].append(r)
+        print(f"{split:5d} {t[:44]:44s} {name:34s} {fitted:6.3f} {r['pairwise_accuracy']:9.3f} "
+              f"{r['pairwise_accuracy_10pct']:6.3f} {r['top1']:6.3f}", flush=True)  # fmt: skip
+        _write(out, a.out)
+
+    for split in a.splits:
+        train, test = split_by_workload(rows, a.holdout, split)
+        for t in targets:
+            t_train = [r for r in train if r["target"] == t]
+            t_test = [r for r in test if r["target"] == t]
+            t0 = time.time()
+            xgb = XGBRanker(split).fit(t_train)
+            fitted = evaluate(xgb.predict, t_train)["pairwise_accuracy"]
+            report(split, t, "xgboost", fitted, evaluate(xgb.predict, t_test), time.time() - t0)
+            for v in a.variants:
+                t0 = time.time()
+                model = _train(t_train, [t], ModelConfig(epochs=a.epochs, **VARIANTS[v]), split)
+                fitted = model.evaluate(t_train)["pairwise_accuracy"]
+                report(split, t, v, fitted, model.evaluate(t_test), time.time() - t0)
+    summary: dict = {}
+    for r in out["results"]:
+        summary.setdefault(r["model"], []).append(r["pairwise_accuracy"])
+    out["mean_pairwise"] = {m: float(np.mean(v)) for m, v in summary.items()}
+    print("mean held-out pairwise over splits and targets:")
+    for m, v in out["mean_pairwise"].items():
+        print(f"  {m:34s} {v:.3f}")
+    _write(out, a.out)
+    return out
+
+
 def _against_saved(a, out: dict, t: str, t_test: list, scratch: CostModel, n_train: int) -> None:
     """``--model`` (say, the shipped model, trained on an older dataset ``--model-data``) and
     the attention model trained on all of this split's rows of ``t``, both on the held-out
@@ -344,6 +416,13 @@ def main() -> None:
     acc.add_argument("--model", type=Path, help="a saved model to compare (e.g. the shipped one)")
     acc.add_argument("--model-data", type=Path, help="the dataset --model was trained on")
     acc.add_argument("--out", default=str(RESULTS / "cost_model_accuracy.json"))
+    rec = sub.add_parser("recipes")
+    rec.add_argument("--dataset", required=True)
+    rec.add_argument("--holdout", type=float, default=0.25)
+    rec.add_argument("--epochs", type=int, default=30)
+    rec.add_argument("--splits", default="0,1", help="workload split seeds")
+    rec.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
+    rec.add_argument("--out", default=str(RESULTS / "cost_model_training_recipes.json"))
     tun = sub.add_parser("tuning")
     tun.add_argument("--networks", default="vit_small,squeezenet_small")
     tun.add_argument("--strategies", default="evolutionary,harl")
@@ -355,6 +434,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.command == "accuracy":
         accuracy(a)
+    elif a.command == "recipes":
+        a.splits = [int(x) for x in a.splits.split(",")]
+        a.variants = a.variants.split(",")
+        unknown = [v for v in a.variants if v not in VARIANTS]
+        if unknown:
+            ap.error(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+        recipes(a)
     else:
         for k in ("networks", "strategies", "cost_models"):
             setattr(a, k, getattr(a, k).split(","))

@@ -61,6 +61,27 @@ def test_ranks_held_out_workloads_and_round_trips(tmp_path):
         CostModel.load(tmp_path / "none.pt")
 
 
+def test_all_pairs_weighted_recipe_ranks_and_an_older_checkpoint_still_loads(tmp_path):
+    """Every pair of a group, weighted by its latency ratio, with a LayerNorm, a cosine schedule
+    and several groups a step, also learns the toy order; a checkpoint saved before these
+    settings existed loads as the net it was (no LayerNorm, sampled pairs)."""
+    rl.setup(0)
+    train, test = split_by_workload(_toy_rows(), holdout=0.2, seed=0)
+    cfg = ModelConfig(hidden=32, epochs=40, pairs_per_group=0, pair_weight="log_ratio",
+                      norm=True, schedule="cosine", groups_per_step=4)  # fmt: skip
+    model = CostModel(cfg, targets=["t"])
+    curve = model.fit(train, seed=0)
+    assert curve[-1] < curve[0] and model.evaluate(test)["pairwise_accuracy"] > 0.85
+    old = CostModel(ModelConfig(hidden=32), targets=["t"])
+    blob = old.checkpoint()
+    for field in ("pair_weight", "groups_per_step", "norm", "schedule"):
+        del blob["config"][field]
+    blob["config"]["pairs_per_group"] = 64
+    loaded = CostModel.restore(blob)
+    assert not loaded.cfg.norm and loaded.cfg.pair_weight == "equal"
+    np.testing.assert_allclose(loaded.predict(test), old.predict(test), rtol=1e-5)
+
+
 def test_evaluate_known_answer_for_all_pairs_and_clearly_ordered_ones():
     from harl.cost_model.model import evaluate
 

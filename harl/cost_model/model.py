@@ -46,7 +46,21 @@ class ModelConfig:
     epochs: int = 30
     """passes over the training groups"""
     pairs_per_group: int = 64
-    """sampled program pairs per (workload, target) group and epoch"""
+    """sampled program pairs per (workload, target) group and epoch; 0: every pair"""
+    pair_weight: str = "equal"
+    """``equal``, or ``log_ratio``: a pair weighs ``min(1, |log(lat_i / lat_j)| / log 2)``, so
+    that pairs inside the timing noise count little and pairs 2x apart fully"""
+    groups_per_step: int = 1
+    """groups whose losses are averaged into one optimiser step"""
+    norm: bool = False
+    """a LayerNorm on each statement's embedding (before the target is added)"""
+    schedule: str = "constant"
+    """learning rate over the epochs: ``constant``, or ``cosine`` (down to 0 at the end)"""
+
+
+LEGACY = {"pair_weight": "equal", "groups_per_step": 1, "norm": False, "schedule": "constant"}
+"""the training settings of checkpoints saved before these fields existed (the net they
+describe: without ``norm``)"""
 
 
 class CostNet(nn.Module):
@@ -55,7 +69,8 @@ class CostNet(nn.Module):
     def __init__(self, cfg: ModelConfig, n_targets: int):
         super().__init__()
         h = cfg.hidden
-        self.embed = nn.Sequential(nn.Linear(FEATURES, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
+        layers = [nn.Linear(FEATURES, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU()]
+        self.embed = nn.Sequential(*layers, *([nn.LayerNorm(h)] if cfg.norm else []))
         self.target = nn.Embedding(max(1, n_targets), h)
         self.attention = nn.MultiheadAttention(h, cfg.heads, batch_first=True)
         self.blocks = nn.ModuleList(
@@ -209,31 +224,54 @@ class CostModel(Checkpointed):
         params = self.head_parameters() if recipe == "head" else list(self.net.parameters())
         lr = self.cfg.lr * (FINE_TUNE_LR if recipe == "head" else 1.0)
         opt = torch.optim.Adam(params, lr=lr)
+        epochs = self.cfg.epochs if epochs is None else epochs
+        cosine = self.cfg.schedule == "cosine"
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if cosine else None
         groups = _groups(rows)
+        step = max(1, self.cfg.groups_per_step)
         curve = []
-        for _ in range(self.cfg.epochs if epochs is None else epochs):
+        for _ in range(epochs):
             self.net.train()
             losses = []
-            for g in (groups[i] for i in rng.permutation(len(groups))):
-                x, mask = _batch([r["features"] for r in g])
-                score = self.net(x, mask, self._target_ids(g))
-                lat = torch.tensor([r["run_us"] for r in g])
-                i = torch.from_numpy(rng.integers(0, len(g), self.cfg.pairs_per_group))
-                j = torch.from_numpy(rng.integers(0, len(g), self.cfg.pairs_per_group))
-                keep = lat[i] != lat[j]
-                if not keep.any():
+            order = [groups[i] for i in rng.permutation(len(groups))]
+            for k in range(0, len(order), step):
+                parts = [
+                    p for g in order[k : k + step] if (p := self._pair_loss(g, rng)) is not None
+                ]
+                if not parts:
                     continue
-                i, j = i[keep], j[keep]
-                sign = torch.where(lat[i] < lat[j], 1.0, -1.0)  # i faster: score i higher
-                loss = nn.functional.softplus(-sign * (score[i] - score[j])).mean()
+                loss = torch.stack(parts).mean()
                 self.net.zero_grad(set_to_none=True)  # the frozen body too
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
+            if sched is not None:
+                sched.step()
             curve.append(float(np.mean(losses)) if losses else math.nan)
             if on_epoch is not None:
                 on_epoch(len(curve), curve[-1])
         return curve
+
+    def _pair_loss(self, g: list[dict], rng: np.random.Generator) -> torch.Tensor | None:
+        """The pairwise logistic loss over one group's programs (None: all latencies equal)."""
+        x, mask = _batch([r["features"] for r in g])
+        score = self.net(x, mask, self._target_ids(g))
+        lat = torch.tensor([r["run_us"] for r in g], dtype=torch.float64)
+        if self.cfg.pairs_per_group > 0:
+            i = torch.from_numpy(rng.integers(0, len(g), self.cfg.pairs_per_group))
+            j = torch.from_numpy(rng.integers(0, len(g), self.cfg.pairs_per_group))
+        else:
+            i, j = torch.triu_indices(len(g), len(g), 1)
+        keep = lat[i] != lat[j]
+        if not keep.any():
+            return None
+        i, j = i[keep], j[keep]
+        sign = torch.where(lat[i] < lat[j], 1.0, -1.0)  # i faster: score i higher
+        loss = nn.functional.softplus(-sign * (score[i] - score[j]))
+        if self.cfg.pair_weight == "equal":
+            return loss.mean()
+        w = (torch.log(lat[i] / lat[j]).abs() / math.log(2.0)).clamp(max=1.0).float()
+        return (w * loss).sum() / w.sum()
 
     def evaluate(self, rows: list[dict]) -> dict[str, float]:
         """:func:`evaluate` with this model's scores."""
@@ -256,6 +294,6 @@ class CostModel(Checkpointed):
                 f"it has {blob.get('features')} features per statement, not {FEATURES}: "
                 "retrain it (harlflow cost-model train)"
             )
-        model = cls(ModelConfig(**blob["config"]), blob["targets"])
+        model = cls(ModelConfig(**{**LEGACY, **blob["config"]}), blob["targets"])
         model.net.load_state_dict(blob["weights"])
         return model
