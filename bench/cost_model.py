@@ -215,6 +215,13 @@ VARIANTS = {
         "schedule": "cosine",
         "groups_per_step": 8,
     },
+    "all+weighted+norm+cosine+decay": {
+        "pairs_per_group": 0,
+        "pair_weight": "log_ratio",
+        "norm": True,
+        "schedule": "cosine",
+        "weight_decay": 0.05,
+    },
 }
 """training recipes of the attention model that ``recipes`` compares (``ModelConfig`` fields)"""
 

@@ -74,7 +74,7 @@ def test_all_pairs_weighted_recipe_ranks_and_an_older_checkpoint_still_loads(tmp
     assert curve[-1] < curve[0] and model.evaluate(test)["pairwise_accuracy"] > 0.85
     old = CostModel(ModelConfig(hidden=32), targets=["t"])
     blob = old.checkpoint()
-    for field in ("pair_weight", "groups_per_step", "norm", "schedule"):
+    for field in ("pair_weight", "groups_per_step", "norm", "schedule", "weight_decay"):
         del blob["config"][field]
     blob["config"]["pairs_per_group"] = 64
     loaded = CostModel.restore(blob)

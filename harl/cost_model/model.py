@@ -56,9 +56,12 @@ class ModelConfig:
     """a LayerNorm on each statement's embedding (before the target is added)"""
     schedule: str = "constant"
     """learning rate over the epochs: ``constant``, or ``cosine`` (down to 0 at the end)"""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay (0: plain Adam)"""
 
 
-LEGACY = {"pair_weight": "equal", "groups_per_step": 1, "norm": False, "schedule": "constant"}
+LEGACY = {"pair_weight": "equal", "groups_per_step": 1, "norm": False, "schedule": "constant",
+          "weight_decay": 0.0}  # fmt: skip
 """the training settings of checkpoints saved before these fields existed (the net they
 describe: without ``norm``)"""
 
@@ -223,7 +226,7 @@ class CostModel(Checkpointed):
         rng = np.random.default_rng(seed)
         params = self.head_parameters() if recipe == "head" else list(self.net.parameters())
         lr = self.cfg.lr * (FINE_TUNE_LR if recipe == "head" else 1.0)
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
         epochs = self.cfg.epochs if epochs is None else epochs
         cosine = self.cfg.schedule == "cosine"
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if cosine else None
