@@ -49,7 +49,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harl.cost_model import dataset, pruning  # noqa: E402
-from harl.cost_model.model import CostModel, ModelConfig, evaluate, split_by_workload  # noqa: E402
+from harl.cost_model.model import (  # noqa: E402
+    LEGACY,
+    CostModel,
+    ModelConfig,
+    evaluate,
+    split_by_workload,
+)
 from harlflow import rl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -197,31 +203,17 @@ def accuracy(a: argparse.Namespace) -> dict:
     return out
 
 
+_OLD = {**LEGACY, "pairs_per_group": 64}  # the recipe before 2026-12-07
+_ALL_WEIGHTED = {**_OLD, "pairs_per_group": 0, "pair_weight": "log_ratio"}
+_NORM_COSINE = {**_ALL_WEIGHTED, "norm": True, "schedule": "cosine"}
 VARIANTS = {
-    "sampled-64": {},
-    "all-pairs": {"pairs_per_group": 0},
-    "all-pairs+weighted": {"pairs_per_group": 0, "pair_weight": "log_ratio"},
-    "all+weighted+norm": {"pairs_per_group": 0, "pair_weight": "log_ratio", "norm": True},
-    "all+weighted+norm+cosine": {
-        "pairs_per_group": 0,
-        "pair_weight": "log_ratio",
-        "norm": True,
-        "schedule": "cosine",
-    },
-    "all+weighted+norm+cosine+8groups": {
-        "pairs_per_group": 0,
-        "pair_weight": "log_ratio",
-        "norm": True,
-        "schedule": "cosine",
-        "groups_per_step": 8,
-    },
-    "all+weighted+norm+cosine+decay": {
-        "pairs_per_group": 0,
-        "pair_weight": "log_ratio",
-        "norm": True,
-        "schedule": "cosine",
-        "weight_decay": 0.05,
-    },
+    "sampled-64": _OLD,
+    "all-pairs": {**_OLD, "pairs_per_group": 0},
+    "all-pairs+weighted": _ALL_WEIGHTED,
+    "all+weighted+norm+cosine": _NORM_COSINE,
+    "all+weighted+norm+cosine+8groups": {**_NORM_COSINE, "groups_per_step": 8},
+    "all+weighted+norm+cosine+decay": {**_NORM_COSINE, "weight_decay": 0.05},
+    "standard-inputs+all+weighted+norm+cosine": {**_NORM_COSINE, "inputs": "standard"},
 }
 """training recipes of the attention model that ``recipes`` compares (``ModelConfig`` fields)"""
 

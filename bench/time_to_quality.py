@@ -5,7 +5,7 @@ after 1, 2, 5, 10 and 20 minutes of tuning, against onnxruntime and against the 
     python bench/time_to_quality.py [--networks inception,gpt_decoder,mobilenet]
         [--combos evolutionary:xgb:20,harl:transfer:10,harl/gradient:transfer:5] [--seeds 0,1]
         [--checkpoints 1,2,5,10,20] [--warm-store sqlite:///other-models.db]
-        [--out bench/results/time_to_quality.json] [--fresh]
+        [--out bench/results/time_to_quality.json] [--fresh] [--tag TAG]
     python bench/time_to_quality.py --make-warm-store other-models.db [--warm-trials 160]
 
 One tuning run per (network, combination, seed) yields every checkpoint: it tunes into a
@@ -62,10 +62,13 @@ def _copy_until(src: Path, dest: Path, cutoff: float) -> None:
         b.commit()
 
 
-def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, emit) -> None:
-    """Tune ``m`` with ``combo`` for its minutes, then compile and time each checkpoint."""
+def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, emit,
+            tag: str = "") -> None:  # fmt: skip
+    """Tune ``m`` with ``combo`` for its minutes, then compile and time each checkpoint. The
+    rows name the cost model ``COSTMODEL@tag`` when a ``tag`` is given."""
     strategy, cost_model, minutes = combo
-    label = f"{strategy}+{cost_model}"
+    named = f"{cost_model}@{tag}" if tag else cost_model
+    label = f"{strategy}+{named}"
     db = work / f"{network}-{label.replace('/', '-')}-s{seed}.db"  # harl/gradient
     db.unlink(missing_ok=True)
     if warm is not None:
@@ -102,7 +105,7 @@ def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, e
             {
                 "network": network,
                 "strategy": strategy,
-                "cost_model": cost_model,
+                "cost_model": named,
                 "store": "warm" if warm is not None else "empty",
                 "seed": seed,
                 "minute": minute,
@@ -263,6 +266,12 @@ def main() -> None:
     )
     p.add_argument("--warm-trials", type=int, default=160, help="per model, --make-warm-store")
     p.add_argument("--table", action="store_true", help="print --out's tables and stop")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="appended to the cost model's name in the rows (COSTMODEL@TAG): a rerun after the "
+        "shipped model or agent changed is a run of its own, beside the earlier rows",
+    )
     a = p.parse_args()
     if a.table:
         print(table(json.loads(a.out.read_text())["rows"]))
@@ -298,11 +307,12 @@ def main() -> None:
         for seed in [int(s) for s in a.seeds.split(",")]:
             for combo in combos:
                 store = "warm" if a.warm_store is not None else "empty"
-                if (network, combo[0], combo[1], store, seed) in done:
-                    print(f"{network} {combo[0]}+{combo[1]} {store} seed {seed}: in {a.out}")
+                named = f"{combo[1]}@{a.tag}" if a.tag else combo[1]
+                if (network, combo[0], named, store, seed) in done:
+                    print(f"{network} {combo[0]}+{named} {store} seed {seed}: in {a.out}")
                     continue
                 run_one(network, m, combo, seed, checkpoints, target, a.seconds, work,
-                        a.warm_store, emit)  # fmt: skip
+                        a.warm_store, emit, a.tag)  # fmt: skip
     if rows:
         plot(rows, a.out)
         print(table(rows))
