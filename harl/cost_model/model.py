@@ -50,8 +50,6 @@ class ModelConfig:
     pair_weight: str = "log_ratio"
     """``equal``, or ``log_ratio``: a pair weighs ``min(1, |log(lat_i / lat_j)| / log 2)``, so
     that pairs inside the timing noise count little and pairs 2x apart fully"""
-    groups_per_step: int = 1
-    """groups whose losses are averaged into one optimiser step"""
     norm: bool = True
     """a LayerNorm on each statement's embedding (before the target is added)"""
     schedule: str = "cosine"
@@ -65,8 +63,8 @@ class ModelConfig:
     is first trained on, kept in the model)"""
 
 
-LEGACY = {"pair_weight": "equal", "groups_per_step": 1, "norm": False, "schedule": "constant",
-          "weight_decay": 0.0, "inputs": "signlog"}  # fmt: skip
+LEGACY = {"pair_weight": "equal", "norm": False, "schedule": "constant", "weight_decay": 0.0,
+          "inputs": "signlog"}  # fmt: skip
 """the training settings of checkpoints saved before these fields existed (the net they
 describe: without ``norm``); those checkpoints also say ``pairs_per_group=64``. The defaults
 above replaced them on 2026-12-07, measured with ``python bench/cost_model.py recipes``:
@@ -260,19 +258,14 @@ class CostModel(Checkpointed):
         if self.net.standard and not self.net.calibrated and groups:
             statements = [r["features"][:MAX_STORES] for g in groups for r in g]
             self.net.calibrate(torch.from_numpy(np.concatenate(statements)).float())
-        step = max(1, self.cfg.groups_per_step)
         curve = []
         for _ in range(epochs):
             self.net.train()
             losses = []
-            order = [groups[i] for i in rng.permutation(len(groups))]
-            for k in range(0, len(order), step):
-                parts = [
-                    p for g in order[k : k + step] if (p := self._pair_loss(g, rng)) is not None
-                ]
-                if not parts:
+            for g in (groups[i] for i in rng.permutation(len(groups))):
+                loss = self._pair_loss(g, rng)
+                if loss is None:
                     continue
-                loss = torch.stack(parts).mean()
                 self.net.zero_grad(set_to_none=True)  # the frozen body too
                 loss.backward()
                 opt.step()
