@@ -3,6 +3,7 @@ and tuning held-out networks at equal budgets.
 
     python bench/cost_model.py accuracy --dataset data/cost_model/records.parquet
     python bench/cost_model.py recipes --dataset data/cost_model/records.parquet [--splits 0,1]
+    python bench/cost_model.py saved --dataset D --models A.pt,B.pt [--unseen-by OLD.parquet]
     python bench/cost_model.py tuning --networks vit_small,squeezenet_small --budget 128
 
 ``accuracy`` (no timing: safe beside other work). Workloads are split once (a quarter held out,
@@ -24,6 +25,10 @@ the same workloads on every target); every number is on the held-out workloads' 
 pairs per group, pairs weighted by their latency ratio, a LayerNorm, a cosine schedule, weight
 decay, standardised inputs) against XGBoost, per target, trained from scratch on each split's
 training workloads; held-out and training-row accuracy.
+
+``saved`` (no timing): saved models (say, the shipped one and one trained with
+``harlflow cost-model train --holdout 0.25``) on that split's held-out workloads, leaving out those
+an older model's dataset holds (``--unseen-by``).
 
 ``tuning`` (timing: run alone): each held-out network (never in ``dataset generate``'s suite)
 is tuned with each cost model and strategy at the same budget, from empty databases, one after
@@ -261,6 +266,33 @@ def recipes(a: argparse.Namespace) -> dict:
     return out
 
 
+def saved(a: argparse.Namespace) -> dict:
+    """Saved models side by side on the held-out workloads of one split (``--holdout``,
+    ``--seed``: the split ``harlflow cost-model train --holdout`` makes with the same values),
+    only those absent from every ``--unseen-by`` dataset (the data an older model learned on)."""
+    rows = dataset.load(a.dataset)
+    _, test = split_by_workload(rows, a.holdout, a.seed)
+    seen = {w for d in a.unseen_by for w, _ in dataset.programs_per_workload(d)}
+    test = [r for r in test if r["workload"] not in seen]
+    targets = sorted({r["target"] for r in test})
+    out: dict = {"dataset": str(a.dataset), "holdout": a.holdout, "seed": a.seed,
+                 "unseen_by": [str(d) for d in a.unseen_by], "rows": len(test),
+                 "workloads": len({r["workload"] for r in test}), "results": []}  # fmt: skip
+    print(f"{len(test)} held-out programs of {out['workloads']} workloads no --unseen-by "
+          "dataset holds")  # fmt: skip
+    for path in a.models:
+        model = CostModel.load(path).with_targets(targets)
+        for t in [*targets, "all"]:
+            part = test if t == "all" else [r for r in test if r["target"] == t]
+            r = {"model": str(path), "target": t, "rows": len(part), **model.evaluate(part)}
+            out["results"].append(r)
+            print(f"{Path(path).name:24s} {t[:44]:44s} {len(part):6d} pairwise "
+                  f"{r['pairwise_accuracy']:.3f} (≥10%: {r['pairwise_accuracy_10pct']:.3f}) "
+                  f"top-1 {r['top1']:.3f} ({r['groups']} groups)")  # fmt: skip
+    _write(out, a.out)
+    return out
+
+
 def _against_saved(a, out: dict, t: str, t_test: list, scratch: CostModel, n_train: int) -> None:
     """``--model`` (say, the shipped model, trained on an older dataset ``--model-data``) and
     the attention model trained on all of this split's rows of ``t``, both on the held-out
@@ -421,6 +453,13 @@ def main() -> None:
     rec.add_argument("--splits", default="0,1", help="workload split seeds")
     rec.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
     rec.add_argument("--out", default=str(RESULTS / "cost_model_training_recipes.json"))
+    sav = sub.add_parser("saved")
+    sav.add_argument("--dataset", required=True)
+    sav.add_argument("--models", required=True, help="comma-separated saved models")
+    sav.add_argument("--unseen-by", default="", help="comma-separated datasets to leave out")
+    sav.add_argument("--holdout", type=float, default=0.25)
+    sav.add_argument("--seed", type=int, default=0)
+    sav.add_argument("--out", default=str(RESULTS / "cost_model_saved.json"))
     tun = sub.add_parser("tuning")
     tun.add_argument("--networks", default="vit_small,squeezenet_small")
     tun.add_argument("--strategies", default="evolutionary,harl")
@@ -432,6 +471,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.command == "accuracy":
         accuracy(a)
+    elif a.command == "saved":
+        a.models = a.models.split(",")
+        a.unseen_by = [Path(d) for d in a.unseen_by.split(",") if d]
+        saved(a)
     elif a.command == "recipes":
         a.splits = [int(x) for x in a.splits.split(",")]
         a.variants = a.variants.split(",")
