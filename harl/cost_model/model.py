@@ -68,7 +68,7 @@ LEGACY = {"pair_weight": "equal", "norm": False, "schedule": "constant", "weight
 """the training settings of checkpoints saved before these fields existed (the net they
 describe: without ``norm``); those checkpoints also say ``pairs_per_group=64``. The defaults
 above replaced them on 2026-12-07, measured with ``python bench/cost_model.py recipes``:
-held-out pairwise accuracy 0.661 → 0.724-0.728 (haswell) and 0.691-0.735 → 0.757 (znver5)
+held-out pairwise accuracy 0.661 → 0.724-0.728 (haswell) and 0.691-0.735 → 0.741-0.757 (znver5)
 on two workload splits, XGBoost 0.742 / 0.756-0.767 on the same rows"""
 
 
