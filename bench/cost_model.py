@@ -266,14 +266,20 @@ def recipes(a: argparse.Namespace) -> dict:
     return out
 
 
+def _unseen_by(rows: list[dict], datasets: list) -> list[dict]:
+    """The rows whose workload none of ``datasets`` holds, on any target (what a model trained
+    on them never saw)."""
+    seen = {w for d in datasets for w, _ in dataset.programs_per_workload(d)}
+    return [r for r in rows if r["workload"] not in seen]
+
+
 def saved(a: argparse.Namespace) -> dict:
     """Saved models side by side on the held-out workloads of one split (``--holdout``,
     ``--seed``: the split ``harlflow cost-model train --holdout`` makes with the same values),
     only those absent from every ``--unseen-by`` dataset (the data an older model learned on)."""
     rows = dataset.load(a.dataset)
     _, test = split_by_workload(rows, a.holdout, a.seed)
-    seen = {w for d in a.unseen_by for w, _ in dataset.programs_per_workload(d)}
-    test = [r for r in test if r["workload"] not in seen]
+    test = _unseen_by(test, a.unseen_by)
     targets = sorted({r["target"] for r in test})
     out: dict = {"dataset": str(a.dataset), "holdout": a.holdout, "seed": a.seed,
                  "unseen_by": [str(d) for d in a.unseen_by], "rows": len(test),
@@ -297,10 +303,9 @@ def _against_saved(a, out: dict, t: str, t_test: list, scratch: CostModel, n_tra
     """``--model`` (say, the shipped model, trained on an older dataset ``--model-data``) and
     the attention model trained on all of this split's rows of ``t``, both on the held-out
     workloads the saved model never saw (those absent from ``--model-data``)."""
-    have = dataset.programs_per_workload(a.model_data) if a.model_data else {}
-    saw = {w for w, _ in have}  # on any target
-    unseen = [r for r in t_test if r["workload"] not in saw]
+    unseen = _unseen_by(t_test, [a.model_data] if a.model_data else [])
     saved = CostModel.load(a.model).with_targets([t])
+    have = dataset.programs_per_workload(a.model_data) if a.model_data else {}
     n_saved = sum(have.values())
     for name, model, rows in (("saved " + Path(a.model).name, saved, n_saved),
                               ("attention-scratch", scratch, n_train)):  # fmt: skip

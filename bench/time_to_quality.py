@@ -62,12 +62,16 @@ def _copy_until(src: Path, dest: Path, cutoff: float) -> None:
         b.commit()
 
 
+def _named(cost_model: str, tag: str) -> str:
+    """The cost model's name in the rows: ``COSTMODEL@TAG`` when a ``--tag`` is given."""
+    return f"{cost_model}@{tag}" if tag else cost_model
+
+
 def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, emit,
             tag: str = "") -> None:  # fmt: skip
-    """Tune ``m`` with ``combo`` for its minutes, then compile and time each checkpoint. The
-    rows name the cost model ``COSTMODEL@tag`` when a ``tag`` is given."""
+    """Tune ``m`` with ``combo`` for its minutes, then compile and time each checkpoint."""
     strategy, cost_model, minutes = combo
-    named = f"{cost_model}@{tag}" if tag else cost_model
+    named = _named(cost_model, tag)
     label = f"{strategy}+{named}"
     db = work / f"{network}-{label.replace('/', '-')}-s{seed}.db"  # harl/gradient
     db.unlink(missing_ok=True)
@@ -307,7 +311,7 @@ def main() -> None:
         for seed in [int(s) for s in a.seeds.split(",")]:
             for combo in combos:
                 store = "warm" if a.warm_store is not None else "empty"
-                named = f"{combo[1]}@{a.tag}" if a.tag else combo[1]
+                named = _named(combo[1], a.tag)
                 if (network, combo[0], named, store, seed) in done:
                     print(f"{network} {combo[0]}+{named} {store} seed {seed}: in {a.out}")
                     continue
