@@ -77,8 +77,6 @@ def rpc_runner(spec: RPCSpec | str, *, session_timeout_sec: int = 60):
     """An ``RPCRunner`` with one connection per registered server (checked now, not mid-run)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from harl._fast_import import import_tensor_intrinsics
-
     spec = parse_rpc(spec) if isinstance(spec, str) else spec
     servers = count_servers(spec)
     if servers == 0:
@@ -90,9 +88,19 @@ def rpc_runner(spec: RPCSpec | str, *, session_timeout_sec: int = 60):
     return ms.runner.RPCRunner(
         rpc_config=_config(spec, session_timeout_sec),
         evaluator_config=evaluator_config(),
+        f_alloc_argument=RPC_ALLOC,
         max_workers=servers,
-        initializer=import_tensor_intrinsics,
+        initializer=_rpc_worker_init,
     )
+
+
+def _rpc_worker_init() -> None:
+    """An RPC runner worker (on this machine, driving a remote server): the tensor intrinsics,
+    and the argument fills of :func:`alloc_arguments` (the remote allocates, this side fills)."""
+    from harl._fast_import import import_tensor_intrinsics
+
+    import_tensor_intrinsics()
+    register_fills()
 
 
 # One trial's timing: MetaSchedule's default is number=3, repeat=1, min_repeat_ms=100, i.e. one
@@ -111,6 +119,80 @@ def evaluator_config():
     return ms.runner.EvaluatorConfig(**EVALUATOR)
 
 
+LOCAL_ALLOC = "harl.runners.alloc_arguments"
+RPC_ALLOC = "harl.runners.alloc_arguments_rpc"
+FILL_SEED = 0
+"""Every candidate of a task is measured on the same argument values."""
+
+
+def alloc_arguments(device, args_info, alloc_repeat: int, *, empty=None, fill_float=None) -> list:
+    """MetaSchedule's argument allocation for a measurement, with values a model could hold.
+
+    MetaSchedule fills every tensor with ``random_fill_for_measure``: floats uniform in [1, 10],
+    but every ``bool`` True and every int32/int64 a float's bit pattern (4.6e18 as a token id).
+    An all-True attention mask measured the causal-mask kernel of ``bench/families.py``'s GPT
+    decoder (``matmul / sqrt(d)``, then ``where(mask, -inf, ...)``) at 3.3 µs for a schedule that
+    takes 51-56 µs on random bits (on one thread: 104 µs, on random bits as on the model's causal
+    mask). The search kept such schedules, and the decoder's artifact got slower the longer it
+    was tuned (0.65× onnxruntime after 1 minute, 0.92× after 20). Here bools are random bits and integers are drawn from [1, 8] (small,
+    non-zero: an index stays near the front of its table, a divisor is never 0); floats are
+    filled as MetaSchedule fills them. Seeded (:data:`FILL_SEED`), so that every candidate of a
+    task runs on the same values.
+
+    ``args_info``: MetaSchedule's JSON form, ``["TENSOR", dtype, shape]`` per argument.
+    ``empty(shape, dtype)`` and ``fill_float(tensor)`` allocate and fill on the measuring device
+    (default: this process's ``device``).
+    """
+    import numpy as np
+    import tvm
+
+    if empty is None:
+        empty = lambda shape, dtype: tvm.runtime.empty(shape, dtype, device)  # noqa: E731
+    if fill_float is None:
+        fill_float = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+    rng = np.random.default_rng(FILL_SEED)
+    repeated = []
+    for _ in range(alloc_repeat):
+        args = []
+        for info in args_info:
+            kind, dtype, shape = info[0], str(info[1]), [int(d) for d in info[2]]
+            if kind != "TENSOR":
+                raise NotImplementedError(f"cannot allocate a {kind} argument for measurement")
+            t = empty(shape, dtype)
+            if dtype == "bool":
+                t.copyfrom(rng.random(shape) < 0.5)
+            elif dtype.startswith(("int", "uint")):
+                t.copyfrom(rng.integers(1, 9, size=shape).astype(dtype))
+            else:
+                fill_float(t)
+            args.append(t)
+        repeated.append(args)
+    return repeated
+
+
+def _alloc_rpc(session, device, args_info, alloc_repeat: int) -> list:
+    """:func:`alloc_arguments` on an RPC server's device: allocated there, bools and integers
+    copied from here, floats filled by the server's ``random_fill_for_measure``."""
+    import tvm
+
+    return alloc_arguments(
+        device,
+        args_info,
+        alloc_repeat,
+        empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, device),
+        fill_float=session.get_function("tvm.contrib.random.random_fill_for_measure"),
+    )
+
+
+def register_fills() -> None:
+    """Register the allocation functions under :data:`LOCAL_ALLOC` and :data:`RPC_ALLOC`: the
+    runner's worker processes look them up by name (idempotent)."""
+    import tvm
+
+    tvm.register_global_func(LOCAL_ALLOC, alloc_arguments, override=True)
+    tvm.register_global_func(RPC_ALLOC, _alloc_rpc, override=True)
+
+
 def make_runner(rpc: str | None, target: dict | None = None):
     """The runner for ``--rpc`` (None: this machine's ``LocalRunner``, one persistent worker).
 
@@ -125,4 +207,8 @@ def make_runner(rpc: str | None, target: dict | None = None):
         return rpc_runner(rpc)
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.runner.LocalRunner(evaluator_config=evaluator_config())
+    return ms.runner.LocalRunner(
+        evaluator_config=evaluator_config(),
+        f_alloc_argument=LOCAL_ALLOC,
+        initializer=register_fills,
+    )

@@ -240,3 +240,32 @@ def test_prepacked_conv_artifact_verifies_through_the_runtime(conv, tmp_path):
     inputs, expected = load_reference(str(imported.reference_path))
     got = model(**inputs)
     np.testing.assert_allclose(got, expected["y"], rtol=1e-3, atol=1e-4)
+
+
+def test_measurement_fills_arguments_as_a_model_could():
+    """The runner's arguments: bools mixed (MetaSchedule's fill made every mask all True, so a
+    causal-mask kernel was timed on a mask that masks everything), integers small and non-zero
+    (MetaSchedule's were float bit patterns). The kernel asserts both; MetaSchedule's own
+    allocation, run as the control, fails its asserts."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    from harl.builders import build_shared_object
+    from harl.runners import make_runner
+
+    @T.prim_func(s_tir=True)
+    def check(idx: T.Buffer((64,), "int64"), mask: T.Buffer((64,), "bool"),
+              out: T.Buffer((1,), "int64")):  # fmt: skip
+        out[0] = T.int64(0)
+        for i in range(64):
+            assert 1 <= idx[i] and idx[i] <= 8, "an integer argument outside [1, 8]"
+            out[0] = out[0] + T.Cast("int64", mask[i])
+        assert 0 < out[0] and out[0] < 64, "a bool argument of one value only"
+
+    path = build_shared_object(tvm.IRModule({"main": check}), tvm.target.Target("llvm"))
+    info = ms.arg_info.ArgInfo.from_prim_func(check)
+    ours = make_runner(None).run([ms.runner.RunnerInput(path, "cpu", info)])[0].result()
+    assert ours.error_msg is None and len(ours.run_secs) > 0
+    theirs = ms.runner.LocalRunner().run([ms.runner.RunnerInput(path, "cpu", info)])[0].result()
+    assert theirs.error_msg is not None and "outside [1, 8]" in theirs.error_msg
