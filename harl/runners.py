@@ -134,10 +134,11 @@ def alloc_arguments(device, args_info, alloc_repeat: int, *, empty=None, fill_fl
     decoder (``matmul / sqrt(d)``, then ``where(mask, -inf, ...)``) at 3.3 µs for a schedule that
     takes 51-56 µs on random bits (on one thread: 104 µs, on random bits as on the model's causal
     mask). The search kept such schedules, and the decoder's artifact got slower the longer it
-    was tuned (0.65× onnxruntime after 1 minute, 0.92× after 20). Here bools are random bits and integers are drawn from [1, 8] (small,
-    non-zero: an index stays near the front of its table, a divisor is never 0); floats are
-    filled as MetaSchedule fills them. Seeded (:data:`FILL_SEED`), so that every candidate of a
-    task runs on the same values.
+    was tuned (0.65× onnxruntime after 1 minute, 0.92× after 20; 0.60× after 20 with these
+    fills). Here bools are random bits and integers are drawn from [1, 8] (small, non-zero: an
+    index stays near the front of its table, a divisor is never 0); floats are filled as
+    MetaSchedule fills them. Seeded (:data:`FILL_SEED`), so that every candidate of a task runs
+    on the same values.
 
     ``args_info``: MetaSchedule's JSON form, ``["TENSOR", dtype, shape]`` per argument.
     ``empty(shape, dtype)`` and ``fill_float(tensor)`` allocate and fill on the measuring device
