@@ -13,15 +13,8 @@ One round (``generate_measure_candidates``) of a task:
    scores on this task (:class:`ScoreScale`), so one agent learns from XGBoost's scores and the
    attention model's alike. Every valid schedule visited joins the candidate pool; the agent is
    trained with PPO on the trajectories.
-4. **Selection.** Unmeasured schedules, in tiers: first those the walks from measured
-   schedules reached, then those the walks from fresh samples reached, then fresh samples,
-   best-predicted first within a tier; ε of the picks drawn at random from the rest of the
-   pool (exploration). Picked by predicted score alone, the pool's fresh samples (as slow, when
-   measured, as MetaSchedule's first random round) won often enough that HARL's typical
-   measured schedule was 2-3x its task's best where evolutionary search's, whose candidates
-   descend from the measured best, was 1.2-1.4x (README, **Time to quality**). Imagined
-   rounds (:meth:`HARLSearchStrategy.imagine_round`), where the cost model is the
-   environment, pick by predicted score alone.
+4. **Selection.** The pool's best-predicted schedules not measured before, with ε of the picks
+   drawn at random from the pool (exploration).
 
 Adaptive exploration — the rule, applied after every measured round (``notify_runner_results``)
 and every set of trajectories:
@@ -138,8 +131,6 @@ class Trajectory:
     """the best score along the walk"""
     idle: int = 0
     """steps since ``best`` last improved (the walk stops at ``patience``)"""
-    tier: int = 1
-    """0 when the walk started from a measured schedule, 1 from a fresh sample"""
     samples: list[Sample] = field(default_factory=list)
     """one per edit: what PPO learns from"""
 
@@ -276,8 +267,7 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         predicted score (kept in ``imagined``, apart from measured seconds). Returns the
         round's mean trajectory return (predicted gain) and trajectory count."""
         pool, buffer = self._explore_and_learn(learn=learn)
-        # the cost model is the environment here: its best-predicted are the round's best
-        for h, _, sch in self._select(pool, self.per_iter, by_tier=False):
+        for h, _, sch in self._select(pool, self.per_iter):
             self.measured.add(h)
             score = pool[h][0] if h in pool else 0.0
             self.imagined.append((score, sch.trace))
@@ -315,13 +305,11 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         the rollout buffer of the walks, each bootstrapping from 0: every walk ends, by its own
         rule or its step limit."""
         cfg, agent = self.cfg, self.shared.agent
-        # hash → (score, sketch, schedule, tier): tier 0 reached by a walk from a measured
-        # schedule, 1 by a walk from a fresh sample, 2 a fresh sample (``_select``'s order)
-        pool: dict[int, tuple[float, int, Any, int]] = {}
+        pool: dict[int, tuple[float, int, Any]] = {}  # hash → (score, sketch, schedule)
         starts = self._starts(pool)
         if not starts:
             return pool, RolloutBuffer()
-        live = [Trajectory(sch, k, score, score, tier=t) for sch, k, score, t in starts]
+        live = [Trajectory(sch, k, score, score) for sch, k, score in starts]
         still_improving = 0
         for step in range(cfg.steps):
             active = [t for t in live if t.idle < cfg.patience]
@@ -350,9 +338,7 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
                     score = next(scores)
                     reward = self.scale.gain(score, t.score)
                     t.schedule, t.score = p.schedule, score
-                    h = self._hash(p.schedule)
-                    if h not in pool or pool[h][3] > t.tier:  # the best tier that reached it
-                        pool[h] = (score, t.sketch, p.schedule, t.tier)
+                    pool.setdefault(self._hash(p.schedule), (score, t.sketch, p.schedule))
                 if self.scale.gain(t.score, t.best) > 1e-6:
                     t.best, t.idle = t.score, 0
                 else:
@@ -368,12 +354,10 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         self._adapt_episode(still_improving, live)
         return pool, buffer
 
-    def _select(self, pool: dict, want: int, by_tier: bool = True) -> list[tuple[int, int, Any]]:
-        """Unmeasured schedules by tier (module docstring, 4.; without ``by_tier``, by
-        predicted score alone), best-predicted first within one; ε of the picks at random
-        from the rest of the pool."""
+    def _select(self, pool: dict, want: int) -> list[tuple[int, int, Any]]:
+        """Best-predicted unmeasured candidates; ε of the picks at random from the pool."""
         fresh = [(h, v) for h, v in pool.items() if h not in self.measured]
-        fresh.sort(key=lambda hv: (hv[1][3] if by_tier else 0, -hv[1][0]))
+        fresh.sort(key=lambda hv: -hv[1][0])
         n_random = int(round(self.cfg.eps * want))
         chosen = fresh[: want - n_random]
         rest = fresh[want - n_random :]
@@ -389,7 +373,7 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
                 continue
             h = self._hash(sch)
             if h not in self.measured and all(h != c[0] for c in chosen):
-                chosen.append((h, (0.0, k, sch, 2)))
+                chosen.append((h, (0.0, k, sch)))
         return [(h, v[1], v[2]) for h, v in chosen[:want]]
 
     # ------------------------------------------------------------ sketch level
@@ -413,9 +397,8 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         if 0 <= k < len(self.sketches) and secs > 0:
             self.sketches[k].best_gflops = max(self.sketches[k].best_gflops, self.flop / secs / 1e9)
 
-    def _starts(self, pool: dict) -> list[tuple[Any, int, float, int]]:
-        """This round's trajectory starts: (schedule, sketch, predicted score, tier: 0 from a
-        measured schedule, 1 a fresh sample).
+    def _starts(self, pool: dict) -> list[tuple[Any, int, float]]:
+        """This round's trajectory starts: (schedule, sketch, predicted score).
 
         Up to half come from the best measured schedules (replayed with fresh seeds for
         any sampling left in them); the rest are the best-predicted of ``random_starts``
@@ -442,12 +425,10 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
             )
         )
         for (sch, k), score in scored:
-            pool.setdefault(self._hash(sch), (score, k, sch, 2))
+            pool.setdefault(self._hash(sch), (score, k, sch))
         rest = sorted(scored[len(measured) :], key=lambda x: -x[1])
         chosen = scored[: len(measured)] + rest[: cfg.trajectories - len(measured)]
-        return [
-            (sch, k, score, int(i >= len(measured))) for i, ((sch, k), score) in enumerate(chosen)
-        ]
+        return [(sch, k, score) for (sch, k), score in chosen]
 
     def _sample(self, k: int):
         from tvm.s_tir import Trace

@@ -212,35 +212,6 @@ def test_every_walk_ends_and_none_bootstraps_from_its_own_value(matmul):
     assert last_values == [0.0] * len(trajectories)
 
 
-def test_harl_measures_what_its_walks_reached_before_fresh_samples(matmul):
-    """A round measures the schedules the walks reached (from measured schedules first), best
-    predicted first, before the fresh design-space samples, whatever those are predicted to
-    be: picked by score alone they made HARL measure schedules 2-3x slower than its best."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy
-
-    _, target, task = matmul
-    rl.setup(0)
-    walks = ExplorationConfig(trajectories=4, steps=3, patience=100, random_starts=8, eps=0.0)
-    strategy = HARLSearchStrategy(seed=0, exploration=walks)
-    ctx = _context(task, target, strategy)
-    spaces = ctx.space_generator.generate_design_space(ctx.mod)
-    ctx.search_strategy.pre_tuning(
-        8, 4, spaces, ms.database.MemoryDatabase(), ms.cost_model.RandomModel(seed=1)
-    )
-    pool, _ = strategy._explore()
-    # nothing measured yet: the walks started from fresh samples (tier 1), which are tier 2
-    assert {v[3] for v in pool.values()} == {1, 2}
-    walked = sorted((v[0] for v in pool.values() if v[3] == 1), reverse=True)
-    assert len(walked) >= 3 and max(v[0] for v in pool.values() if v[3] == 2) > walked[2]
-    picks = strategy._select(pool, 3)
-    assert [pool[h][0] for h, _, _ in picks] == walked[:3]
-    # the tiers in order: from a measured schedule's walk, another walk, a fresh sample
-    tiers = {1: (9.0, 0, "sample", 2), 2: (1.0, 0, "from measured", 0), 3: (5.0, 0, "walk", 1)}
-    assert [s for _, _, s in strategy._select(tiers, 3)] == ["from measured", "walk", "sample"]
-
-
 def test_task_bandit_spends_the_time_left_where_the_gain_per_second_is():
     import time
 
