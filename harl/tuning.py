@@ -253,12 +253,9 @@ def tune(
     """Tune the tasks of a prepared module whose workloads the database has not measured yet,
     as ``spec`` says (a :class:`~harl.spec.TuningSpec`; or its fields as keywords).
 
-    With a trial budget, workloads with valid records for this target are not measured again;
-    the budget goes to new ones. With ``time_budget_s`` they are searched on from those records
-    too (a store's schedules are starting points, not the end: a kernel another model shares
-    is not frozen at the few trials that model gave it). Each new task first gets
-    ``min_trials_per_task`` measured samples, most of them register-blocked, as far as
-    ``trials`` goes (a small ``trials`` measures the heaviest tasks'
+    Workloads with valid records for this target are not measured again; the budget goes to new
+    ones. Each new task first gets ``min_trials_per_task`` measured samples, most of them
+    register-blocked, as far as ``trials`` goes (a small ``trials`` measures the heaviest tasks'
     first samples; trials spent never exceed ``trials``); tasks under
     ``TINY_SHARE`` of the model's FLOPs get one sample plus their unscheduled kernel and no
     search. What remains of ``trials`` goes to the search ``strategy`` (a name in
@@ -347,20 +344,6 @@ def _tune(
     result.tasks, new = _summaries(tasks, db, target, interrupted)
     result.phases["extract_s"] = round(deadline.elapsed(), 2)
     log.info("%d tasks: %d in the database, %d new", len(tasks), len(tasks) - len(new), len(new))
-    share = dict(zip([s.name for s in result.tasks], importance(result.tasks), strict=True))
-    if time_budget_s is not None and trials:
-        # A time budget is spent improving on what the store holds: a kernel it measured (for
-        # this model, or for another that shares it: a team's store) is searched on from its
-        # records, not frozen at them. A trial budget keeps them: a second run measures nothing.
-        new_names = {s.name for _, s in new}
-        again = [
-            (t, s)
-            for t, s in zip(tasks, result.tasks, strict=True)
-            if s.name not in new_names and share[s.name] >= TINY_SHARE
-        ]
-        if again:
-            log.info("%d of them searched on from their records (--time-budget)", len(again))
-            new += again
     if trials == 0 or not new:
         journal.finish()
         result.seconds = deadline.elapsed()
@@ -376,6 +359,7 @@ def _tune(
         )
     else:
         journal.start([t.task_name for t, _ in new], recorded)
+    share = dict(zip([s.name for s in result.tasks], importance(result.tasks), strict=True))
     new.sort(key=lambda ts: -share[ts[1].name])  # the heaviest kernels first
     tracker = _Tracker(result.tasks, trials, result.history, on_progress, deadline)
     tracker.trials = result.resumed_trials
