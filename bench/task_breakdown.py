@@ -98,19 +98,26 @@ def main() -> None:
     a = p.parse_args()
     from families import export
 
+    runs = []  # checked before the network is exported and compiled
+    for spec in a.run:
+        name, _, rest = spec.partition("=")
+        path, _, minutes = rest.rpartition("@")
+        try:
+            mins = [float(x) for x in minutes.split(",")]
+        except ValueError:
+            mins = []
+        if not name or not mins or not Path(path).is_file():
+            p.error(f"--run {spec!r}: want NAME=STORE.db@MIN[,MIN] with an existing store")
+        runs.append((name, Path(path), mins))
     target = resolve_target("cpu")
     work = Path(tempfile.mkdtemp(prefix="breakdown-"))
     m = import_model(str(export(a.network, work)), cache_dir=work / "cache")
     tasks = compilation.extract_tasks(compilation.prepare(to_relax(m.onnx_path, m.inputs)), target)
     columns = []
-    for spec in a.run:
-        name, _, rest = spec.partition("=")
-        path, _, minutes = rest.rpartition("@")
-        if not name or not path or not minutes or not Path(path).is_file():
-            p.error(f"--run {spec!r}: want NAME=STORE.db@MIN[,MIN] with an existing store")
-        for minute in (float(x) for x in minutes.split(",")):
+    for name, path, mins in runs:
+        for minute in mins:
             col = f"{name}@{minute:g}m"
-            columns.append((col, store_at(Path(path), minute, work / f"{len(columns)}.db")))
+            columns.append((col, store_at(path, minute, work / f"{len(columns)}.db")))
     rows = breakdown(tasks, columns, target)
     print(table(rows, [c for c, _ in columns]))
     if a.out:
