@@ -7,7 +7,9 @@ best latency × calls per inference, at chosen minutes of one or more runs' sqli
 
 The stores are those ``bench/time_to_quality.py`` tunes into (kept in its work directory,
 ``/tmp/ttq-*``): every record carries the time it was measured, so the store at minute M is the
-records measured within M minutes of the run's first. A task's "best" is what packaging would
+records measured within M minutes of the run's first. (A run that started from a copy of a
+``--warm-store`` counts its minutes from that store's first record instead: use it on runs from
+an empty store.) A task's "best" is what packaging would
 compile it with; the summed column is the model's kernel time as the tuner sees it (what the
 artifact's latency follows, minus the VM's own work). The table says which kernels a shorter
 or a different run lost on, and whether the trials went there.
