@@ -28,8 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from time_to_quality import copy_until  # noqa: E402
+
 from harl import compilation  # noqa: E402
-from harl.database import best_records, mean_run_secs, open_database  # noqa: E402
+from harl.database import best_records, count_records, mean_run_secs, open_database  # noqa: E402
 from harlflow.core.targets import resolve_target  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
 
@@ -39,11 +41,7 @@ def store_at(src: Path, minute: float, dest: Path):
     records, opened as a tuning store."""
     with sqlite3.connect(src) as a:
         t0 = a.execute("SELECT min(measured_at) FROM ms_records").fetchone()[0]
-    dest.unlink(missing_ok=True)
-    with sqlite3.connect(src) as a, sqlite3.connect(dest) as b:
-        a.backup(b)
-        b.execute("DELETE FROM ms_records WHERE measured_at > ?", (t0 + minute * 60,))
-        b.commit()
+    copy_until(src, dest, t0 + minute * 60)
     return open_database(f"sqlite:///{dest}")
 
 
@@ -56,7 +54,7 @@ def breakdown(tasks, columns: list[tuple[str, object]], target: dict) -> list[di
         for name, db in columns:
             best = best_records(db, mod, target)
             us = mean_run_secs(best[0].run_secs) * 1e6 if best else math.nan
-            n = db.count_on_target(mod, target) if db.has_workload(mod) else 0
+            n = count_records(db, [t], target)
             row["columns"][name] = {"trials": n, "weighted_us": us * float(t.weight)}
         rows.append(row)
     last = columns[-1][0]

@@ -52,7 +52,7 @@ from tasks.packaging import measure_threads, package  # noqa: E402
 BASELINE = ("evolutionary", "xgb")
 
 
-def _copy_until(src: Path, dest: Path, cutoff: float) -> None:
+def copy_until(src: Path, dest: Path, cutoff: float) -> None:
     """A copy of the sqlite store ``src`` without the records measured after ``cutoff`` (Unix
     seconds): the store as it was at that moment of the run."""
     dest.unlink(missing_ok=True)
@@ -76,7 +76,7 @@ def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, e
     db = work / f"{network}-{label.replace('/', '-')}-s{seed}.db"  # harl/gradient
     db.unlink(missing_ok=True)
     if warm is not None:
-        _copy_until(warm, db, math.inf)  # the sqlite backup API: its WAL included
+        copy_until(warm, db, math.inf)  # the sqlite backup API: its WAL included
     mod = compilation.prepare(to_relax(m.onnx_path, m.inputs))
     t0 = time.time()
     search, _, scheduler = strategy.partition("/")  # harl/gradient: HARL's search, MS's tasks
@@ -95,7 +95,7 @@ def run_one(network, m, combo, seed, checkpoints, target, seconds, work, warm, e
     ort = Runtime("onnxruntime", "ort", str(m.onnx_path))
     for minute in [c for c in checkpoints if c <= minutes]:
         snap = work / f"{db.stem}-at{minute:g}m.db"
-        _copy_until(db, snap, t0 + minute * 60)
+        copy_until(db, snap, t0 + minute * 60)
         art = package(
             m, target, database_dir=f"sqlite:///{snap}", home=work / f"art-{db.stem}-{minute:g}",
             tune_summary=res.summary(), measure=False, log=lambda *_: None,
