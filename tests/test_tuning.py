@@ -106,6 +106,21 @@ def test_negative_budget_and_unknown_strategy(matmul_tasks, tmp_path):
         tuning.tune(mod, target, tmp_path / "db", trials=4, strategy="annealing")
 
 
+def test_a_flop_tiny_task_that_takes_time_is_searched():
+    """Tiny by FLOPs decides the warm-up; the measured time decides the search: a global mean
+    (few FLOPs, 8 % of inception's kernel time) is searched, a 0.1 % reshape and a task the
+    warm-up did not reach are not."""
+    S = tuning.TaskSummary
+    conv = S("conv", weight=2.0, flop=1e8, best_us=40.0)
+    mean = S("mean", weight=1.0, flop=5e4, best_us=8.0)
+    reshape = S("reshape", weight=4.0, flop=0.0, best_us=0.02)
+    unmeasured = S("pool", weight=1.0, flop=1e4)
+    tiny = {"mean", "reshape", "pool"}
+    assert tuning.still_tiny(tiny, [conv, mean, reshape, unmeasured]) == {"reshape", "pool"}
+    mean.best_us = 0.5  # 0.6 % of the measured 80.58 µs
+    assert tuning.still_tiny(tiny, [conv, mean, reshape, unmeasured]) == tiny
+
+
 def test_warmup_records_replay_and_search_continues_from_them(matmul_tasks, tmp_path):
     """Warm-up records must mark their postprocessing (EnterPostproc), or MetaSchedule's
     evolutionary search aborts when it starts from them (a bug we hit on small_cnn)."""
