@@ -45,17 +45,30 @@ def store_at(src: Path, minute: float, dest: Path):
     return open_database(f"sqlite:///{dest}")
 
 
+def weighted_best_us(db, task, target: dict) -> float:
+    """``task``'s best measured latency in ``db`` × its calls per inference (NaN: unmeasured)."""
+    best = best_records(db, task.dispatched[0], target)
+    return mean_run_secs(best[0].run_secs) * 1e6 * float(task.weight) if best else math.nan
+
+
+def store_minutes(text: str) -> tuple[Path, list[float]] | None:
+    """``STORE.db@MIN[,MIN]`` → (the store, the minutes), or None when malformed or missing."""
+    path, _, minutes = text.rpartition("@")
+    try:
+        mins = [float(x) for x in minutes.split(",")]
+    except ValueError:
+        return None
+    return (Path(path), mins) if mins and Path(path).is_file() else None
+
+
 def breakdown(tasks, columns: list[tuple[str, object]], target: dict) -> list[dict]:
     """One row per task: its weight and, per column, trials measured and weighted best µs."""
     rows = []
     for t in tasks:
-        mod = t.dispatched[0]
         row = {"task": t.task_name, "weight": float(t.weight), "columns": {}}
         for name, db in columns:
-            best = best_records(db, mod, target)
-            us = mean_run_secs(best[0].run_secs) * 1e6 if best else math.nan
             n = count_records(db, [t], target)
-            row["columns"][name] = {"trials": n, "weighted_us": us * float(t.weight)}
+            row["columns"][name] = {"trials": n, "weighted_us": weighted_best_us(db, t, target)}
         rows.append(row)
     last = columns[-1][0]
 
@@ -101,14 +114,10 @@ def main() -> None:
     runs = []  # checked before the network is exported and compiled
     for spec in a.run:
         name, _, rest = spec.partition("=")
-        path, _, minutes = rest.rpartition("@")
-        try:
-            mins = [float(x) for x in minutes.split(",")]
-        except ValueError:
-            mins = []
-        if not name or not mins or not Path(path).is_file():
+        store = store_minutes(rest)
+        if not name or store is None:
             p.error(f"--run {spec!r}: want NAME=STORE.db@MIN[,MIN] with an existing store")
-        runs.append((name, Path(path), mins))
+        runs.append((name, *store))
     target = resolve_target("cpu")
     work = Path(tempfile.mkdtemp(prefix="breakdown-"))
     m = import_model(str(export(a.network, work)), cache_dir=work / "cache")

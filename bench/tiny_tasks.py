@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from task_breakdown import store_at  # noqa: E402
+from task_breakdown import store_at, store_minutes, weighted_best_us  # noqa: E402
 
 from harl import compilation, tuning  # noqa: E402
-from harl.database import best_records, mean_run_secs, open_database  # noqa: E402
+from harl.database import open_database  # noqa: E402
 from harlflow.core.targets import resolve_target  # noqa: E402
 from harlflow.measure import Runtime, side_by_side  # noqa: E402
 from tasks.importing import import_model, to_relax  # noqa: E402
@@ -41,8 +41,8 @@ def flop_tiny(tasks) -> list:
     sums = [
         tuning.TaskSummary(t.task_name, float(t.weight), compilation.task_flop(t)) for t in tasks
     ]
-    share = tuning.importance(sums)
-    return [t for t, s in zip(tasks, share, strict=True) if s < tuning.TINY_SHARE]
+    tiny = tuning.tiny_by_flops(sums)
+    return [t for t in tasks if t.task_name in tiny]
 
 
 def forget(path: Path, tasks) -> None:
@@ -59,11 +59,6 @@ def forget(path: Path, tasks) -> None:
         c.executemany("DELETE FROM ms_records WHERE workload_id = ?", [(i,) for i in ids])
 
 
-def weighted_us(db, task, target) -> float:
-    best = best_records(db, task.dispatched[0], target)
-    return mean_run_secs(best[0].run_secs) * 1e6 * float(task.weight) if best else float("nan")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--network", required=True, help="a network of bench/families.py")
@@ -73,13 +68,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="per side-by-side measurement")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/tiny_tasks.json")
     a = p.parse_args()
-    path, _, minutes = a.store.rpartition("@")
-    try:
-        mins = [float(x) for x in minutes.split(",")]
-    except ValueError:
-        mins = []
-    if not mins or not Path(path).is_file():
+    store = store_minutes(a.store)
+    if store is None:
         p.error(f"--store {a.store!r}: want STORE.db@MIN[,MIN] with an existing store")
+    path, mins = store
     from families import export
 
     target = resolve_target("cpu")
@@ -91,9 +83,9 @@ def main() -> None:
     result = {"network": a.network, "target": target, "store": a.store, "trials": a.trials,
               "seed": a.seed, "rows": []}  # fmt: skip
     for minute in mins:
-        before = store_at(Path(path), minute, work / f"at{minute:g}.db")
+        before = store_at(path, minute, work / f"at{minute:g}.db")
         after_path = work / f"at{minute:g}+tiny.db"
-        store_at(Path(path), minute, after_path)
+        store_at(path, minute, after_path)
         forget(after_path, tiny)
         res = tuning.tune(mod, target, f"sqlite:///{after_path}", strategy="evolutionary",
                           cost_model="xgb", seed=a.seed, trials=a.trials)  # fmt: skip
@@ -101,7 +93,8 @@ def main() -> None:
         trials = {s.name: s.trials for s in res.tasks}
         tasks = [
             {"task": t.task_name, "trials": trials.get(t.task_name, 0),
-             "before_us": weighted_us(before, t, target), "after_us": weighted_us(after, t, target)}
+             "before_us": weighted_best_us(before, t, target),
+             "after_us": weighted_best_us(after, t, target)}
             for t in tiny
         ]  # fmt: skip
         runtimes = [ort]

@@ -128,6 +128,13 @@ def importance(summaries: list[TaskSummary]) -> list[float]:
     return [w / total if total > 0 else 1.0 / max(1, len(work)) for w in work]
 
 
+def tiny_by_flops(summaries: list[TaskSummary]) -> set[str]:
+    """The tasks under :data:`TINY_SHARE` of the model's FLOPs (:func:`importance`): two
+    warm-up trials each, and a search only if :func:`still_tiny` lets them go."""
+    shares = importance(summaries)
+    return {s.name for s, share in zip(summaries, shares, strict=True) if share < TINY_SHARE}
+
+
 def still_tiny(tiny: set[str], summaries: list[TaskSummary]) -> set[str]:
     """Of the tasks ``tiny`` by FLOPs, those still under :data:`TINY_SHARE` of the model's
     measured time (Σ weight × best latency) once the warm-up has measured them. A reduction or
@@ -385,7 +392,7 @@ def _tune(
     builder = builder or default_builder()
     runner = runner or make_runner(None)
     try:
-        tiny = {s.name for _, s in new if share[s.name] < TINY_SHARE}
+        tiny = tiny_by_flops(result.tasks) & {s.name for _, s in new}
         jobs = [
             (t, s, 1 if s.name in tiny else min_trials_per_task)
             for t, s in new
