@@ -44,7 +44,7 @@ def imagine(
     from tvm.s_tir import meta_schedule as ms
 
     from harl._fast_import import import_tensor_intrinsics
-    from harl.search_strategy import HARLSearchStrategy, _Shared
+    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy, _Shared
 
     import_tensor_intrinsics()  # before the first TuneContext (see harl._fast_import)
 
@@ -55,7 +55,10 @@ def imagine(
     shared = _Shared(agent)
     per_task: dict[str, float] = {}
     for i, task in enumerate(tasks):
-        strategy = HARLSearchStrategy(seed=seed + i, _shared=shared)
+        # the agent learns from the walks; the neighbours only widen what a round measures,
+        # and imagined rounds measure nothing: pre-training walks as it did before them
+        walks_only = ExplorationConfig(neighbours=0)
+        strategy = HARLSearchStrategy(seed=seed + i, exploration=walks_only, _shared=shared)
         ctx = ms.TuneContext(
             mod=task.dispatched[0],
             target=tvm.target.Target(target),

@@ -212,6 +212,39 @@ def test_every_walk_ends_and_none_bootstraps_from_its_own_value(matmul):
     assert last_values == [0.0] * len(trajectories)
 
 
+def test_the_pool_holds_one_edit_neighbours_of_the_best_measured(matmul):
+    """Besides its walks, a round scores random one-edit neighbours of the best measured
+    schedules (a larger pool near the best, cut by the cost model): each differs from its
+    parent in exactly one decision and none was measured before."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl import edits as E
+    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy
+
+    _, target, task = matmul
+    rl.setup(0)
+    cfg = ExplorationConfig(trajectories=2, steps=1, random_starts=4, neighbours=12)
+    strategy = HARLSearchStrategy(seed=0, exploration=cfg)
+    ctx = _context(task, target, strategy)
+    spaces = ctx.space_generator.generate_design_space(ctx.mod)
+    strategy.pre_tuning(8, 4, spaces, ms.database.MemoryDatabase(), ms.cost_model.RandomModel())
+    without, _ = strategy._explore()  # nothing measured yet: no neighbours
+    parent = strategy._sample(0).trace
+    strategy.best = [(1e-3, parent)]
+    strategy.measured.add(strategy._hash(strategy._replay(parent)))
+    pool, _ = strategy._explore()
+    before = {i: str(d) for i, _, d in E.decisions(parent)}
+
+    def changed(sch) -> int:
+        after = {i: str(d) for i, _, d in E.decisions(sch.trace)}
+        return sum(after.get(i) != d for i, d in before.items())
+
+    one_edit = [h for h, (_, _, sch) in pool.items() if changed(sch) == 1]
+    assert len(one_edit) >= 4  # most of the 12 draws (some repeat, some are invalid)
+    assert len(pool) > len(without)
+    assert not strategy.measured & set(one_edit)
+
+
 def test_task_bandit_spends_the_time_left_where_the_gain_per_second_is():
     import time
 
