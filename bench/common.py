@@ -42,3 +42,13 @@ def tuned_artifact(imported, target: dict, work: Path, label: str, trials: int):
         tune_summary=result.summary(), measure=False, log=lambda *_: None,
     )  # fmt: skip
     return art.directory, result
+
+
+def store_minutes(text: str) -> tuple[Path, list[float]] | None:
+    """``STORE.db@MIN[,MIN]`` → (the store, the minutes), or None when malformed or missing."""
+    path, _, minutes = text.rpartition("@")
+    try:
+        mins = [float(x) for x in minutes.split(",")]
+    except ValueError:
+        return None
+    return (Path(path), mins) if mins and Path(path).is_file() else None

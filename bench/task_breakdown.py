@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from common import store_minutes  # noqa: E402
 from time_to_quality import copy_until  # noqa: E402
 
 from harl import compilation  # noqa: E402
@@ -49,16 +50,6 @@ def weighted_best_us(db, task, target: dict) -> float:
     """``task``'s best measured latency in ``db`` × its calls per inference (NaN: unmeasured)."""
     best = best_records(db, task.dispatched[0], target)
     return mean_run_secs(best[0].run_secs) * 1e6 * float(task.weight) if best else math.nan
-
-
-def store_minutes(text: str) -> tuple[Path, list[float]] | None:
-    """``STORE.db@MIN[,MIN]`` → (the store, the minutes), or None when malformed or missing."""
-    path, _, minutes = text.rpartition("@")
-    try:
-        mins = [float(x) for x in minutes.split(",")]
-    except ValueError:
-        return None
-    return (Path(path), mins) if mins and Path(path).is_file() else None
 
 
 def breakdown(tasks, columns: list[tuple[str, object]], target: dict) -> list[dict]:

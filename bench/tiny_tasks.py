@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from task_breakdown import store_at, store_minutes, weighted_best_us  # noqa: E402
+from common import store_minutes  # noqa: E402
+from task_breakdown import store_at, weighted_best_us  # noqa: E402
 
 from harl import compilation, tuning  # noqa: E402
 from harl.database import open_database  # noqa: E402

@@ -1,18 +1,18 @@
 """How good the schedules a search chose to measure were: each searched trial's latency over its
 task's best, per tuning run (the sqlite stores ``bench/time_to_quality.py`` tunes into).
 
-    python bench/trial_quality.py --run base=/tmp/ttq-x/inception-evolutionary+xgb-s0.db@5 \
+    python bench/trial_quality.py --run base=/tmp/ttq-x/inception-evolutionary+xgb-s0.db@5,20 \
         --run harl=/tmp/ttq-y/inception-harl+transfer-s0.db@5 [--warm-up 4] [--out FILE.json]
 
 A search that measures schedules near the best spends its trials where the gain is; one whose
 median measured schedule is twice the best spends half of them on schedules that could not win.
-For every run and task, the task's trials up to the minute given (``@M``, from the store's first
-record) in the order they were measured, the first ``--warm-up`` of each task left out (the
-tuner's seeded samples, the same for every strategy); each trial's latency is divided by the
-task's best within those minutes. Reported per run: trials, median and quartiles of that ratio,
-the same over each task's first and second half of its searched trials, and the share of trials
-within 10 % of the best. Failed trials count as infinitely slow. No TVM needed: the stores are
-read as sqlite files.
+For every run, minute (``@M[,M]``, from the store's first record) and task, the task's trials
+up to that minute in the order they were measured, the first ``--warm-up`` of each task left
+out (the tuner's seeded samples, the same for every strategy); each trial's latency is divided
+by the task's best within those minutes. Reported per run and minute: trials, median and
+quartiles of that ratio, the same over each task's first and second half of its searched
+trials, and the share of trials within 10 % of the best. Failed trials count as infinitely
+slow. No TVM needed: the stores are read as sqlite files.
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-FAILED = 1e9  # harl.database.FAILED_RUN_SECS: a failed trial's recorded seconds
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from common import store_minutes  # noqa: E402
+
+from harl.database import FAILED_RUN_SECS  # noqa: E402 (no TVM behind it)
 
 
 def ratios(store: Path, minute: float, warm_up: int) -> dict[str, list[float]]:
@@ -47,11 +52,11 @@ def ratios(store: Path, minute: float, warm_up: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"all": [], "first": [], "second": []}
     for secs in per_task.values():
         searched = secs[warm_up:]
-        ok = [s for s in secs if s < FAILED]
+        ok = [s for s in secs if s < FAILED_RUN_SECS]
         if not searched or not ok:
             continue
         best = min(ok)
-        r = [s / best if s < FAILED else math.inf for s in searched]
+        r = [s / best if s < FAILED_RUN_SECS else math.inf for s in searched]
         half = len(r) // 2
         out["all"] += r
         out["first"] += r[:half]
@@ -75,23 +80,22 @@ def summary(r: list[float]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", action="append", required=True, help="NAME=STORE.db@MINUTES")
+    p.add_argument("--run", action="append", required=True, help="NAME=STORE.db@MIN[,MIN]")
     p.add_argument("--warm-up", type=int, default=4, help="trials of each task left out")
     p.add_argument("--out", type=Path, help="write the rows as JSON here too")
     a = p.parse_args()
     rows = []
     for spec in a.run:
         name, _, rest = spec.partition("=")
-        path, _, minute = rest.rpartition("@")
-        try:
-            minutes = float(minute)
-        except ValueError:
-            sys.exit(f"trial_quality: --run {spec!r}: expected NAME=STORE.db@MINUTES")
-        if not Path(path).is_file():
-            sys.exit(f"trial_quality: --run {spec!r}: no store at {path}")
-        r = ratios(Path(path), minutes, a.warm_up)
-        rows.append({"run": name, "store": path, "minute": minutes,
-                     **{k: summary(v) for k, v in r.items()}})  # fmt: skip
+        store = store_minutes(rest)
+        if not name or store is None:
+            p.error(f"--run {spec!r}: want NAME=STORE.db@MIN[,MIN] with an existing store")
+        path, minutes = store
+        for minute in minutes:
+            r = ratios(path, minute, a.warm_up)
+            rows.append({"run": name if len(minutes) == 1 else f"{name}@{minute:g}",
+                         "store": str(path), "minute": minute,
+                         **{k: summary(v) for k, v in r.items()}})  # fmt: skip
     print(f"{'run':28s} {'trials':>6s} {'median':>7s} {'p25-p75':>12s} {'≤1.1×':>6s} "
           f"{'1st half':>8s} {'2nd half':>8s}")  # fmt: skip
     for r in rows:

@@ -449,7 +449,8 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
         parents = parents[: cfg.neighbour_parents]
         if not cfg.neighbours or not parents:
             return
-        found, per_parent = [], -(-cfg.neighbours // len(parents))
+        found: dict[int, tuple[int, Any]] = {}  # hash → (sketch, schedule), scored together
+        per_parent = -(-cfg.neighbours // len(parents))
         for trace in parents:  # distinct edits of each parent: no replay is wasted on a repeat
             legal = E.legal_edits(trace)
             for j in self.rng.permutation(len(legal))[:per_parent]:
@@ -457,10 +458,11 @@ class HARLSearchStrategy(ms.search_strategy.PySearchStrategy):
                 if sch is None:
                     continue
                 h = self._hash(sch)
-                if h not in pool and h not in self.measured:
-                    found.append((h, self._sketch_of(trace), sch))
-        for (h, k, sch), score in zip(found, self._predict([s for _, _, s in found]), strict=True):
-            pool.setdefault(h, (score, k, sch))
+                if h not in pool and h not in self.measured and h not in found:
+                    found[h] = (self._sketch_of(trace), sch)  # two parents may share one
+        scores = self._predict([sch for _, sch in found.values()])
+        for (h, (k, sch)), score in zip(found.items(), scores, strict=True):
+            pool[h] = (score, k, sch)
 
     def _sample(self, k: int):
         from tvm.s_tir import Trace

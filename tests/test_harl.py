@@ -60,6 +60,22 @@ def _context(task, target, strategy):
     )
 
 
+def _ready(task, target, exploration, cost_model=None):
+    """A HARL strategy (seed 0, the run's seed set) after ``pre_tuning`` on ``task`` with an
+    empty database and ``cost_model`` (MetaSchedule's random model by default)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from harl.search_strategy import HARLSearchStrategy
+
+    rl.setup(0)
+    strategy = HARLSearchStrategy(seed=0, exploration=exploration)
+    ctx = _context(task, target, strategy)
+    spaces = ctx.space_generator.generate_design_space(ctx.mod)
+    model = cost_model or ms.cost_model.RandomModel()
+    strategy.pre_tuning(8, 4, spaces, ms.database.MemoryDatabase(), model)
+    return strategy
+
+
 @pytest.mark.slow
 def test_harl_through_ms_tune_tasks(matmul, tmp_path):
     from tvm.s_tir import meta_schedule as ms
@@ -192,19 +208,11 @@ def test_every_walk_ends_and_none_bootstraps_from_its_own_value(matmul):
     step / steps) or when nothing is left to edit; PPO gets each walk's next-state value as
     X-RLflow's agent does, which for an ended walk is 0. (The old update bootstrapped a walk that
     ran out of edits from its own last state's value.)"""
-    from tvm.s_tir import meta_schedule as ms
-
-    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy
+    from harl.search_strategy import ExplorationConfig
 
     _, target, task = matmul
-    rl.setup(0)
     walks = ExplorationConfig(trajectories=4, steps=3, patience=100, random_starts=8)
-    strategy = HARLSearchStrategy(seed=0, exploration=walks)
-    ctx = _context(task, target, strategy)
-    spaces = ctx.space_generator.generate_design_space(ctx.mod)
-    ctx.search_strategy.pre_tuning(
-        8, 4, spaces, ms.database.MemoryDatabase(), ms.cost_model.RandomModel()
-    )
+    strategy = _ready(task, target, walks)
     _, buffer = strategy._explore()
     trajectories, last_values = buffer.trajectories, buffer.last_values
     assert trajectories and len(last_values) == len(trajectories)
@@ -216,18 +224,12 @@ def test_the_pool_holds_one_edit_neighbours_of_the_best_measured(matmul):
     """Besides its walks, a round scores random one-edit neighbours of the best measured
     schedules (a larger pool near the best, cut by the cost model): each differs from its
     parent in exactly one decision and none was measured before."""
-    from tvm.s_tir import meta_schedule as ms
-
     from harl import edits as E
-    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy
+    from harl.search_strategy import ExplorationConfig
 
     _, target, task = matmul
-    rl.setup(0)
     cfg = ExplorationConfig(trajectories=2, steps=1, random_starts=4, neighbours=12)
-    strategy = HARLSearchStrategy(seed=0, exploration=cfg)
-    ctx = _context(task, target, strategy)
-    spaces = ctx.space_generator.generate_design_space(ctx.mod)
-    strategy.pre_tuning(8, 4, spaces, ms.database.MemoryDatabase(), ms.cost_model.RandomModel())
+    strategy = _ready(task, target, cfg)
     without, _ = strategy._explore()  # nothing measured yet: no neighbours
     parent = strategy._sample(0).trace
     strategy.best = [(1e-3, parent)]
@@ -309,7 +311,7 @@ def test_the_agent_sees_the_same_rewards_from_a_rescaled_cost_model(matmul):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    from harl.search_strategy import ExplorationConfig, HARLSearchStrategy, ScoreScale
+    from harl.search_strategy import ExplorationConfig, ScoreScale
 
     @derived_object
     class Rescaled(ms.cost_model.PyCostModel):
@@ -322,14 +324,8 @@ def test_the_agent_sees_the_same_rewards_from_a_rescaled_cost_model(matmul):
     _, target, task = matmul
 
     def rewards(a: float, b: float) -> list[float]:
-        rl.setup(0)
-        strategy = HARLSearchStrategy(
-            seed=0, exploration=ExplorationConfig(trajectories=4, steps=3, random_starts=8)
-        )
-        ctx = _context(task, target, strategy)
-        spaces = ctx.space_generator.generate_design_space(ctx.mod)
-        model = Rescaled(ms.cost_model.RandomModel(seed=3), a, b)
-        strategy.pre_tuning(8, 4, spaces, ms.database.MemoryDatabase(), model)
+        walks = ExplorationConfig(trajectories=4, steps=3, random_starts=8)
+        strategy = _ready(task, target, walks, Rescaled(ms.cost_model.RandomModel(seed=3), a, b))
         _, buffer = strategy._explore()
         return [s.reward for t in buffer.trajectories for s in t]
 
