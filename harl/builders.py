@@ -131,8 +131,27 @@ def persistent_builder(**kwargs) -> Iterator:
         builder.close()
 
 
-def default_builder(*, link: bool = True):
-    """A :class:`PersistentBuilder` with one worker per core, 60 s per build."""
+BUILD_TIMEOUT_S = 60.0  # the most one candidate's build may take
+BUILD_BUDGET_SHARE = 0.05  # under a --time-budget: this share of it, ...
+MIN_BUILD_TIMEOUT_S = 10.0  # ... but never less (a normal build takes 0.3-3 s)
+
+
+def build_timeout_s(time_budget_s: float | None = None) -> float:
+    """How long one candidate's build may take: :data:`BUILD_TIMEOUT_S`, and under a time
+    budget at most :data:`BUILD_BUDGET_SHARE` of it (never under :data:`MIN_BUILD_TIMEOUT_S`).
+
+    Some candidates never finish compiling in useful time (a softmax with its ``exp`` inlined
+    under a 512-step unroll took LLVM over 150 s); each one holds a build worker until the
+    timeout, so under a 5-minute budget a round of them at 60 s each spent 200 s of it."""
+    if time_budget_s is None:
+        return BUILD_TIMEOUT_S
+    return min(BUILD_TIMEOUT_S, max(MIN_BUILD_TIMEOUT_S, BUILD_BUDGET_SHARE * time_budget_s))
+
+
+def default_builder(*, link: bool = True, time_budget_s: float | None = None):
+    """A :class:`PersistentBuilder` with one worker per core and :func:`build_timeout_s`."""
     return PersistentBuilder(
-        max_workers=max(1, len(os.sched_getaffinity(0))), timeout_sec=60, link=link
+        max_workers=max(1, len(os.sched_getaffinity(0))),
+        timeout_sec=build_timeout_s(time_budget_s),
+        link=link,
     )

@@ -389,7 +389,7 @@ def _tune(
     tracker = _Tracker(result.tasks, trials, result.history, on_progress, deadline)
     tracker.trials = result.resumed_trials
     own_builder, own_runner = builder is None, runner is None
-    builder = builder or default_builder()
+    builder = builder or default_builder(time_budget_s=time_budget_s)
     runner = runner or make_runner(None)
     try:
         tiny = tiny_by_flops(result.tasks) & {s.name for _, s in new}

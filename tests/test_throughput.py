@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from harl import compilation, database, tuning
 from harl.budget import UNLIMITED_TRIALS, Deadline
-from harl.builders import PersistentBuilder
+from harl.builders import PersistentBuilder, build_timeout_s, default_builder, persistent_builder
 from harl.sampling import sample_schedules
 from harlflow.core.durations import format_duration, parse_duration
 from harlflow.core.errors import BadInputError
@@ -99,16 +99,23 @@ def test_register_blocked_samples_are_valid_and_tile_the_output_channels(conv):
         assert int(tiles[-1][-1]) == 16  # 16 output channels: one 16-lane vector innermost
 
 
-def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(conv):
+def _build_inputs(conv, n: int) -> list:
+    """``n`` register-blocked samples of the convolution, as MetaSchedule builder inputs."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
     _, _, target, task = conv
     tgt = tvm.target.Target(target)
-    inputs = [
+    return [
         ms.builder.BuilderInput(s.mod, tgt)
-        for s in sample_schedules(task, target, 4, seed=0, micro_kernel=1.0)
+        for s in sample_schedules(task, target, n, seed=0, micro_kernel=1.0)
     ]
+
+
+def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(conv):
+    import tvm
+
+    inputs = _build_inputs(conv, 4)
     builder = PersistentBuilder(max_workers=2, timeout_sec=60)
     seen: set[int] = set()
     try:
@@ -147,6 +154,18 @@ def test_persistent_builder_builds_survives_dead_workers_and_leaves_no_process(c
     while any(_alive(p) for p in seen) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in seen if _alive(p)]
+
+
+def test_a_build_past_its_timeout_fails_its_candidate_and_a_time_budget_shortens_it(conv):
+    inputs = _build_inputs(conv, 2)
+    with persistent_builder(max_workers=1, timeout_sec=0.05) as builder:
+        out = builder.build(inputs)
+    assert [r.artifact_path for r in out] == [None, None]
+    assert all("timeout, killed after 0.05 s" in r.error_msg for r in out)
+    # a 5-minute budget gives a build 15 s, not 60: a candidate LLVM cannot finish holds a
+    # worker that long; a short budget still gives 10 s, a long one (or none) 60
+    assert default_builder(time_budget_s=300).timeout_sec == 15
+    assert [build_timeout_s(b) for b in (60, 3600, None)] == [10, 60, 60]
 
 
 @pytest.mark.slow
