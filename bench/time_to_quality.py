@@ -24,7 +24,8 @@ in the dataset suite (``tasks.datasets.SUITE_NETWORKS``) any learned part was tr
 JSON is rewritten after every row; a plot per network is written beside it. Rows already in
 ``--out`` (measured on the same target) are kept, and the runs they came from are not run again:
 a grid is built up over several invocations, and one that was stopped goes on where it was
-(``--fresh`` starts the file over).
+(``--fresh`` starts the file over). Rows of another target (another host) are refused, not
+replaced: each host's rows go to a file of their own.
 """
 
 from __future__ import annotations
@@ -131,14 +132,18 @@ def _run_key(row: dict) -> tuple:
 
 
 def _earlier_rows(out: Path, target: dict) -> list[dict]:
-    """The rows of an earlier invocation, when ``out`` holds some measured on ``target``; a run
-    whose checkpoints are not all there (stopped mid-way) is dropped, to be run again."""
+    """The rows of an earlier invocation in ``out``; a run whose checkpoints are not all there
+    (stopped mid-way) is dropped, to be run again. Rows measured on another target are never
+    mixed with this host's, nor overwritten: that is an error (another ``--out``, or
+    ``--fresh``)."""
     if not out.is_file():
         return []
     old = json.loads(out.read_text())
     if old.get("target") != target:
-        print(f"{out} was measured on {old.get('target')}: starting it over", flush=True)
-        return []
+        sys.exit(
+            f"error: {out} holds rows measured on {old.get('target')}, this host is {target}: "
+            "give another --out (or --fresh to discard them)"
+        )
     rows = old.get("rows", [])
     complete = set()
     for key in {_run_key(r) for r in rows}:
@@ -171,10 +176,22 @@ def summarise(rows: list[dict]) -> dict:
                 str(k): {"median": sorted(v)[len(v) // 2], "min": min(v), "max": max(v)}
                 for k, v in sorted(by_min.items())
             }
+            seeds = {
+                seed: {str(r["minute"]): {"median": r["ratio_to_onnxruntime"]}
+                       for r in sorted(rs, key=lambda r: r["minute"]) if r["seed"] == seed}
+                for seed in sorted({r["seed"] for r in rs})
+            }  # fmt: skip
             out[net]["combos"]["+".join(key)] = {
                 "curve": curve,
                 "minutes_to_onnxruntime": _first_minute(curve, 1.0),
                 "minutes_to_baseline": _first_minute(curve, goal) if goal is not None else None,
+                "by_seed": {
+                    str(seed): {
+                        "minutes_to_onnxruntime": _first_minute(c, 1.0),
+                        "minutes_to_baseline": _first_minute(c, goal) if goal is not None else None,
+                    }
+                    for seed, c in seeds.items()
+                },
             }
     return out
 
@@ -184,9 +201,25 @@ def _first_minute(curve: dict, bar: float) -> float | None:
     return next((float(k) for k, v in curve.items() if v["median"] <= bar), None)
 
 
+def _reach(c: dict, what: str) -> str:
+    """A table cell: the median curve's first minute to reach, then each seed's own."""
+
+    def cell(x):
+        return f"{x:g}" if x is not None else "-"
+
+    median = c[what]
+    head = f"{median:g} min" if median is not None else "not reached"
+    if len(c["by_seed"]) < 2:
+        return head
+    per = ", ".join(f"s{s}: {cell(v[what])}" for s, v in c["by_seed"].items())
+    return f"{head} ({per})"
+
+
 def table(rows: list[dict]) -> str:
     """A markdown table per network: latency / onnxruntime at each checkpoint (median over
-    seeds, the range when there are several), one line per combination and store."""
+    seeds, the range when there are several), one line per combination and store; the minutes
+    to reach onnxruntime and the baseline, of the median curve and of each seed ("-": not
+    within the run)."""
     lines = []
     minutes = sorted({r["minute"] for r in rows})
     for net, s in summarise(rows).items():
@@ -207,8 +240,7 @@ def table(rows: list[dict]) -> str:
                     cells.append(f"{v['median']:.2f}")
                 else:
                     cells.append(f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})")
-            reach = [c["minutes_to_onnxruntime"], c["minutes_to_baseline"]]
-            reach = [f"{x:g} min" if x is not None else "not reached" for x in reach]
+            reach = [_reach(c, "minutes_to_onnxruntime"), _reach(c, "minutes_to_baseline")]
             lines.append(f"| {name} | {store} | " + " | ".join(cells + reach) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -290,8 +322,8 @@ def main() -> None:
         (c.split(":")[0], c.split(":")[1], float(c.split(":")[2])) for c in a.combos.split(",")
     ]
     checkpoints = [float(c) for c in a.checkpoints.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="ttq-"))
     rows: list[dict] = _earlier_rows(a.out, target) if not a.fresh else []
+    work = Path(tempfile.mkdtemp(prefix="ttq-"))
     result = {"target": target, "host": platform.node(), "rows": rows}
     done = {_run_key(r) for r in rows}
 
