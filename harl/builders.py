@@ -27,6 +27,10 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from harl._fast_import import import_tensor_intrinsics
 
+BUILD_TIMEOUT_S = 60.0  # the most one candidate's build may take
+BUILD_BUDGET_SHARE = 0.05  # under a --time-budget: this share of it, ...
+MIN_BUILD_TIMEOUT_S = 10.0  # ... but never less (a normal build takes 0.3-3 s)
+
 
 def build_shared_object(mod, target) -> str:
     """Compile one candidate (MetaSchedule's default build) and export a linked ``.so``.
@@ -49,7 +53,9 @@ def build_tar(mod, target) -> str:
 class PersistentBuilder(ms.builder.PyBuilder):
     """A MetaSchedule builder whose worker pool lives until :meth:`close`."""
 
-    def __init__(self, *, max_workers: int = 2, timeout_sec: float = 60.0, link: bool = True):
+    def __init__(
+        self, *, max_workers: int = 2, timeout_sec: float = BUILD_TIMEOUT_S, link: bool = True
+    ):
         super().__init__()
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
@@ -129,11 +135,6 @@ def persistent_builder(**kwargs) -> Iterator:
         yield builder
     finally:
         builder.close()
-
-
-BUILD_TIMEOUT_S = 60.0  # the most one candidate's build may take
-BUILD_BUDGET_SHARE = 0.05  # under a --time-budget: this share of it, ...
-MIN_BUILD_TIMEOUT_S = 10.0  # ... but never less (a normal build takes 0.3-3 s)
 
 
 def build_timeout_s(time_budget_s: float | None = None) -> float:
